@@ -1,0 +1,1 @@
+"""Thin job entrypoints: ``python -m jobs.<job> --config FILE`` (locally or under ``ray job submit``)."""

@@ -1,0 +1,236 @@
+"""Read a corpus (JSONL, Parquet, CSV or Lance; a file, folder, glob or URI) as validated rows.
+
+Each file format is parsed by a plain generator of ``(row_number, record)`` pairs, so a
+malformed line (bad JSON, bad UTF-8, a CSV row with the wrong number of fields) becomes a
+quarantined row instead of a crash. ``read_corpus`` wraps them in Ray Data datasources that
+stream each file in blocks of ``corpus.rows_per_block`` rows (several blocks per file, so
+that one file still feeds every embedding actor).
+
+Example::
+
+    ds = read_corpus(cfg.corpus, RowSpec.from_config(cfg))   # a ray.data.Dataset
+"""
+
+from __future__ import annotations
+
+import glob
+import json
+import os
+from collections.abc import Iterator
+from itertools import islice
+from typing import Any
+
+import pyarrow as pa
+from ray.data.datasource import FileBasedDatasource
+
+from pipelines.validate import Malformed, RowSpec, validate_records
+
+FORMAT_BY_SUFFIX = {
+    ".jsonl": "jsonl", ".json": "jsonl", ".ndjson": "jsonl",
+    ".parquet": "parquet", ".pq": "parquet",
+    ".csv": "csv",
+    ".lance": "lance",
+}
+_CHUNK = 1 << 20
+
+
+def iter_jsonl_records(stream: Any) -> Iterator[tuple[int, Any]]:
+    """Yield ``(line_number, record)``; unparseable lines come back as ``Malformed``."""
+    line_no = 0
+    pending = b""
+    while True:
+        chunk = stream.read(_CHUNK)
+        if not chunk:
+            break
+        pending += chunk
+        *lines, pending = pending.split(b"\n")
+        for line in lines:
+            line_no += 1
+            rec = _parse_json_line(line)
+            if rec is not None:
+                yield line_no, rec
+    if pending:
+        rec = _parse_json_line(pending)
+        if rec is not None:
+            yield line_no + 1, rec
+
+
+def _parse_json_line(line: bytes) -> Any:
+    line = line.rstrip(b"\r")
+    if not line.strip():
+        return None  # blank lines are not rows
+    try:
+        text = line.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        return Malformed("bad_utf8", f"line is not valid UTF-8 ({exc.reason} at byte {exc.start})",
+                         line.decode("utf-8", "replace"))
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError as exc:
+        return Malformed("bad_json", f"line is not valid JSON ({exc.msg} at column {exc.colno})", text)
+    except RecursionError:
+        return Malformed("bad_json", "line is not valid JSON (nested too deeply)", text[:200])
+
+
+def iter_csv_records(stream: Any, string_columns: list[str]) -> Iterator[tuple[int, Any]]:
+    """Yield ``(row_number, record)`` from a CSV with a header; bad rows come back as ``Malformed``."""
+    import pyarrow.csv as pacsv
+
+    bad: list[tuple[int | None, Malformed]] = []
+
+    def on_invalid(row) -> str:
+        bad.append((row.number, Malformed("bad_csv_row", f"CSV row has {row.actual_columns} fields, "
+                                          f"expected {row.expected_columns}", row.text or "")))
+        return "skip"
+
+    try:
+        reader = pacsv.open_csv(
+            stream,
+            read_options=pacsv.ReadOptions(block_size=_CHUNK),
+            parse_options=pacsv.ParseOptions(newlines_in_values=True, invalid_row_handler=on_invalid),
+            convert_options=pacsv.ConvertOptions(column_types={c: pa.string() for c in string_columns},
+                                                 strings_can_be_null=False, quoted_strings_can_be_null=False),
+        )
+    except pa.ArrowInvalid as exc:
+        yield 1, Malformed("bad_csv_file", f"CSV header could not be read: {exc}", "")
+        return
+    n = 0
+    while True:
+        try:
+            batch = reader.read_next_batch()
+        except StopIteration:
+            break
+        except (pa.ArrowInvalid, UnicodeDecodeError) as exc:
+            yield from bad
+            yield n + 1, Malformed("bad_csv_file", f"CSV unreadable after row {n}: {exc}", "")
+            return
+        yield from bad
+        bad.clear()
+        for rec in batch.to_pylist():
+            n += 1
+            yield n, rec
+    yield from bad
+
+
+def iter_parquet_records(f: Any, columns: list[str], batch_rows: int) -> Iterator[tuple[int, Any]]:
+    import pyarrow.parquet as pq
+
+    pf = pq.ParquetFile(f)
+    present = [c for c in columns if c in pf.schema_arrow.names]
+    n = 0
+    for batch in pf.iter_batches(batch_size=batch_rows, columns=present):
+        for rec in batch.to_pylist():
+            n += 1
+            yield n, rec
+
+
+def blocks(records: Iterator[tuple[int, Any]], spec: RowSpec, source: str, rows: int,
+           coerce: bool = False) -> Iterator[pa.Table]:
+    """Validate records in blocks of ``rows`` rows."""
+    while True:
+        chunk = list(islice(records, rows))
+        if not chunk:
+            return
+        yield validate_records(chunk, spec, source=source, coerce=coerce)
+
+
+def detect_format(paths: list[str]) -> str:
+    for p in paths:
+        base = p.rstrip("/")
+        for suffix, fmt in FORMAT_BY_SUFFIX.items():
+            if base.endswith(suffix) or base.endswith(suffix + ".gz"):
+                return fmt
+        if os.path.isdir(base):
+            found = {detect_format([f]) for f in os.listdir(base) if not f.startswith((".", "_"))} - {"unknown"}
+            if len(found) == 1:
+                return found.pop()
+    return "unknown"
+
+
+def expand_paths(path: str | list[str]) -> list[str]:
+    """Expand local globs; keep folders, files and URIs as given. Raise if nothing matches."""
+    out: list[str] = []
+    for p in [path] if isinstance(path, str) else path:
+        if "://" not in p and any(ch in p for ch in "*?["):
+            matches = sorted(glob.glob(p, recursive=True))
+            if not matches:
+                raise FileNotFoundError(f"corpus.path pattern {p!r} matched no files; check the path")
+            out.extend(matches)
+        elif "://" not in p and not os.path.exists(p):
+            raise FileNotFoundError(f"corpus.path {p!r} does not exist; check the path")
+        else:
+            out.append(p)
+    return out
+
+
+def read_corpus(corpus_cfg, spec: RowSpec, *, read_cpus: float = 0.1):
+    """Ray Dataset of validated rows (see ``schema.validated_schema``) for the configured corpus."""
+    import ray.data
+
+    paths = expand_paths(corpus_cfg.path)
+    fmt = corpus_cfg.format if corpus_cfg.format != "auto" else detect_format(paths)
+    rows = corpus_cfg.rows_per_block
+    if fmt == "lance":
+        return _read_lance(paths, spec, rows, read_cpus)
+    datasource_cls = {"jsonl": _JsonlSource, "csv": _CsvSource, "parquet": _ParquetSource}.get(fmt)
+    if datasource_cls is None:
+        raise ValueError(f"cannot tell the format of corpus.path {corpus_cfg.path!r}; "
+                         "set corpus.format to jsonl, parquet, csv or lance")
+    source = datasource_cls(paths, spec=spec, rows=rows)
+    return ray.data.read_datasource(source, num_cpus=read_cpus)
+
+
+class _CorpusSource(FileBasedDatasource):
+    """Streams one file per read task, in validated blocks of ``rows`` rows."""
+
+    def __init__(self, paths: list[str], *, spec: RowSpec, rows: int, extensions: list[str]):
+        super().__init__(paths, file_extensions=extensions)
+        self._spec, self._rows = spec, rows
+
+
+class _JsonlSource(_CorpusSource):
+    def __init__(self, paths: list[str], *, spec: RowSpec, rows: int):
+        super().__init__(paths, spec=spec, rows=rows, extensions=["jsonl", "json", "ndjson", "gz"])
+
+    def _read_stream(self, f, path: str) -> Iterator[pa.Table]:
+        yield from blocks(iter_jsonl_records(f), self._spec, path, self._rows)
+
+
+class _CsvSource(_CorpusSource):
+    def __init__(self, paths: list[str], *, spec: RowSpec, rows: int):
+        super().__init__(paths, spec=spec, rows=rows, extensions=["csv", "gz"])
+
+    def _read_stream(self, f, path: str) -> Iterator[pa.Table]:
+        records = iter_csv_records(f, self._spec.source_fields)
+        yield from blocks(records, self._spec, path, self._rows, coerce=True)
+
+
+class _ParquetSource(_CorpusSource):
+    def __init__(self, paths: list[str], *, spec: RowSpec, rows: int):
+        super().__init__(paths, spec=spec, rows=rows, extensions=["parquet", "pq"])
+
+    def _open_input_source(self, filesystem, path: str, **open_args):
+        return filesystem.open_input_file(path)  # Parquet needs random access
+
+    def _read_stream(self, f, path: str) -> Iterator[pa.Table]:
+        try:
+            yield from blocks(iter_parquet_records(f, self._spec.source_fields, self._rows),
+                              self._spec, path, self._rows)
+        except (pa.ArrowInvalid, OSError) as exc:
+            bad = iter([(None, Malformed("bad_parquet_file", f"Parquet file unreadable: {exc}", ""))])
+            yield from blocks(bad, self._spec, path, self._rows)
+
+
+def _read_lance(paths: list[str], spec: RowSpec, rows: int, read_cpus: float):
+    import ray.data
+
+    def validate_batch(batch: pa.Table, source: str) -> pa.Table:
+        records = ((None, rec) for rec in batch.to_pylist())
+        return validate_records(records, spec, source=source)
+
+    datasets = []
+    for uri in paths:
+        ds = ray.data.read_lance(uri, num_cpus=read_cpus)
+        datasets.append(ds.map_batches(validate_batch, fn_kwargs={"source": uri}, batch_size=rows,
+                                       batch_format="pyarrow", num_cpus=read_cpus))
+    return datasets[0] if len(datasets) == 1 else datasets[0].union(*datasets[1:])

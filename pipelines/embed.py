@@ -1,0 +1,58 @@
+"""Embed stage: a sentence-transformers bi-encoder, loaded once per actor.
+
+``__call__`` maps a validated Arrow batch to the same batch plus a ``vector`` column
+(fixed-size list of float32, unit length when ``normalize``). Rows already marked bad
+pass through with a null vector so that the sink can quarantine them.
+
+Example (no Ray needed)::
+
+    stage = Embedder("all-MiniLM-L6-v2", batch_size=16)
+    out = stage(validated_table)
+"""
+
+from __future__ import annotations
+
+import time
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+
+from pipelines import schema as S
+
+
+class Embedder:
+    """Stateful Ray Data stage: ``map_batches(Embedder, compute=ActorPoolStrategy(size=n), ...)``."""
+
+    def __init__(self, model: str, *, batch_size: int = 16, device: str = "auto", dtype: str = "auto",
+                 max_seq_length: int | None = None, normalize: bool = True, trust_remote_code: bool = False,
+                 num_threads: float | None = None):
+        from pipelines.models import configure_threads, load_bi_encoder
+
+        configure_threads(num_threads)
+        self.model = load_bi_encoder(model, device=device, dtype=dtype, max_seq_length=max_seq_length,
+                                     trust_remote_code=trust_remote_code)
+        self.batch_size = batch_size
+        self.normalize = normalize
+        self.dim = self.model.get_embedding_dimension()
+
+    def encode(self, texts: list[str]) -> np.ndarray:
+        import torch
+
+        with torch.inference_mode():
+            emb = self.model.encode(texts, batch_size=self.batch_size, convert_to_tensor=True,
+                                    normalize_embeddings=self.normalize, show_progress_bar=False)
+        return emb.float().cpu().numpy()
+
+    def __call__(self, batch: pa.Table) -> pa.Table:
+        start = time.perf_counter()
+        good = pc.is_null(batch[S.REASON_CODE]).to_numpy(zero_copy_only=False)
+        texts = batch[S.EMBED_INPUT].filter(pa.array(good)).to_pylist()
+        flat = np.zeros((len(batch), self.dim), dtype=np.float32)
+        if texts:
+            flat[good] = self.encode(texts)
+        vectors = pa.FixedSizeListArray.from_arrays(pa.array(flat.ravel()), self.dim, mask=pa.array(~good))
+        seconds = (time.perf_counter() - start) / max(len(batch), 1)
+        out = batch.drop_columns([S.EMBED_INPUT, S.SECONDS])
+        out = out.append_column(S.VECTOR, vectors)
+        return out.append_column(S.SECONDS, pa.array(batch[S.SECONDS].to_numpy() + seconds))

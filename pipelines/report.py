@@ -1,0 +1,105 @@
+"""Run reports: progress while a job runs, a short human summary and a JSON report at the end."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import sys
+import time
+import uuid
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+log = logging.getLogger("batchrank")
+
+
+def new_run_id(job: str) -> str:
+    """``<job>-<UTC time>-<6 hex>``: sortable, unique, usable as a LanceDB tag."""
+    return f"{job}-{datetime.now(timezone.utc):%Y%m%dT%H%M%SZ}-{uuid.uuid4().hex[:6]}"
+
+
+def utcnow() -> datetime:
+    return datetime.now(timezone.utc)
+
+
+class Progress:
+    """A live line on a terminal; a log line every ``every`` seconds elsewhere (Ray job logs, CI)."""
+
+    def __init__(self, label: str, unit: str = "rows", every: float = 15.0):
+        self.label, self.unit, self.every = label, unit, every
+        self.count = 0
+        self.extra: dict[str, int] = {}
+        self.start = self._last = time.perf_counter()
+        self.tty = sys.stderr.isatty()
+
+    def update(self, n: int, **extra: int) -> None:
+        self.count += n
+        for k, v in extra.items():
+            self.extra[k] = self.extra.get(k, 0) + v
+        now = time.perf_counter()
+        if self.tty or now - self._last >= self.every:
+            self._last = now
+            self._emit(end="\r" if self.tty else "\n")
+
+    def _emit(self, end: str) -> None:
+        elapsed = time.perf_counter() - self.start
+        rate = self.count / elapsed if elapsed > 0 else 0.0
+        extra = "".join(f", {v:,} {k}" for k, v in self.extra.items())
+        sys.stderr.write(f"{self.label}: {self.count:,} {self.unit}{extra} [{elapsed:,.0f}s, {rate:,.1f} {self.unit}/s]{end}")
+        sys.stderr.flush()
+
+    def close(self) -> None:
+        self._emit(end="\n")
+
+
+class Timer:
+    """Named wall-clock sections: ``with timer("commit"): ...`` then ``timer.seconds``."""
+
+    def __init__(self):
+        self.seconds: dict[str, float] = {}
+
+    def __call__(self, name: str):
+        timer = self
+
+        class _Section:
+            def __enter__(self):
+                self.t = time.perf_counter()
+
+            def __exit__(self, *exc):
+                timer.seconds[name] = round(timer.seconds.get(name, 0.0) + time.perf_counter() - self.t, 3)
+
+        return _Section()
+
+
+def redact_uri(uri: str) -> str:
+    """Drop credentials from a URI before it is printed or stored (``s3://KEY:SECRET@bucket`` → ``s3://***@bucket``)."""
+    if "://" in uri and "@" in uri.split("://", 1)[1].split("/", 1)[0]:
+        scheme, rest = uri.split("://", 1)
+        return f"{scheme}://***@{rest.split('@', 1)[1]}"
+    return uri
+
+
+def write_report(report: dict[str, Any], folder: str) -> str:
+    """Write ``<folder>/<run_id>.json`` (local folder or any pyarrow-supported URI); return its location."""
+    body = json.dumps(report, indent=2, default=str, sort_keys=False)
+    name = f"{report['run_id']}.json"
+    if "://" in folder:
+        import pyarrow.fs as pafs
+
+        fs, path = pafs.FileSystem.from_uri(folder)
+        fs.create_dir(path, recursive=True)
+        with fs.open_output_stream(f"{path.rstrip('/')}/{name}") as out:
+            out.write(body.encode())
+        return f"{folder.rstrip('/')}/{name}"
+    Path(folder).mkdir(parents=True, exist_ok=True)
+    target = Path(folder) / name
+    tmp = target.with_suffix(".json.tmp")
+    tmp.write_text(body + "\n", encoding="utf-8")
+    os.replace(tmp, target)  # a report is never half-written
+    return str(target)
+
+
+def default_report_dir(storage_uri: str, configured: str | None) -> str:
+    return configured or f"{storage_uri.rstrip('/')}/_reports"

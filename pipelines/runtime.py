@@ -1,0 +1,74 @@
+"""Connecting to Ray: a cluster when an address is given (or ``RAY_ADDRESS`` is set, as under
+``ray job submit``), else a new local Ray on this machine. Also sizes actor pools so that
+reader tasks always keep a slice of CPU (a pool that takes every CPU starves its input)."""
+
+from __future__ import annotations
+
+import logging
+import os
+from dataclasses import dataclass
+
+log = logging.getLogger(__name__)
+
+# Set in every Ray worker: torch processes sharing cores must not spin-wait, and model
+# libraries must stay quiet and offline-safe.
+WORKER_ENV = {
+    "OMP_WAIT_POLICY": "PASSIVE",
+    "TOKENIZERS_PARALLELISM": "false",
+    "HF_HUB_DISABLE_PROGRESS_BARS": "1",
+    "TRANSFORMERS_VERBOSITY": "error",
+    "LANCE_LOG": "error",
+    "LANCEDB_LOG": "error",
+}
+_PASS_THROUGH = ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE", "HF_HOME", "AWS_ENDPOINT_URL", "BATCHRANK_FAILPOINTS")
+READ_CPUS = 0.1  # CPUs reserved per reader task; real parsing is cheap next to embedding
+
+
+def worker_env() -> dict[str, str]:
+    env = dict(WORKER_ENV)
+    env.update({k: os.environ[k] for k in _PASS_THROUGH if k in os.environ})
+    return env
+
+
+@dataclass
+class Cluster:
+    address: str
+    local: bool
+    cpus: float
+    gpus: float
+    nodes: int
+
+
+def init_ray(ray_cfg) -> Cluster:
+    """Connect to (or start) Ray once per process; return what the cluster offers."""
+    import ray
+
+    address = ray_cfg.address or os.environ.get("RAY_ADDRESS")
+    if not ray.is_initialized():
+        if address:
+            # No runtime_env here: under `ray job submit` it would clash with the job's own; stages
+            # pass worker_env() where they are applied instead.
+            ray.init(address=address, logging_level=logging.WARNING)
+        else:
+            os.environ.setdefault("RAY_AUTH_MODE", "disabled")  # a private local instance needs no token
+            ray.init(address="local", num_cpus=ray_cfg.num_cpus, include_dashboard=False,
+                     logging_level=logging.WARNING, runtime_env={"env_vars": worker_env()})
+    res = ray.cluster_resources()
+    alive = [n for n in ray.nodes() if n.get("Alive")]
+    return Cluster(address or "local", not address, res.get("CPU", 0.0), res.get("GPU", 0.0), len(alive))
+
+
+def actor_resources(cluster: Cluster, actors: int, cpus_per_actor: float, gpus_per_actor: float):
+    """CPUs and GPUs to request per actor, adjusted so that the job can always make progress."""
+    cpus, gpus = cpus_per_actor, gpus_per_actor
+    if gpus > 0 and cluster.gpus == 0:
+        if cluster.local:
+            log.warning("embed.gpus_per_actor=%s but this machine has no GPU: running on CPU", gpus)
+            gpus = 0.0
+        else:
+            log.warning("no GPU in the cluster yet: actors wait for the autoscaler to add GPU nodes")
+    headroom = READ_CPUS * 2
+    if cluster.cpus and actors * cpus > cluster.cpus - headroom:
+        cpus = max(0.1, (cluster.cpus - headroom) / actors)
+        log.info("embedding actors get %.2f CPUs each so reader tasks keep %.1f CPU", cpus, headroom)
+    return cpus, gpus

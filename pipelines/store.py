@@ -1,0 +1,254 @@
+"""Storage: the only module that talks to LanceDB.
+
+Writes are staged, then committed once: embedded batches are appended to a private
+staging table as they arrive (durable, invisible to readers), and the run publishes them
+to ``passages`` in a single ``merge_insert`` on ``id`` (one new table version, tagged with
+the run id). A crash before that commit leaves the previous version untouched; a rerun
+upserts, so it never duplicates rows, and rows whose content hash did not change are
+left as they were.
+
+Example::
+
+    store = Store(cfg.storage)
+    hits = store.search(vector, k=10)
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections.abc import Iterator
+from typing import Any
+
+for _var in ("LANCE_LOG", "LANCEDB_LOG"):  # lance logs "no existing dataset" at WARN on every create
+    os.environ.setdefault(_var, "error")
+
+import pyarrow as pa
+
+from pipelines import schema as S
+
+log = logging.getLogger(__name__)
+
+
+class StoreError(RuntimeError):
+    """A storage state that the job must not write over; the message says what to do."""
+
+
+class StagedTable:
+    """Batches appended durably to a private table, published later in one commit."""
+
+    def __init__(self, store: Store, name: str, schema: pa.Schema):
+        self.store, self.name, self.schema = store, name, schema
+        self.rows = 0
+        self._table = None
+
+    def add(self, table: pa.Table) -> None:
+        if table.num_rows == 0:
+            return
+        table = table.select(self.schema.names).cast(self.schema)
+        if self._table is None:
+            self._table = self.store.db.create_table(self.name, data=table, schema=self.schema, mode="overwrite")
+        else:
+            self._table.add(table)
+        self.rows += table.num_rows
+
+    def reader(self, batch_rows: int = 8192) -> pa.RecordBatchReader:
+        if self._table is None:
+            return pa.RecordBatchReader.from_batches(self.schema, iter(()))
+        return self._table.to_lance().scanner(batch_size=batch_rows).to_reader()
+
+    def drop(self) -> None:
+        if self._table is not None:
+            self.store.db.drop_table(self.name)
+            self._table = None
+
+
+class Store:
+    """A LanceDB database (``storage.uri``) and the batchrank tables in it."""
+
+    def __init__(self, storage_cfg):
+        self.cfg = storage_cfg
+        self._db = None
+
+    @property
+    def db(self):
+        if self._db is None:
+            import lancedb
+
+            self._db = lancedb.connect(self.cfg.uri, storage_options=self.cfg.storage_options or None)
+        return self._db
+
+    def table_names(self) -> list[str]:
+        names, token = [], None
+        while True:
+            page = self.db.list_tables(page_token=token)
+            names.extend(page.tables)
+            token = page.page_token
+            if not token:
+                return names
+
+    # -- reading --------------------------------------------------------------------------
+    def open(self, name: str, version: int | str | None = None):
+        """Open a table, optionally at a version number or tag; None if it does not exist."""
+        if name not in self.table_names():
+            return None
+        table = self.db.open_table(name)
+        if version is not None:
+            table.checkout(version)
+        return table
+
+    def passages(self, version: int | str | None = None):
+        table = self.open(self.cfg.passages_table, version)
+        if table is None:
+            raise StoreError(f"no '{self.cfg.passages_table}' table in {self.cfg.uri}; run `batchrank index` first")
+        return table
+
+    def passages_model(self) -> str | None:
+        """The bi-encoder the passages table was built with (None if the table is new or empty)."""
+        table = self.open(self.cfg.passages_table)
+        if table is None or table.count_rows() == 0:
+            return None
+        rows = table.search().select([S.MODEL]).limit(1).to_arrow()
+        return rows[S.MODEL][0].as_py()
+
+    # -- writing --------------------------------------------------------------------------
+    def stage(self, table: str, run_id: str, schema: pa.Schema) -> StagedTable:
+        return StagedTable(self, f"_staging-{table}-{run_id}", schema)
+
+    def commit_passages(self, staged: StagedTable, run_id: str) -> int:
+        """Publish staged rows to ``passages`` in one commit; return the new version (tagged ``run_id``)."""
+        name = self.cfg.passages_table
+        table = self.open(name)
+        if table is None:
+            table = self.db.create_table(name, data=staged.reader(), schema=staged.schema)
+        else:
+            self._check_compatible(table.schema, staged.schema)
+            (
+                table.merge_insert(S.ID)
+                .when_matched_update_all(where=f"target.{S.CONTENT_HASH} != source.{S.CONTENT_HASH} "
+                                        f"OR target.{S.CONTENT_HASH} IS NULL")
+                .when_not_matched_insert_all()
+                .execute(staged.reader())
+            )
+        version = table.version
+        table.tags.create(run_id, version)
+        return version
+
+    def _check_compatible(self, have: pa.Schema, want: pa.Schema) -> None:
+        if have.field(S.VECTOR).type != want.field(S.VECTOR).type:
+            raise StoreError(
+                f"'{self.cfg.passages_table}' holds vectors of type {have.field(S.VECTOR).type}, this run makes "
+                f"{want.field(S.VECTOR).type}; index into a new storage.passages_table"
+            )
+        missing = set(want.names) - set(have.names)
+        if missing:
+            raise StoreError(
+                f"'{self.cfg.passages_table}' has no column(s) {sorted(missing)}; keep corpus.metadata_fields as the "
+                "table was built, or index into a new storage.passages_table"
+            )
+
+    def append_quarantine(self, rows: pa.Table) -> None:
+        if rows.num_rows == 0:
+            return
+        rows = rows.select(S.QUARANTINE_SCHEMA.names).cast(S.QUARANTINE_SCHEMA)
+        table = self.open(self.cfg.quarantine_table)
+        if table is None:
+            self.db.create_table(self.cfg.quarantine_table, data=rows, schema=S.QUARANTINE_SCHEMA)
+        else:
+            table.add(rows)
+
+    def quarantine(self, run_id: str | None = None) -> pa.Table:
+        table = self.open(self.cfg.quarantine_table)
+        if table is None:
+            return S.QUARANTINE_SCHEMA.empty_table()
+        query = table.search()
+        if run_id:
+            query = query.where(f"{S.RUN_ID} = '{run_id}'")
+        return query.limit(None).to_arrow()
+
+    # -- indexes --------------------------------------------------------------------------
+    def ensure_indexes(self, index_cfg) -> dict[str, Any]:
+        """Build the ANN index when the table is large enough, and the full-text index; return what was done."""
+        table = self.passages()
+        n = table.count_rows()
+        existing = {ix.name: ix for ix in table.list_indices()}
+        done: dict[str, Any] = {"rows": n}
+        ann = index_cfg.ann
+        kind = ann.type if ann.type != "auto" else "ivf_hnsw_sq"
+        vec_ix = existing.get(f"{S.VECTOR}_idx")
+        if ann.type == "none" or n < max(ann.min_rows, 256):
+            why = ("index.ann.type=none" if ann.type == "none"
+                   else f"{n} rows < {max(ann.min_rows, 256)} (index.ann.min_rows, and an index needs 256 rows)")
+            done["ann"] = {"type": "exact", "reason": why}
+            if vec_ix is not None:
+                table.drop_index(vec_ix.name)
+        elif vec_ix is None or self._unindexed(table, vec_ix.name) > 0:
+            config, params = _ann_config(kind, index_cfg.metric, ann, n, table.schema.field(S.VECTOR).type.list_size)
+            table.create_index(S.VECTOR, config=config, replace=True)
+            done["ann"] = {"type": kind, "built": True, **params}
+        else:
+            done["ann"] = {"type": kind, "built": False, "reason": "up to date"}
+        if index_cfg.fts.enabled:
+            from lancedb.index import FTS
+
+            col = index_cfg.fts.column
+            fts_ix = existing.get(f"{col}_idx")
+            if fts_ix is None or self._unindexed(table, fts_ix.name) > 0:
+                table.create_index(col, config=FTS(), replace=True)
+                done["fts"] = {"column": col, "built": True}
+            else:
+                done["fts"] = {"column": col, "built": False, "reason": "up to date"}
+        done["version"] = table.version
+        return done
+
+    @staticmethod
+    def _unindexed(table, index_name: str) -> int:
+        stats = table.index_stats(index_name)
+        return getattr(stats, "num_unindexed_rows", 0) if stats else 0
+
+    # -- search ---------------------------------------------------------------------------
+    def search(self, vector, *, k: int = 10, index_cfg=None, text: str | None = None, hybrid: bool = False,
+               exact: bool = False, columns: list[str] | None = None, version: int | str | None = None) -> pa.Table:
+        """Top-k passages for one query vector: ANN (or exact) search, or hybrid with reciprocal-rank fusion."""
+        table = self.passages(version)
+        cols = columns or [S.ID, S.TITLE, S.TEXT]
+        metric = index_cfg.metric if index_cfg else "cosine"
+        if hybrid:
+            from lancedb.rerankers import RRFReranker
+
+            fts_col = index_cfg.fts.column if index_cfg else S.TEXT
+            query = (table.search(query_type="hybrid", vector_column_name=S.VECTOR, fts_columns=fts_col)
+                     .vector(vector).text(text).distance_type(metric).rerank(RRFReranker()))
+        else:
+            query = table.search(vector, vector_column_name=S.VECTOR).distance_type(metric)
+            if exact:
+                query = query.bypass_vector_index()
+            elif index_cfg is not None:
+                ann = index_cfg.ann
+                query = query.nprobes(ann.nprobes)
+                if ann.refine_factor:
+                    query = query.refine_factor(ann.refine_factor)
+                if ann.ef:
+                    query = query.ef(ann.ef)
+        return query.select(cols).limit(k).to_arrow()
+
+
+def _ann_config(kind: str, metric: str, ann, n: int, dim: int):
+    from lancedb.index import HnswPq, HnswSq, IvfFlat, IvfPq
+
+    partitions = ann.num_partitions or max(1, min(4096, round(n**0.5 / 2)))
+    params: dict[str, Any] = {"metric": metric, "num_partitions": partitions}
+    if kind in ("ivf_pq", "ivf_hnsw_pq"):
+        sub = ann.num_sub_vectors or next(d for d in (dim // 8, dim // 16, dim // 4, 1) if d and dim % d == 0)
+        if dim % sub:
+            raise StoreError(f"index.ann.num_sub_vectors={sub} must divide the vector dimension {dim}")
+        params.update(num_sub_vectors=sub, num_bits=ann.num_bits)
+    if kind.startswith("ivf_hnsw"):
+        params.update(m=ann.m, ef_construction=ann.ef_construction)
+    cls = {"ivf_flat": IvfFlat, "ivf_pq": IvfPq, "ivf_hnsw_sq": HnswSq, "ivf_hnsw_pq": HnswPq}[kind]
+    args = {k: v for k, v in params.items() if k != "metric"}
+    return cls(distance_type=metric, **args), params
+
+
+def iter_table_batches(table, batch_rows: int = 8192) -> Iterator[pa.RecordBatch]:
+    yield from table.to_lance().scanner(batch_size=batch_rows).to_batches()

@@ -1,0 +1,100 @@
+from __future__ import annotations
+
+import pytest
+
+from pipelines.config import ConfigError, load_config, parse_config
+
+BASE = {"corpus": {"path": "corpus.jsonl"}}
+
+
+def _err(data) -> str:
+    with pytest.raises(ConfigError) as info:
+        parse_config(data, "job.yaml")
+    return str(info.value)
+
+
+def test_defaults_fill_every_section():
+    cfg = parse_config(BASE)
+    assert cfg.embed.model == "all-MiniLM-L6-v2"
+    assert cfg.embed.batch_size == 16 and cfg.index.metric == "cosine" and cfg.index.fts.enabled
+    assert cfg.storage.passages_table == "passages"
+
+
+def test_unknown_key_is_an_error_with_a_suggestion():
+    msg = _err({**BASE, "embed": {"batchsize": 8}})
+    assert "embed.batchsize: unknown key" in msg and "did you mean 'batch_size'" in msg
+
+
+def test_unknown_section_is_an_error():
+    assert "embedd: unknown key" in _err({**BASE, "embedd": {}})
+
+
+def test_impossible_value_names_key_value_and_fix():
+    msg = _err({**BASE, "embed": {"batch_size": 0}})
+    assert "embed.batch_size" in msg and "greater than 0" in msg and "(got 0)" in msg
+    assert "lower it if the device runs out of memory" in msg
+
+
+def test_wrong_type_names_the_key():
+    msg = _err({**BASE, "embed": {"actors": "many"}})
+    assert "embed.actors" in msg and "'many'" in msg
+
+
+def test_bad_choice_lists_the_choices():
+    msg = _err({**BASE, "index": {"ann": {"type": "hnsw_magic"}}})
+    assert "index.ann.type" in msg and "ivf_pq" in msg
+
+
+def test_missing_required_section_key():
+    assert "corpus.path: required key is missing" in _err({"corpus": {}})
+    assert "corpus: required key is missing" in _err({})
+
+
+def test_cross_field_rule():
+    msg = _err({**BASE, "embed": {"batch_size": 64, "rows_per_call": 32}})
+    assert "rows_per_call (32) must be >= batch_size (64)" in msg
+
+
+def test_all_errors_reported_at_once():
+    msg = _err({**BASE, "embed": {"batch_size": -1, "actors": 0}})
+    assert "embed.batch_size" in msg and "embed.actors" in msg
+
+
+def test_bad_table_name_refused():
+    assert "storage.passages_table" in _err({**BASE, "storage": {"passages_table": "../evil"}})
+
+
+def test_not_a_mapping():
+    assert "must be a YAML mapping" in _err(["a", "b"])
+
+
+def test_load_resolves_relative_paths_against_the_config(tmp_path):
+    (tmp_path / "conf").mkdir()
+    path = tmp_path / "conf" / "job.yaml"
+    path.write_text("storage:\n  uri: ../db\ncorpus:\n  path: ../data/*.jsonl\n")
+    cfg = load_config(path)
+    assert cfg.storage.uri == str(tmp_path / "db")
+    assert cfg.corpus.path == str(tmp_path / "data" / "*.jsonl")
+
+
+def test_load_keeps_uris(tmp_path):
+    path = tmp_path / "job.yaml"
+    path.write_text("storage:\n  uri: s3://bucket/db\ncorpus:\n  path: s3://bucket/corpus/\n")
+    cfg = load_config(path)
+    assert cfg.storage.uri == "s3://bucket/db" and cfg.corpus.path == "s3://bucket/corpus/"
+
+
+def test_load_errors(tmp_path):
+    with pytest.raises(ConfigError, match="config file not found"):
+        load_config(tmp_path / "nope.yaml")
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("corpus: [unclosed\n")
+    with pytest.raises(ConfigError, match="not valid YAML"):
+        load_config(bad)
+
+
+def test_shipped_demo_config_is_valid():
+    from pathlib import Path
+
+    cfg = load_config(Path(__file__).parents[1] / "configs/demo.yaml")
+    assert cfg.corpus.path.endswith("data/scifact-sample/corpus.jsonl")

@@ -1,0 +1,61 @@
+"""The embed stage called directly on a hand-made batch (no Ray), with a tiny random BERT."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from pipelines.embed import Embedder
+from pipelines.validate import Malformed, RowSpec, validate_records
+
+
+def test_embedder_maps_batch_to_batch(tiny_model):
+    spec = RowSpec(model=tiny_model)
+    batch = validate_records([(1, {"_id": "a", "text": "cell protein"}), (2, Malformed("bad_json", "x", "{")),
+                              (3, {"_id": "b", "text": "cancer risk", "title": "gene"})], spec, source="s")
+    stage = Embedder(tiny_model, batch_size=2)
+    out = stage(batch)
+    assert out.num_rows == 3 and "_embed_input" not in out.column_names
+    vecs = out["vector"].to_pylist()
+    assert vecs[1] is None  # bad rows pass through without a vector
+    good = np.array([vecs[0], vecs[2]], dtype=np.float32)
+    assert good.shape == (2, 32)
+    np.testing.assert_allclose(np.linalg.norm(good, axis=1), 1.0, rtol=1e-5)
+    assert out["_seconds"][0].as_py() > 0
+    plain = stage.model.encode(["cell protein", "gene cancer risk"], normalize_embeddings=True)
+    np.testing.assert_allclose(good, plain, atol=1e-5)  # same vectors as plain encode
+
+
+def test_embedder_all_bad_batch(tiny_model):
+    batch = validate_records([(1, Malformed("bad_json", "x", "{"))], RowSpec(), source="s")
+    out = Embedder(tiny_model)(batch)
+    assert out["vector"].to_pylist() == [None]
+
+
+def test_device_and_dtype_fall_back_to_cpu(tiny_model):
+    import torch
+
+    from pipelines.models import pick_device, pick_dtype
+
+    if not torch.cuda.is_available():
+        assert pick_device("cuda") == "cpu"
+        assert pick_device("auto") in ("cpu", "mps")
+    assert pick_dtype("auto", "cpu") == torch.float32
+    assert pick_dtype("float16", "cpu") == torch.float32  # fp16 on CPU is slow and lossy
+    assert pick_dtype("bfloat16", "cpu") == torch.bfloat16
+
+
+def test_max_seq_length_applies(tiny_model):
+    stage = Embedder(tiny_model, max_seq_length=16)
+    assert stage.model.max_seq_length == 16
+
+
+@pytest.mark.gpu
+def test_embedder_on_gpu_half_precision(tiny_model):
+    import torch
+
+    stage = Embedder(tiny_model, device="cuda", dtype="auto")
+    assert next(stage.model.parameters()).dtype in (torch.float16, torch.bfloat16)
+    batch = validate_records([(1, {"_id": "a", "text": "cell protein"})], RowSpec(), source="s")
+    vec = np.array(stage(batch)["vector"].to_pylist()[0], dtype=np.float32)
+    assert abs(np.linalg.norm(vec) - 1) < 1e-2

@@ -1,0 +1,168 @@
+"""The index job end to end on a local Ray: quarantine and reconciliation, idempotent reruns,
+crash before commit, other input formats, search. Tiny random BERT, one actor."""
+
+from __future__ import annotations
+
+import json
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from pipelines.index import run
+from pipelines.store import Store, StoreError
+
+from conftest import good_docs, write_jsonl
+
+pytestmark = pytest.mark.ray
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _ray(tmp_path_factory):
+    import ray
+
+    from pipelines.runtime import worker_env
+
+    ray.init(address="local", num_cpus=2, include_dashboard=False, runtime_env={"env_vars": worker_env()},
+             logging_level="WARNING")
+    yield
+    ray.shutdown()
+
+
+BAD_LINES = [
+    ("bad_json", '{"_id": "x1", "text": "unterminated'),
+    ("bad_utf8", b'{"_id": "x2", "text": "caf\xe9"}'),
+    ("not_an_object", '["_id", "x3"]'),
+    ("missing_id", '{"text": "no id here"}'),
+    ("missing_id", '{"_id": null, "text": "null id"}'),
+    ("bad_id_type", '{"_id": 12345, "text": "numeric id"}'),
+    ("empty_id", '{"_id": "", "text": "empty id"}'),
+    ("missing_text", '{"_id": "x8", "title": "title only"}'),
+    ("empty_text", '{"_id": "x9", "text": "   "}'),
+    ("bad_text_type", '{"_id": "x10", "text": {"nested": true}}'),
+    ("text_too_long", json.dumps({"_id": "x11", "text": "long " * 500})),
+    ("bad_title_type", '{"_id": "x12", "text": "fine", "title": ["a", "b"]}'),
+    ("bad_metadata", '{"_id": "x13", "text": "fine", "year": "MMXX"}'),
+    ("duplicate_id", json.dumps({"_id": "d3", "text": "second copy of d3"})),
+]
+
+
+def _bad_corpus(path):
+    lines: list = []
+    docs = good_docs(40)
+    for i, doc in enumerate(docs):
+        lines.append(json.dumps({**doc, "year": 2000 + i}))
+        if 4 <= i < 4 + len(BAD_LINES):  # bad rows interleaved; the duplicate of d3 comes after d3
+            lines.append(BAD_LINES[i - 4][1])
+    with path.open("wb") as fh:
+        for line in lines:
+            fh.write(line if isinstance(line, bytes) else line.encode())
+            fh.write(b"\n")
+    return docs
+
+
+def test_bad_rows_are_quarantined_and_counts_reconcile(tmp_path, make_config):
+    docs = _bad_corpus(tmp_path / "corpus.jsonl")
+    cfg = make_config(tmp_path / "corpus.jsonl", corpus={"metadata_fields": {"year": "int"}, "max_text_chars": 1000})
+    report = run(cfg)
+    rows = report["rows"]
+    assert rows == {"read": 40 + len(BAD_LINES), "written": 40, "quarantined": len(BAD_LINES), "reconciled": True}
+    expected = {}
+    for code, _ in BAD_LINES:
+        expected[code] = expected.get(code, 0) + 1
+    assert report["quarantine_reasons"] == expected
+    store = Store(cfg.storage)
+    passages = store.passages().to_arrow()
+    assert sorted(passages["id"].to_pylist()) == sorted(d["_id"] for d in docs)
+    by_id = {r["id"]: r for r in passages.to_pylist()}
+    assert by_id["d3"]["text"] == docs[3]["text"]  # the first copy of a duplicated id wins
+    assert by_id["d5"]["year"] == 2005 and len(by_id["d5"]["vector"]) == 32
+    quarantine = store.quarantine(report["run_id"]).to_pylist()
+    assert sorted(q["reason_code"] for q in quarantine) == sorted(code for code, _ in BAD_LINES)
+    assert all(q["reason"] and q["raw"] and q["source"].endswith("corpus.jsonl") for q in quarantine)
+    dup = next(q for q in quarantine if q["reason_code"] == "duplicate_id")
+    assert "first seen at" in dup["reason"] and "second copy" in dup["raw"]
+    saved = json.loads(open(report["report_path"]).read())
+    assert saved["rows"]["reconciled"] and saved["table"]["tag"] == report["run_id"]
+
+
+def test_rerun_is_idempotent(tmp_path, make_config):
+    write_jsonl(tmp_path / "c.jsonl", good_docs(30))
+    cfg = make_config(tmp_path / "c.jsonl")
+    first = run(cfg)
+    second = run(cfg)
+    table = Store(cfg.storage).passages().to_arrow()
+    ids = table["id"].to_pylist()
+    assert len(ids) == len(set(ids)) == 30
+    assert set(table["run_id"].to_pylist()) == {first["run_id"]}  # unchanged rows were not rewritten
+    assert second["rows"]["written"] == 30 and second["table"]["rows"] == 30
+
+
+def test_failure_before_commit_leaves_previous_version(tmp_path, make_config, monkeypatch):
+    write_jsonl(tmp_path / "v1.jsonl", good_docs(20))
+    write_jsonl(tmp_path / "v2.jsonl", good_docs(50))
+    first = run(make_config(tmp_path / "v1.jsonl"))
+    store = Store(make_config(tmp_path / "v1.jsonl").storage)
+    before = store.passages().version
+
+    monkeypatch.setenv("BATCHRANK_FAILPOINTS", "before_commit")
+    with pytest.raises(RuntimeError, match="failpoint 'before_commit'") as info:
+        run(make_config(tmp_path / "v2.jsonl"))
+    failed = info.value.batchrank_report
+    assert failed["status"] == "failed" and "before_commit" in failed["error"]
+    assert failed["rows"] == {"read": 50, "written": 0, "quarantined": 0, "not_published_run_failed": 50,
+                              "reconciled": True}
+    assert json.loads(open(failed["report_path"]).read())["status"] == "failed"
+    table = store.passages()
+    assert table.version == before and table.count_rows() == 20  # the previous version, whole and readable
+    assert not [n for n in store.table_names() if n.startswith("_staging")]
+
+    monkeypatch.delenv("BATCHRANK_FAILPOINTS")
+    again = run(make_config(tmp_path / "v2.jsonl"))
+    assert store.passages().count_rows() == 50
+    assert store.passages(version=first["run_id"]).count_rows() == 20
+    assert again["table"]["version"] > before
+
+
+def test_parquet_and_csv_corpora(tmp_path, make_config):
+    docs = good_docs(20)
+    pq.write_table(pa.table({"doc_id": [d["_id"] for d in docs], "body": [d["text"] for d in docs],
+                             "year": list(range(20))}), tmp_path / "c.parquet")
+    cfg = make_config(tmp_path / "c.parquet", corpus={"id_field": "doc_id", "text_field": "body", "title_field": None,
+                                                      "metadata_fields": {"year": "int"}})
+    report = run(cfg)
+    assert report["rows"] == {"read": 20, "written": 20, "quarantined": 0, "reconciled": True}
+
+    csv = tmp_path / "c.csv"
+    csv.write_text("_id,title,text\n001,T,alpha beta\n002,T\n003,T,\"gamma, delta\"\n")
+    cfg = make_config(csv, storage={"uri": str(tmp_path / "db2")})
+    report = run(cfg)
+    assert report["rows"] == {"read": 3, "written": 2, "quarantined": 1, "reconciled": True}
+    assert sorted(Store(cfg.storage).passages().to_arrow()["id"].to_pylist()) == ["001", "003"]
+
+
+def test_model_mismatch_is_refused_before_any_work(tmp_path, make_config):
+    write_jsonl(tmp_path / "c.jsonl", good_docs(5))
+    run(make_config(tmp_path / "c.jsonl"))
+    with pytest.raises(StoreError, match="vectors of two models must not mix"):
+        run(make_config(tmp_path / "c.jsonl", embed={"model": "some-other-model"}))
+
+
+def test_search_cli_reads_what_the_job_wrote(tmp_path, make_config):
+    import yaml
+    from typer.testing import CliRunner
+
+    from pipelines.cli import app
+
+    write_jsonl(tmp_path / "c.jsonl", good_docs(30))
+    cfg = make_config(tmp_path / "c.jsonl")
+    run(cfg)
+    path = tmp_path / "job.yaml"
+    path.write_text(yaml.safe_dump(cfg.model_dump(mode="json")))
+    result = CliRunner().invoke(app, ["search", "--config", str(path), "cancer risk number 11", "-k", "3", "--json"])
+    assert result.exit_code == 0, result.output
+    hits = [json.loads(line) for line in result.stdout.splitlines() if line.startswith("{")]
+    assert len(hits) == 3 and [h["rank"] for h in hits] == [1, 2, 3]
+    assert hits[0]["score"] >= hits[1]["score"] >= hits[2]["score"]
+    result = CliRunner().invoke(app, ["search", "--config", str(path), "cancer risk", "--hybrid", "-k", "2"])
+    assert result.exit_code == 0, result.output

@@ -1,0 +1,110 @@
+"""Storage: staged writes invisible until one commit, upserts, tags, indexes. LanceDB in tmp_path, no Ray."""
+
+from __future__ import annotations
+
+import numpy as np
+import pyarrow as pa
+import pytest
+
+from pipelines import schema as S
+from pipelines.config import parse_config
+from pipelines.store import Store, StoreError
+
+DIM = 8
+
+
+def rows(ids, *, seed=0, text="t", model="m", run="r1"):
+    rng = np.random.default_rng(seed)
+    vecs = rng.normal(size=(len(ids), DIM)).astype("float32")
+    vecs /= np.linalg.norm(vecs, axis=1, keepdims=True)
+    n = len(ids)
+    return pa.table({
+        S.ID: ids, S.TITLE: [""] * n, S.TEXT: [f"{text} {i}" for i in ids],
+        S.VECTOR: pa.FixedSizeListArray.from_arrays(pa.array(vecs.ravel()), DIM),
+        S.CONTENT_HASH: [f"{text}-{i}" for i in ids], S.MODEL: [model] * n,
+        S.EMBEDDED_AT: pa.array([None] * n, S.TIMESTAMP), S.RUN_ID: [run] * n,
+    })
+
+
+@pytest.fixture
+def cfg(tmp_path):
+    return parse_config({"storage": {"uri": str(tmp_path / "db")}, "corpus": {"path": "x.jsonl"}})
+
+
+def publish(store, table, run_id):
+    staged = store.stage("passages", run_id, S.passages_schema({}, DIM))
+    staged.add(table)
+    try:
+        return store.commit_passages(staged, run_id)
+    finally:
+        staged.drop()
+
+
+def test_staged_rows_are_invisible_until_commit(cfg):
+    store = Store(cfg.storage)
+    publish(store, rows(["a", "b"]), "run-1")
+    staged = store.stage("passages", "run-2", S.passages_schema({}, DIM))
+    staged.add(rows(["c", "d", "e"], seed=1))
+    assert store.passages().count_rows() == 2  # a reader during the run sees the old version whole
+    version = store.commit_passages(staged, "run-2")
+    staged.drop()
+    assert store.passages().count_rows() == 5
+    assert store.passages().tags.list()["run-2"]["version"] == version
+    assert not [n for n in store.table_names() if n.startswith("_staging")]
+
+
+def test_commit_upserts_by_id_and_skips_unchanged(cfg):
+    store = Store(cfg.storage)
+    publish(store, rows(["a", "b", "c"]), "run-1")
+    publish(store, rows(["a", "b", "c"]), "run-2")  # same content: no duplicates
+    table = store.passages()
+    assert table.count_rows() == 3
+    assert set(table.to_arrow()[S.RUN_ID].to_pylist()) == {"r1"}
+    publish(store, rows(["b"], text="changed", run="r3"), "run-3")
+    got = {r["id"]: r for r in store.passages().to_arrow().to_pylist()}
+    assert len(got) == 3 and got["b"]["text"] == "changed b" and got["a"]["text"] == "t a"
+
+
+def test_old_versions_stay_readable_by_tag(cfg):
+    store = Store(cfg.storage)
+    publish(store, rows(["a"]), "run-1")
+    publish(store, rows(["b", "c"]), "run-2")
+    assert store.passages(version="run-1").count_rows() == 1
+    assert store.passages().count_rows() == 3
+
+
+def test_incompatible_vectors_refused(cfg):
+    store = Store(cfg.storage)
+    publish(store, rows(["a"]), "run-1")
+    other = S.passages_schema({}, DIM * 2)
+    staged = store.stage("passages", "run-2", other)
+    with pytest.raises(StoreError, match="new storage.passages_table"):
+        store.commit_passages(staged, "run-2")
+
+
+def test_indexes_exact_below_threshold_and_built_above(cfg):
+    store = Store(cfg.storage)
+    publish(store, rows([f"d{i}" for i in range(300)]), "run-1")
+    info = store.ensure_indexes(cfg.index)  # default min_rows 50,000
+    assert info["ann"]["type"] == "exact" and info["fts"]["built"]
+    cfg.index.ann = cfg.index.ann.model_validate({"type": "ivf_flat", "min_rows": 0, "num_partitions": 2})
+    info = store.ensure_indexes(cfg.index)
+    assert info["ann"] == {"type": "ivf_flat", "built": True, "metric": "cosine", "num_partitions": 2}
+    assert store.ensure_indexes(cfg.index)["ann"]["built"] is False  # up to date: no rebuild
+    query = rows(["q"], seed=0).column(S.VECTOR)[0].values.to_numpy()
+    exact = store.search(query, k=5, index_cfg=cfg.index, exact=True)["id"].to_pylist()
+    approx = store.search(query, k=5, index_cfg=cfg.index)["id"].to_pylist()
+    assert exact[0] == "d0"  # the query is d0's own vector
+    assert approx[0] == "d0"
+    hybrid = store.search(query, k=5, index_cfg=cfg.index, text="t d7", hybrid=True)["id"].to_pylist()
+    assert "d7" in hybrid
+
+
+def test_quarantine_is_an_append_only_log(cfg):
+    store = Store(cfg.storage)
+    bad = pa.table({S.RUN_ID: ["r"], S.JOB: ["index"], S.SOURCE: ["f"], S.ROW: [3], S.ID: [None],
+                    S.REASON_CODE: ["bad_json"], S.REASON: ["x"], S.RAW: ["{"],
+                    S.QUARANTINED_AT: pa.array([None], S.TIMESTAMP)})
+    store.append_quarantine(bad)
+    store.append_quarantine(bad.set_column(0, S.RUN_ID, pa.array(["r2"])))
+    assert store.quarantine().num_rows == 2 and store.quarantine("r2").num_rows == 1
