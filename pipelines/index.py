@@ -73,6 +73,7 @@ def _index(cfg, state: _RunState) -> None:
 
     with timer("startup"):
         expand_paths(cfg.corpus.path)  # fail fast on a missing corpus, before Ray starts
+        cluster = init_ray(cfg.ray)  # before LanceDB loads: Ray forks processes, LanceDB's runtime dislikes forks
         built_with = store.passages_model()
         if built_with is not None and built_with != e.model:
             raise StoreError(
@@ -80,7 +81,6 @@ def _index(cfg, state: _RunState) -> None:
                 f"'{e.model}'; vectors of two models must not mix: set embed.model back, or index into a new "
                 "storage.passages_table"
             )
-        cluster = init_ray(cfg.ray)
         ctx = ray.data.DataContext.get_current()
         ctx.execution_options.preserve_order = True  # deterministic: the first row of a duplicated id wins
         ctx.enable_progress_bars = False  # our own progress line below, readable in job logs too

@@ -140,6 +140,14 @@ def test_parquet_and_csv_corpora(tmp_path, make_config):
     assert report["rows"] == {"read": 3, "written": 2, "quarantined": 1, "reconciled": True}
     assert sorted(Store(cfg.storage).passages().to_arrow()["id"].to_pylist()) == ["001", "003"]
 
+    import lance
+
+    lance.write_dataset(pa.table({"_id": [d["_id"] for d in docs] + [None], "text": [d["text"] for d in docs] + ["x"]}),
+                        str(tmp_path / "docs.lance"))
+    cfg = make_config(tmp_path / "docs.lance", storage={"uri": str(tmp_path / "db3")})
+    report = run(cfg)
+    assert report["rows"] == {"read": 21, "written": 20, "quarantined": 1, "reconciled": True}
+
 
 def test_model_mismatch_is_refused_before_any_work(tmp_path, make_config):
     write_jsonl(tmp_path / "c.jsonl", good_docs(5))
