@@ -4,6 +4,7 @@ crash before commit, other input formats, search. Tiny random BERT, one actor.""
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -15,6 +16,7 @@ from pipelines.store import Store, StoreError
 from conftest import good_docs, write_jsonl
 
 pytestmark = pytest.mark.ray
+ROOT = Path(__file__).resolve().parents[1]
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -62,8 +64,11 @@ def _bad_corpus(path):
 
 
 def test_bad_rows_are_quarantined_and_counts_reconcile(tmp_path, make_config):
+    """The shipped examples/bad-rows/corpus.jsonl, which `_bad_corpus` wrote."""
+    shipped = ROOT / "examples/bad-rows/corpus.jsonl"
     docs = _bad_corpus(tmp_path / "corpus.jsonl")
-    cfg = make_config(tmp_path / "corpus.jsonl", corpus={"metadata_fields": {"year": "int"}, "max_text_chars": 1000})
+    assert (tmp_path / "corpus.jsonl").read_bytes() == shipped.read_bytes()
+    cfg = make_config(shipped, corpus={"metadata_fields": {"year": "int"}, "max_text_chars": 1000})
     report = run(cfg)
     rows = report["rows"]
     assert rows == {"read": 40 + len(BAD_LINES), "written": 40, "quarantined": len(BAD_LINES), "reconciled": True}
