@@ -210,7 +210,10 @@ def _resolve_relative(cfg: IndexJobConfig, base: Path) -> IndexJobConfig:
     """Relative paths in a config mean 'next to the config file', wherever the job runs from."""
 
     def fix(p: str) -> str:
-        return str((base / p).resolve()) if _is_local(p) and not os.path.isabs(p) else p
+        if not _is_local(p):
+            return p
+        p = os.path.expanduser(os.path.expandvars(p))
+        return p if os.path.isabs(p) else str((base / p).resolve())
 
     cfg.storage.uri = fix(cfg.storage.uri)
     paths = cfg.corpus.path if isinstance(cfg.corpus.path, list) else [cfg.corpus.path]

@@ -28,6 +28,9 @@ from pipelines.report import Progress, Timer, default_report_dir, new_run_id, re
 
 log = logging.getLogger("batchrank.index")
 FLUSH_ROWS = 4096  # rows buffered on the driver before a staging append
+# Small blocks (Ray Data's default is 128 MiB) keep every embedding actor fed, progress live and
+# driver memory flat; a block of 64 rows with 384-d vectors is about 100 KiB.
+BLOCK_BYTES = 256 * 1024
 
 
 def run(cfg, *, run_id: str | None = None) -> dict[str, Any]:
@@ -63,7 +66,7 @@ def _index(cfg, state: _RunState) -> None:
 
     from pipelines.corpus import expand_paths, read_corpus
     from pipelines.embed import Embedder
-    from pipelines.runtime import READ_CPUS, actor_resources, init_ray, worker_env
+    from pipelines.runtime import READ_CPUS, actor_resources, check_not_in_job_package, init_ray, worker_env
     from pipelines.store import Store, StoreError
     from pipelines.validate import RowSpec
 
@@ -73,6 +76,11 @@ def _index(cfg, state: _RunState) -> None:
 
     with timer("startup"):
         expand_paths(cfg.corpus.path)  # fail fast on a missing corpus, before Ray starts
+        check_not_in_job_package(cfg.storage.uri, "storage.uri")
+        ctx = ray.data.DataContext.get_current()
+        ctx.execution_options.preserve_order = True  # deterministic: the first row of a duplicated id wins
+        ctx.enable_progress_bars = False  # our own progress line below, readable in job logs too
+        ctx.target_max_block_size = BLOCK_BYTES
         cluster = init_ray(cfg.ray)  # before LanceDB loads: Ray forks processes, LanceDB's runtime dislikes forks
         built_with = store.passages_model()
         if built_with is not None and built_with != e.model:
@@ -81,16 +89,13 @@ def _index(cfg, state: _RunState) -> None:
                 f"'{e.model}'; vectors of two models must not mix: set embed.model back, or index into a new "
                 "storage.passages_table"
             )
-        ctx = ray.data.DataContext.get_current()
-        ctx.execution_options.preserve_order = True  # deterministic: the first row of a duplicated id wins
-        ctx.enable_progress_bars = False  # our own progress line below, readable in job logs too
         cpus, gpus = actor_resources(cluster, e.actors, e.cpus_per_actor, e.gpus_per_actor)
         report["cluster"] = {"address": cluster.address, "nodes": cluster.nodes, "cpus": cluster.cpus,
                              "gpus": cluster.gpus, "actors": e.actors, "cpus_per_actor": cpus, "gpus_per_actor": gpus}
         ds = read_corpus(cfg.corpus, RowSpec.from_config(cfg), read_cpus=READ_CPUS).map_batches(
             Embedder,
             fn_constructor_kwargs=dict(
-                model=e.model, batch_size=e.batch_size, device="cuda" if gpus > 0 else e.device, dtype=e.dtype,
+                model=e.model, batch_size=e.batch_size, device=_actor_device(e.device, gpus), dtype=e.dtype,
                 max_seq_length=e.max_seq_length, normalize=e.normalize, trust_remote_code=e.trust_remote_code,
                 num_threads=e.cpus_per_actor,
             ),
@@ -108,18 +113,17 @@ def _index(cfg, state: _RunState) -> None:
     staged = None
     try:
         with timer("pipeline"):
-            progress = Progress("index", unit="docs")
-            for batch in ds.iter_batches(batch_format="pyarrow", batch_size=None, prefetch_batches=2):
-                good, bad = sink.split(batch)
-                if staged is None and good.num_rows:
-                    dim = good.schema.field(S.VECTOR).type.list_size
-                    staged = store.stage(cfg.storage.passages_table, run_id,
-                                         S.passages_schema(dict(cfg.corpus.metadata_fields), dim))
-                if sink.pending_rows >= FLUSH_ROWS:
-                    with timer("stage_writes"):
-                        staged.add(sink.take_pending())
-                progress.update(good.num_rows, quarantined=bad.num_rows)
-            progress.close()
+            with Progress("index", unit="docs") as progress:
+                for batch in ds.iter_batches(batch_format="pyarrow", batch_size=None, prefetch_batches=2):
+                    good, bad = sink.split(batch)
+                    if staged is None and good.num_rows:
+                        dim = good.schema.field(S.VECTOR).type.list_size
+                        staged = store.stage(cfg.storage.passages_table, run_id,
+                                             S.passages_schema(dict(cfg.corpus.metadata_fields), dim))
+                    if sink.pending_rows >= FLUSH_ROWS:
+                        with timer("stage_writes"):
+                            staged.add(sink.take_pending())
+                    progress.update(good.num_rows, quarantined=bad.num_rows)
             if staged is not None and sink.pending_rows:
                 with timer("stage_writes"):
                     staged.add(sink.take_pending())
@@ -141,6 +145,13 @@ def _index(cfg, state: _RunState) -> None:
     finally:
         if staged is not None:
             staged.drop()
+
+
+def _actor_device(requested: str, gpus: float) -> str:
+    """An actor without a GPU reservation must not pick up a GPU it happens to see."""
+    if gpus > 0:
+        return "cuda" if requested == "auto" else requested
+    return "cpu" if requested in ("auto", "cuda") else requested
 
 
 def _rows(sink: _Sink, *, failed: bool) -> dict[str, Any]:

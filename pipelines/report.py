@@ -6,6 +6,7 @@ import json
 import logging
 import os
 import sys
+import threading
 import time
 import uuid
 from datetime import datetime, timezone
@@ -25,33 +26,51 @@ def utcnow() -> datetime:
 
 
 class Progress:
-    """A live line on a terminal; a log line every ``every`` seconds elsewhere (Ray job logs, CI)."""
+    """A live line on a terminal; elsewhere (Ray job logs, CI) a line every ``every`` seconds, also while
+    nothing arrives (actors loading models), so a long job never looks hung."""
 
     def __init__(self, label: str, unit: str = "rows", every: float = 15.0):
         self.label, self.unit, self.every = label, unit, every
         self.count = 0
         self.extra: dict[str, int] = {}
-        self.start = self._last = time.perf_counter()
+        self.start = time.perf_counter()
         self.tty = sys.stderr.isatty()
+        self._lock = threading.Lock()
+        self._stop = threading.Event()
+        self._beat = threading.Thread(target=self._heartbeat, daemon=True)
+        self._beat.start()
 
     def update(self, n: int, **extra: int) -> None:
-        self.count += n
-        for k, v in extra.items():
-            self.extra[k] = self.extra.get(k, 0) + v
-        now = time.perf_counter()
-        if self.tty or now - self._last >= self.every:
-            self._last = now
+        with self._lock:
+            self.count += n
+            for k, v in extra.items():
+                self.extra[k] = self.extra.get(k, 0) + v
+        if self.tty:
+            self._emit(end="\r")
+
+    def _heartbeat(self) -> None:
+        while not self._stop.wait(1.0 if self.tty else self.every):
             self._emit(end="\r" if self.tty else "\n")
 
     def _emit(self, end: str) -> None:
-        elapsed = time.perf_counter() - self.start
-        rate = self.count / elapsed if elapsed > 0 else 0.0
-        extra = "".join(f", {v:,} {k}" for k, v in self.extra.items())
-        sys.stderr.write(f"{self.label}: {self.count:,} {self.unit}{extra} [{elapsed:,.0f}s, {rate:,.1f} {self.unit}/s]{end}")
-        sys.stderr.flush()
+        with self._lock:
+            elapsed = time.perf_counter() - self.start
+            rate = self.count / elapsed if elapsed > 0 else 0.0
+            extra = "".join(f", {v:,} {k}" for k, v in self.extra.items())
+            sys.stderr.write(f"{self.label}: {self.count:,} {self.unit}{extra} "
+                             f"[{elapsed:,.0f}s, {rate:,.1f} {self.unit}/s]{end}")
+            sys.stderr.flush()
 
     def close(self) -> None:
-        self._emit(end="\n")
+        if not self._stop.is_set():
+            self._stop.set()
+            self._emit(end="\n")
+
+    def __enter__(self) -> Progress:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
 
 
 class Timer:

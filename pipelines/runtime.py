@@ -58,6 +58,17 @@ def init_ray(ray_cfg) -> Cluster:
     return Cluster(address or "local", not address, res.get("CPU", 0.0), res.get("GPU", 0.0), len(alive))
 
 
+def check_not_in_job_package(path: str, key: str) -> None:
+    """Refuse a local output path inside Ray's temporary copy of a job's working dir: it vanishes with the job."""
+    marker = os.sep + os.path.join("runtime_resources", "working_dir_files") + os.sep
+    if "://" not in path and marker in os.path.abspath(path):
+        raise ValueError(
+            f"{key} resolves inside Ray's temporary copy of the job's working dir ({path}); what is written there "
+            f"is lost when the job ends: set {key} to an absolute path (for example ~/.batchrank/...) or an "
+            "object-store URI (s3://...)"
+        )
+
+
 def actor_resources(cluster: Cluster, actors: int, cpus_per_actor: float, gpus_per_actor: float):
     """CPUs and GPUs to request per actor, adjusted so that the job can always make progress."""
     cpus, gpus = cpus_per_actor, gpus_per_actor

@@ -98,3 +98,23 @@ def test_shipped_demo_config_is_valid():
 
     cfg = load_config(Path(__file__).parents[1] / "configs/demo.yaml")
     assert cfg.corpus.path.endswith("data/scifact-sample/corpus.jsonl")
+
+
+def test_home_and_env_vars_expand_in_local_paths(tmp_path, monkeypatch):
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    monkeypatch.setenv("CORPUS_DIR", str(tmp_path / "corpora"))
+    path = tmp_path / "job.yaml"
+    path.write_text("storage:\n  uri: ~/db\ncorpus:\n  path: $CORPUS_DIR/c.jsonl\n")
+    cfg = load_config(path)
+    assert cfg.storage.uri == str(tmp_path / "home" / "db")
+    assert cfg.corpus.path == str(tmp_path / "corpora" / "c.jsonl")
+
+
+def test_output_inside_a_ray_job_package_is_refused():
+    from pipelines.runtime import check_not_in_job_package
+
+    pkg = "/tmp/ray/session_x/runtime_resources/working_dir_files/_ray_pkg_ab12/.batchrank/db"
+    with pytest.raises(ValueError, match="lost when the job ends"):
+        check_not_in_job_package(pkg, "storage.uri")
+    check_not_in_job_package("/data/lancedb", "storage.uri")
+    check_not_in_job_package("s3://bucket/db", "storage.uri")

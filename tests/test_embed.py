@@ -59,3 +59,11 @@ def test_embedder_on_gpu_half_precision(tiny_model):
     batch = validate_records([(1, {"_id": "a", "text": "cell protein"})], RowSpec(), source="s")
     vec = np.array(stage(batch)["vector"].to_pylist()[0], dtype=np.float32)
     assert abs(np.linalg.norm(vec) - 1) < 1e-2
+
+
+def test_actors_without_a_gpu_reservation_stay_on_cpu():
+    from pipelines.index import _actor_device
+
+    assert _actor_device("auto", 0) == "cpu" and _actor_device("cuda", 0) == "cpu"
+    assert _actor_device("auto", 1) == "cuda" and _actor_device("auto", 0.5) == "cuda"
+    assert _actor_device("mps", 0) == "mps"
