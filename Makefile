@@ -28,4 +28,4 @@ test: $(STAMP)
 	$(BIN)/python -m pytest tests
 
 clean:
-	rm -rf .batchrank .pytest_cache
+	rm -rf .batchrank .pytest_cache ~/.batchrank/demo-lancedb ~/.batchrank/bad-rows-lancedb

@@ -41,6 +41,8 @@ def main() -> None:
     ap.add_argument("--data", default=str(ROOT.parent / "shared/data/scifact"))
     ap.add_argument("--limit", type=int, default=None, help="first N documents only (quick check)")
     ap.add_argument("--queries", type=int, default=100)
+    ap.add_argument("--actors", type=int, default=2)
+    ap.add_argument("--cpus-per-actor", type=float, default=1.0)
     ap.add_argument("--out", default=str(ROOT / "benchmarks/results/index_scifact.json"))
     args = ap.parse_args()
     data = Path(args.data)
@@ -73,7 +75,8 @@ def main() -> None:
     cfg_path.write_text(json.dumps({
         "storage": {"uri": str(work / "db")},
         "corpus": {"path": str(corpus)},
-        "embed": {"model": "all-MiniLM-L6-v2", "batch_size": 16, "actors": 2, "cpus_per_actor": 1},
+        "embed": {"model": "all-MiniLM-L6-v2", "batch_size": 16, "actors": args.actors,
+                  "cpus_per_actor": args.cpus_per_actor},
         "index": {"metric": "cosine", "ann": {**ann, "min_rows": 0}},
     }))
     env = dict(os.environ, OMP_WAIT_POLICY="PASSIVE")

@@ -163,7 +163,7 @@ class Store:
             return S.QUARANTINE_SCHEMA.empty_table()
         query = table.search()
         if run_id:
-            query = query.where(f"{S.RUN_ID} = '{run_id}'")
+            query = query.where(f"{S.RUN_ID} = '{run_id.replace(chr(39), chr(39) * 2)}'")
         return query.limit(None).to_arrow()
 
     # -- indexes --------------------------------------------------------------------------
@@ -182,7 +182,7 @@ class Store:
             done["ann"] = {"type": "exact", "reason": why}
             if vec_ix is not None:
                 table.drop_index(vec_ix.name)
-        elif vec_ix is None or self._unindexed(table, vec_ix.name) > 0:
+        elif vec_ix is None or self._stale(table, vec_ix.name, kind, index_cfg.metric):
             config, params = _ann_config(kind, index_cfg.metric, ann, n, table.schema.field(S.VECTOR).type.list_size)
             table.create_index(S.VECTOR, config=config, replace=True)
             done["ann"] = {"type": kind, "built": True, **params}
@@ -200,6 +200,15 @@ class Store:
                 done["fts"] = {"column": col, "built": False, "reason": "up to date"}
         done["version"] = table.version
         return done
+
+    @classmethod
+    def _stale(cls, table, index_name: str, kind: str, metric: str) -> bool:
+        """Rebuild when rows are unindexed, or when the configured index type or metric changed."""
+        stats = table.index_stats(index_name)
+        if stats is None or stats.num_unindexed_rows > 0:
+            return True
+        same_kind = stats.index_type.replace("_", "").lower() == kind.replace("_", "").lower()
+        return not same_kind or str(stats.distance_type).lower() != metric
 
     @staticmethod
     def _unindexed(table, index_name: str) -> int:

@@ -91,6 +91,11 @@ def test_indexes_exact_below_threshold_and_built_above(cfg):
     info = store.ensure_indexes(cfg.index)
     assert info["ann"] == {"type": "ivf_flat", "built": True, "metric": "cosine", "num_partitions": 2}
     assert store.ensure_indexes(cfg.index)["ann"]["built"] is False  # up to date: no rebuild
+    cfg.index.ann = cfg.index.ann.model_validate({"type": "ivf_hnsw_sq", "min_rows": 0, "num_partitions": 1})
+    assert store.ensure_indexes(cfg.index)["ann"]["built"] is True  # another index type: rebuilt
+    assert store.passages().index_stats("vector_idx").index_type == "IVF_HNSW_SQ"
+    cfg.index.ann = cfg.index.ann.model_validate({"type": "ivf_flat", "min_rows": 0, "num_partitions": 2})
+    store.ensure_indexes(cfg.index)
     query = rows(["q"], seed=0).column(S.VECTOR)[0].values.to_numpy()
     exact = store.search(query, k=5, index_cfg=cfg.index, exact=True)["id"].to_pylist()
     approx = store.search(query, k=5, index_cfg=cfg.index)["id"].to_pylist()
