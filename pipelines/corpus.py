@@ -151,8 +151,8 @@ def expand_paths(path: str | list[str]) -> list[str]:
     """Expand local globs; keep folders, files and URIs as given. Raise if nothing matches."""
     out: list[str] = []
     for p in [path] if isinstance(path, str) else path:
-        if "://" not in p and any(ch in p for ch in "*?["):
-            matches = sorted(glob.glob(p, recursive=True))
+        if any(ch in p for ch in "*?["):
+            matches = sorted(glob.glob(p, recursive=True)) if "://" not in p else _expand_uri_glob(p)
             if not matches:
                 raise FileNotFoundError(f"corpus.path pattern {p!r} matched no files; check the path")
             out.extend(matches)
@@ -161,6 +161,31 @@ def expand_paths(path: str | list[str]) -> list[str]:
         else:
             out.append(p)
     return out
+
+
+def _expand_uri_glob(pattern: str) -> list[str]:
+    """Glob on an object store (s3://bucket/corpus/*.jsonl): list below the fixed prefix, then match."""
+    import pyarrow.fs as pafs
+
+    scheme, rest = pattern.split("://", 1)
+    fixed = rest[: min(rest.index(ch) for ch in "*?[" if ch in rest)].rsplit("/", 1)[0]
+    fs, base = pafs.FileSystem.from_uri(f"{scheme}://{fixed}")
+    infos = fs.get_file_info(pafs.FileSelector(base, recursive=True, allow_not_found=True))
+    prefix = base.rstrip("/")[: -len(fixed)] if fixed and base.rstrip("/").endswith(fixed) else ""
+    paths = [f"{scheme}://{i.path[len(prefix):]}" if prefix else f"{scheme}://{i.path}" for i in infos
+             if i.type == pafs.FileType.File]
+    return sorted(p for p in paths if _glob_match(p.split("/"), pattern.split("/")))
+
+
+def _glob_match(parts: list[str], pats: list[str]) -> bool:
+    """Glob semantics per path segment: ``*`` stays within a segment, ``**`` spans any number of them."""
+    import fnmatch
+
+    if not pats:
+        return not parts
+    if pats[0] == "**":
+        return any(_glob_match(parts[i:], pats[1:]) for i in range(len(parts) + 1))
+    return bool(parts) and fnmatch.fnmatchcase(parts[0], pats[0]) and _glob_match(parts[1:], pats[1:])
 
 
 def read_corpus(corpus_cfg, spec: RowSpec, *, read_cpus: float = 0.1):

@@ -295,7 +295,8 @@ def summary(report: dict[str, Any]) -> str:
     lines += [
         f"  speed: {report['docs_per_second']} docs/s in the pipeline, {report['docs_per_second_end_to_end']} docs/s end to end",
         "  time: " + ", ".join(f"{k} {v:.1f}s" for k, v in s.items()),
-        f"  table: {report['table']['name']} v{report['table']['version']}, {report['table']['rows']:,} rows",
+        f"  table: {report['table']['name']} v{report['table']['version']}, {report['table']['rows']:,} rows"
+        if report["table"]["version"] is not None else f"  table: {report['table']['name']} not created (no good rows)",
         f"  indexes: ann={report['indexes'].get('ann', {}).get('type')}, "
         f"fts={'on' if 'fts' in report['indexes'] else 'off'}",
         f"  report: {report['report_path']}",

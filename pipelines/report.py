@@ -26,45 +26,55 @@ def utcnow() -> datetime:
 
 
 class Progress:
-    """A live line on a terminal; elsewhere (Ray job logs, CI) a line every ``every`` seconds, also while
-    nothing arrives (actors loading models), so a long job never looks hung."""
+    """Progress of a long stage: a tqdm bar on a terminal; elsewhere (Ray job logs, CI) a plain line every
+    ``every`` seconds, also while nothing arrives (actors loading models), so a long job never looks hung."""
 
     def __init__(self, label: str, unit: str = "rows", every: float = 15.0):
         self.label, self.unit, self.every = label, unit, every
         self.count = 0
         self.extra: dict[str, int] = {}
         self.start = time.perf_counter()
-        self.tty = sys.stderr.isatty()
         self._lock = threading.Lock()
         self._stop = threading.Event()
-        self._beat = threading.Thread(target=self._heartbeat, daemon=True)
-        self._beat.start()
+        self._bar = None
+        if sys.stderr.isatty():
+            from tqdm import tqdm
+
+            self._bar = tqdm(desc=label, unit=f" {unit}", file=sys.stderr)
+        else:
+            threading.Thread(target=self._heartbeat, daemon=True).start()
 
     def update(self, n: int, **extra: int) -> None:
         with self._lock:
             self.count += n
             for k, v in extra.items():
                 self.extra[k] = self.extra.get(k, 0) + v
-        if self.tty:
-            self._emit(end="\r")
+        if self._bar is not None:
+            self._bar.update(n)
+            if self.extra:
+                self._bar.set_postfix(self.extra, refresh=False)
 
     def _heartbeat(self) -> None:
-        while not self._stop.wait(1.0 if self.tty else self.every):
-            self._emit(end="\r" if self.tty else "\n")
+        while not self._stop.wait(self.every):
+            self._line()
 
-    def _emit(self, end: str) -> None:
+    def _line(self) -> None:
         with self._lock:
             elapsed = time.perf_counter() - self.start
             rate = self.count / elapsed if elapsed > 0 else 0.0
             extra = "".join(f", {v:,} {k}" for k, v in self.extra.items())
             sys.stderr.write(f"{self.label}: {self.count:,} {self.unit}{extra} "
-                             f"[{elapsed:,.0f}s, {rate:,.1f} {self.unit}/s]{end}")
+                             f"[{elapsed:,.0f}s, {rate:,.1f} {self.unit}/s]\n")
             sys.stderr.flush()
 
     def close(self) -> None:
-        if not self._stop.is_set():
-            self._stop.set()
-            self._emit(end="\n")
+        if self._stop.is_set():
+            return
+        self._stop.set()
+        if self._bar is not None:
+            self._bar.close()
+        else:
+            self._line()
 
     def __enter__(self) -> Progress:
         return self

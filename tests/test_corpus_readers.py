@@ -70,3 +70,14 @@ def test_detect_format_and_expand(tmp_path):
     with pytest.raises(FileNotFoundError, match="does not exist"):
         expand_paths(str(tmp_path / "missing.jsonl"))
     assert expand_paths("s3://bucket/corpus/") == ["s3://bucket/corpus/"]
+
+
+def test_uri_globs_expand_with_glob_semantics(tmp_path):
+    (tmp_path / "sub").mkdir()
+    for name in ("a.jsonl", "b.jsonl", "c.csv", "sub/d.jsonl"):
+        (tmp_path / name).write_text("{}\n")
+    base = f"file://{tmp_path}"
+    assert expand_paths(f"{base}/*.jsonl") == [f"{base}/a.jsonl", f"{base}/b.jsonl"]
+    assert expand_paths(f"{base}/**/*.jsonl") == [f"{base}/a.jsonl", f"{base}/b.jsonl", f"{base}/sub/d.jsonl"]
+    with pytest.raises(FileNotFoundError, match="matched no files"):
+        expand_paths(f"{base}/*.parquet")

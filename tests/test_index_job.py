@@ -179,3 +179,19 @@ def test_search_cli_reads_what_the_job_wrote(tmp_path, make_config):
     assert hits[0]["score"] >= hits[1]["score"] >= hits[2]["score"]
     result = CliRunner().invoke(app, ["search", "--config", str(path), "cancer risk", "--hybrid", "-k", "2"])
     assert result.exit_code == 0, result.output
+
+
+def test_uri_glob_corpus_with_a_file_of_only_bad_rows(tmp_path, make_config):
+    parts = tmp_path / "parts"
+    parts.mkdir()
+    write_jsonl(parts / "good.jsonl", good_docs(12))
+    write_jsonl(parts / "bad.jsonl", ['{"_id": 1}', "not json", '{"_id": "z", "text": ""}'])
+    cfg = make_config(f"file://{parts}/*.jsonl")
+    report = run(cfg)
+    assert report["rows"] == {"read": 15, "written": 12, "quarantined": 3, "reconciled": True}
+
+    only_bad = make_config(f"file://{parts}/bad.jsonl", storage={"uri": str(tmp_path / "empty-db")})
+    report = run(only_bad)  # nothing good: no passages table is created, the bad rows are still kept
+    assert report["rows"] == {"read": 3, "written": 0, "quarantined": 3, "reconciled": True}
+    assert report["table"]["version"] is None
+    assert Store(only_bad.storage).quarantine(report["run_id"]).num_rows == 3
