@@ -98,7 +98,7 @@ def main() -> None:
     cfg = parse_config(json.loads(cfg_path.read_text()))
     store = Store(cfg.storage)
     table = store.passages().to_arrow()
-    by_id = dict(zip(table["id"].to_pylist(), np.stack(table["vector"].to_numpy(zero_copy_only=False))))
+    by_id = dict(zip(table["id"].to_pylist(), np.stack(table["vector"].to_numpy(zero_copy_only=False)), strict=True))
     stored = np.stack([by_id[d["_id"]] for d in docs])
     cos = np.sum(stored * baseline_vecs, axis=1)
 

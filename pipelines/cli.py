@@ -7,7 +7,7 @@ import logging
 import os
 import sys
 from pathlib import Path
-from typing import Annotated, Optional
+from typing import Annotated
 
 import typer
 
@@ -91,7 +91,7 @@ def search(
 
 
 @app.callback(invoke_without_command=True)
-def main(version: Annotated[Optional[bool], typer.Option("--version", help="print the version")] = None) -> None:  # noqa: UP007
+def main(version: Annotated[bool | None, typer.Option("--version", help="print the version")] = None) -> None:
     if version:
         from pipelines import __version__
 

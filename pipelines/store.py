@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import logging
 import os
-from collections.abc import Iterator
 from typing import Any
 
 for _var in ("LANCE_LOG", "LANCEDB_LOG"):  # lance logs "no existing dataset" at WARN on every create
@@ -257,7 +256,3 @@ def _ann_config(kind: str, metric: str, ann, n: int, dim: int):
     cls = {"ivf_flat": IvfFlat, "ivf_pq": IvfPq, "ivf_hnsw_sq": HnswSq, "ivf_hnsw_pq": HnswPq}[kind]
     args = {k: v for k, v in params.items() if k != "metric"}
     return cls(distance_type=metric, **args), params
-
-
-def iter_table_batches(table, batch_rows: int = 8192) -> Iterator[pa.RecordBatch]:
-    yield from table.to_lance().scanner(batch_size=batch_rows).to_batches()
