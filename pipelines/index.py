@@ -271,12 +271,15 @@ class _Sink:
 
 
 def _row_json(batch: pa.Table, i: int) -> str:
+    """The input fields of one row, as the raw text of a quarantined duplicate."""
     import json
 
-    row = {k: v for k, v in batch.slice(i, 1).to_pylist()[0].items()
-           if k in (S.ID, S.TITLE, S.TEXT) or not (k.startswith("_") or k in (S.VECTOR, S.CONTENT_HASH, S.SOURCE,
-                                                                             S.ROW, S.REASON_CODE, S.REASON, S.RAW))}
-    return json.dumps(row, ensure_ascii=False)[:4096]
+    row = batch.slice(i, 1).to_pylist()[0]
+    inputs = {k: v for k, v in row.items() if k not in _NOT_INPUT and not k.startswith("_")}
+    return json.dumps(inputs, ensure_ascii=False)[:4096]
+
+
+_NOT_INPUT = {S.VECTOR, S.CONTENT_HASH, S.SOURCE, S.ROW, S.REASON_CODE, S.REASON, S.RAW}
 
 
 def summary(report: dict[str, Any]) -> str:

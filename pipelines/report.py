@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
@@ -89,17 +90,13 @@ class Timer:
     def __init__(self):
         self.seconds: dict[str, float] = {}
 
+    @contextlib.contextmanager
     def __call__(self, name: str):
-        timer = self
-
-        class _Section:
-            def __enter__(self):
-                self.t = time.perf_counter()
-
-            def __exit__(self, *exc):
-                timer.seconds[name] = round(timer.seconds.get(name, 0.0) + time.perf_counter() - self.t, 3)
-
-        return _Section()
+        start = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.seconds[name] = round(self.seconds.get(name, 0.0) + time.perf_counter() - start, 3)
 
 
 def redact_uri(uri: str) -> str:

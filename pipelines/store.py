@@ -192,7 +192,7 @@ class Store:
 
             col = index_cfg.fts.column
             fts_ix = existing.get(f"{col}_idx")
-            if fts_ix is None or self._unindexed(table, fts_ix.name) > 0:
+            if fts_ix is None or self._unindexed(table, fts_ix.name):
                 table.create_index(col, config=FTS(), replace=True)
                 done["fts"] = {"column": col, "built": True}
             else:
@@ -203,16 +203,16 @@ class Store:
     @classmethod
     def _stale(cls, table, index_name: str, kind: str, metric: str) -> bool:
         """Rebuild when rows are unindexed, or when the configured index type or metric changed."""
-        stats = table.index_stats(index_name)
-        if stats is None or stats.num_unindexed_rows > 0:
+        if cls._unindexed(table, index_name):
             return True
+        stats = table.index_stats(index_name)
         same_kind = stats.index_type.replace("_", "").lower() == kind.replace("_", "").lower()
         return not same_kind or str(stats.distance_type).lower() != metric
 
     @staticmethod
-    def _unindexed(table, index_name: str) -> int:
+    def _unindexed(table, index_name: str) -> bool:
         stats = table.index_stats(index_name)
-        return getattr(stats, "num_unindexed_rows", 0) if stats else 0
+        return stats is None or stats.num_unindexed_rows > 0
 
     # -- search ---------------------------------------------------------------------------
     def search(self, vector, *, k: int = 10, index_cfg=None, text: str | None = None, hybrid: bool = False,
