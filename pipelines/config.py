@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import difflib
 import os
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, Literal
 
@@ -36,8 +37,9 @@ class StorageConfig(_Section):
     storage_options: dict[str, str] = Field(default_factory=dict)
     passages_table: str = "passages"
     quarantine_table: str = "quarantine"
+    rankings_table: str = "rankings"
 
-    @field_validator("passages_table", "quarantine_table")
+    @field_validator("passages_table", "quarantine_table", "rankings_table")
     @classmethod
     def _table_name(cls, v: str) -> str:
         if not v or not all(c.isalnum() or c in "_-" for c in v):
@@ -122,21 +124,116 @@ class ReportConfig(_Section):
     dir: str | None = Field(None, description="folder for JSON run reports (default: <storage.uri>/_reports)")
 
 
-class IndexJobConfig(_Section):
-    """The whole config of the index job."""
+class NormalizeConfig(_Section):
+    """How query text is normalised before counting and lookup (the same rules at both ends)."""
+
+    unicode: Literal["NFKC", "NFC", "none"] = "NFKC"
+    casefold: bool = True
+    collapse_whitespace: bool = True
+
+
+class QueryLogConfig(_Section):
+    path: str | list[str] = Field(..., description="query log file, folder, glob or URI (or a list of them)")
+    format: Literal["auto", "jsonl", "parquet"] = "auto"
+    text_field: str = "query"
+    time_field: str = "timestamp"
+    count_field: str | None = Field(None, description="a field holding how many times the line counts (pre-aggregated logs)")
+    since: datetime | None = Field(None, description="keep lines at or after this time (naive = UTC)")
+    until: datetime | None = Field(None, description="keep lines before this time (naive = UTC)")
+    last_days: float | None = Field(None, gt=0, description="keep the last N days before `until` (default: now)")
+    min_count: int = Field(1, ge=1)
+    head: int | None = Field(None, gt=0, description="keep only the N most frequent queries")
+    max_query_chars: int = Field(1000, gt=0)
+    normalize: NormalizeConfig = Field(default_factory=NormalizeConfig)
+
+    @model_validator(mode="after")
+    def _window(self) -> QueryLogConfig:
+        if self.since is not None and self.last_days is not None:
+            raise ValueError("set either since or last_days, not both")
+        for name in ("since", "until"):
+            value = getattr(self, name)
+            if value is not None and value.tzinfo is None:
+                setattr(self, name, value.replace(tzinfo=UTC))
+        if self.since and self.until and self.since >= self.until:
+            raise ValueError(f"since ({self.since.isoformat()}) must be before until ({self.until.isoformat()})")
+        return self
+
+
+class RetrieveConfig(_Section):
+    k: int = Field(100, gt=0, le=10_000, description="candidates per query")
+    hybrid: bool = Field(False, description="vector + full text, fused by reciprocal rank")
+    exact: bool = Field(False, description="exact vector search, bypassing the ANN index")
+    queries_per_call: int = Field(256, gt=0, description="queries embedded and searched per batch")
+    search_threads: int = Field(4, gt=0, description="concurrent searches per retrieve actor")
+    actors: int = Field(1, gt=0)
+    cpus_per_actor: float = Field(0.5, gt=0)
+    gpus_per_actor: float = Field(0.0, ge=0)
+
+
+class RerankConfig(_Section):
+    model: str = Field(..., description="sentence-transformers CrossEncoder name or path")
+    top_n: int = Field(20, gt=0, description="ranked documents kept per query")
+    input_fields: list[Literal["title", "text"]] = Field(default_factory=lambda: ["title", "text"], min_length=1)
+    separator: str = " "
+    batch_size: int = Field(32, gt=0)
+    max_length: int | None = Field(None, gt=0, description="tokens per (query, document) pair; default: the model's")
+    queries_per_call: int = Field(4, gt=0, description="queries whose candidates are scored in one call")
+    actors: int = Field(2, gt=0)
+    cpus_per_actor: float = Field(1.0, gt=0)
+    gpus_per_actor: float = Field(0.0, ge=0)
+    device: Literal["auto", "cpu", "cuda", "mps"] = "auto"
+    dtype: Literal["auto", "float32", "float16", "bfloat16"] = "auto"
+    trust_remote_code: bool = False
+
+
+class TrainConfig(_Section):
+    queries: str = Field(..., description="queries.jsonl in the BEIR layout (_id, text)")
+    qrels: str = Field(..., description="judgments TSV: query-id, corpus-id, score (with a header line)")
+    output: str = Field(..., description="folder the trained CrossEncoder is saved to")
+    base_model: str = "all-MiniLM-L6-v2"
+    negatives_per_query: int = Field(4, ge=1)
+    mine_k: int = Field(30, gt=0, description="hard negatives come from the bi-encoder's top mine_k")
+    max_queries: int | None = Field(None, gt=0)
+    epochs: float = Field(1.0, gt=0)
+    max_steps: int | None = Field(None, gt=0)
+    batch_size: int = Field(16, gt=0)
+    learning_rate: float = Field(2e-5, gt=0)
+    warmup_ratio: float = Field(0.1, ge=0, lt=1)
+    max_length: int = Field(128, gt=0)
+    seed: int = 12
+    device: Literal["auto", "cpu", "cuda", "mps"] = "auto"
+
+
+class Config(_Section):
+    """One config for every job: each job requires its own sections (``corpus`` for index, ...)."""
 
     storage: StorageConfig = Field(default_factory=StorageConfig)
-    corpus: CorpusConfig
+    corpus: CorpusConfig | None = None
     embed: EmbedConfig = Field(default_factory=EmbedConfig)
     index: IndexConfig = Field(default_factory=IndexConfig)
+    query_log: QueryLogConfig | None = None
+    retrieve: RetrieveConfig = Field(default_factory=RetrieveConfig)
+    rerank: RerankConfig | None = None
+    train: TrainConfig | None = None
     ray: RayConfig = Field(default_factory=RayConfig)
     report: ReportConfig = Field(default_factory=ReportConfig)
 
     @model_validator(mode="after")
-    def _title(self) -> IndexJobConfig:
-        if "title" in self.embed.input_fields and self.corpus.title_field is None:
+    def _consistent(self) -> Config:
+        if self.corpus is not None and "title" in self.embed.input_fields and self.corpus.title_field is None:
             self.embed.input_fields = [f for f in self.embed.input_fields if f != "title"] or ["text"]
+        if self.rerank is not None and self.rerank.top_n > self.retrieve.k:
+            raise ValueError(f"rerank.top_n ({self.rerank.top_n}) must be <= retrieve.k ({self.retrieve.k}); "
+                             "lower rerank.top_n or raise retrieve.k")
         return self
+
+    def require(self, *sections: str, command: str) -> None:
+        """Stop a job whose config lacks a section it needs, naming the section and the command."""
+        missing = [s for s in sections if getattr(self, s) is None]
+        if missing:
+            raise ConfigError(f"`{command}` needs the config section(s) {', '.join(missing)}; add them "
+                              "(see configs/demo.yaml for an example)")
+
 
 
 # Fixes for the commonest mistakes, keyed by dotted path; the generic message names the key anyway.
@@ -146,6 +243,9 @@ _HINTS = {
     "embed.gpus_per_actor": "use 0 on CPU-only machines, 1 for one GPU per actor",
     "corpus.path": "point it at a .jsonl/.parquet/.csv file, a folder, a glob or a Lance dataset",
     "corpus.format": "use one of auto, jsonl, parquet, csv, lance",
+    "rerank.batch_size": "lower it if the device runs out of memory",
+    "rerank.gpus_per_actor": "use 0 on CPU-only machines, 1 for one GPU per actor",
+    "query_log.path": "point it at a .jsonl/.parquet file, a folder or a glob of them",
     "index.ann.type": "use auto (exact below ann.min_rows), none, ivf_flat, ivf_pq, ivf_hnsw_sq or ivf_hnsw_pq",
 }
 
@@ -176,18 +276,18 @@ def _format_error(err: dict, model: type[BaseModel]) -> str:
     return f"{text}; {hint}" if hint else text
 
 
-def parse_config(data: Any, source: str = "<config>") -> IndexJobConfig:
+def parse_config(data: Any, source: str = "<config>") -> Config:
     """Validate an already-parsed mapping; raise ConfigError naming every bad key."""
     if not isinstance(data, dict):
         raise ConfigError(f"{source}: the config must be a YAML mapping of sections (got {type(data).__name__})")
     try:
-        return IndexJobConfig.model_validate(data)
+        return Config.model_validate(data)
     except ValidationError as exc:
-        lines = [_format_error(e, IndexJobConfig) for e in exc.errors()]
+        lines = [_format_error(e, Config) for e in exc.errors()]
         raise ConfigError(f"{source}: invalid config\n  - " + "\n  - ".join(lines)) from None
 
 
-def load_config(path: str | os.PathLike) -> IndexJobConfig:
+def load_config(path: str | os.PathLike) -> Config:
     """Load and validate a YAML config. Relative local paths resolve against the config's folder."""
     import yaml
 
@@ -206,7 +306,7 @@ def _is_local(uri: str) -> bool:
     return "://" not in uri
 
 
-def _resolve_relative(cfg: IndexJobConfig, base: Path) -> IndexJobConfig:
+def _resolve_relative(cfg: Config, base: Path) -> Config:
     """Relative paths in a config mean 'next to the config file', wherever the job runs from."""
 
     def fix(p: str) -> str:
@@ -215,13 +315,30 @@ def _resolve_relative(cfg: IndexJobConfig, base: Path) -> IndexJobConfig:
         p = os.path.expanduser(os.path.expandvars(p))
         return p if os.path.isabs(p) else str((base / p).resolve())
 
+    def fix_paths(p: str | list[str]) -> str | list[str]:
+        return [fix(x) for x in p] if isinstance(p, list) else fix(p)
+
+    def fix_model(name: str) -> str:
+        """A model given as a path (./x, ~/x, a/b that exists here) resolves like any path; a hub id stays."""
+        expanded = os.path.expanduser(os.path.expandvars(name))
+        if not _is_local(name):
+            return name
+        if name.startswith((".", "~", "$", "/")) or (base / expanded).exists():
+            return fix(name)
+        return name
+
     cfg.storage.uri = fix(cfg.storage.uri)
-    paths = cfg.corpus.path if isinstance(cfg.corpus.path, list) else [cfg.corpus.path]
-    fixed = [fix(p) for p in paths]
-    cfg.corpus.path = fixed if isinstance(cfg.corpus.path, list) else fixed[0]
+    if cfg.corpus is not None:
+        cfg.corpus.path = fix_paths(cfg.corpus.path)
+    if cfg.query_log is not None:
+        cfg.query_log.path = fix_paths(cfg.query_log.path)
     if cfg.report.dir:
         cfg.report.dir = fix(cfg.report.dir)
-    model = cfg.embed.model
-    if _is_local(model) and (model.startswith(".") or "/" in model) and (base / model).exists():
-        cfg.embed.model = str((base / model).resolve())
+    cfg.embed.model = fix_model(cfg.embed.model)
+    if cfg.rerank is not None:
+        cfg.rerank.model = fix_model(cfg.rerank.model)
+    if cfg.train is not None:
+        t = cfg.train
+        t.queries, t.qrels, t.output = fix(t.queries), fix(t.qrels), fix(t.output)
+        t.base_model = fix_model(t.base_model)
     return cfg

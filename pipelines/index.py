@@ -39,6 +39,7 @@ def run(cfg, *, run_id: str | None = None) -> dict[str, Any]:
     On failure the report is written with ``status: failed`` and the error, then the error is
     raised again; the previous ``passages`` version is untouched.
     """
+    cfg.require("corpus", command="batchrank index")
     run_id = run_id or new_run_id("index")
     state = _RunState(run_id, cfg.embed.model)
     try:

@@ -216,9 +216,14 @@ class Store:
 
     # -- search ---------------------------------------------------------------------------
     def search(self, vector, *, k: int = 10, index_cfg=None, text: str | None = None, hybrid: bool = False,
-               exact: bool = False, columns: list[str] | None = None, version: int | str | None = None) -> pa.Table:
-        """Top-k passages for one query vector: ANN (or exact) search, or hybrid with reciprocal-rank fusion."""
-        table = self.passages(version)
+               exact: bool = False, columns: list[str] | None = None, version: int | str | None = None,
+               table=None) -> pa.Table:
+        """Top-k passages for one query vector: ANN (or exact) search, or hybrid with reciprocal-rank fusion.
+
+        Vector hits carry ``_distance``, hybrid hits ``_relevance_score``; pass ``table`` (an opened
+        ``passages``) to skip opening it again.
+        """
+        table = table if table is not None else self.passages(version)
         cols = columns or [S.ID, S.TITLE, S.TEXT]
         metric = index_cfg.metric if index_cfg else "cosine"
         if hybrid:
@@ -227,18 +232,44 @@ class Store:
             fts_col = index_cfg.fts.column if index_cfg else S.TEXT
             query = (table.search(query_type="hybrid", vector_column_name=S.VECTOR, fts_columns=fts_col)
                      .vector(vector).text(text).distance_type(metric).rerank(RRFReranker()))
-        else:
-            query = table.search(vector, vector_column_name=S.VECTOR).distance_type(metric)
-            if exact:
-                query = query.bypass_vector_index()
-            elif index_cfg is not None:
-                ann = index_cfg.ann
-                query = query.nprobes(ann.nprobes)
-                if ann.refine_factor:
-                    query = query.refine_factor(ann.refine_factor)
-                if ann.ef:
-                    query = query.ef(ann.ef)
-        return query.select(cols).limit(k).to_arrow()
+            return query.select(cols).limit(k).to_arrow()
+        query = self._vector_query(table, vector, index_cfg, exact)
+        return query.select([*cols, "_distance"]).limit(k).to_arrow()
+
+    def search_batch(self, vectors, *, k: int, index_cfg=None, exact: bool = False,
+                     columns: list[str] | None = None, table=None) -> pa.Table:
+        """Top-k for many query vectors in one call (much faster than one call per query).
+
+        Rows carry ``query_index`` (the position in ``vectors``), the columns and ``_distance``,
+        best first within each query.
+        """
+        table = table if table is not None else self.passages()
+        cols = columns or [S.ID]
+        if len(vectors) == 0:
+            return pa.table({"query_index": pa.array([], pa.int32()), **{c: pa.array([], pa.string()) for c in cols},
+                             "_distance": pa.array([], pa.float32())})
+        query = self._vector_query(table, [v for v in vectors], index_cfg, exact)
+        return query.select([*cols, "_distance"]).limit(k).to_arrow()
+
+    @staticmethod
+    def _vector_query(table, vector, index_cfg, exact: bool):
+        metric = index_cfg.metric if index_cfg else "cosine"
+        query = table.search(vector, vector_column_name=S.VECTOR).distance_type(metric)
+        if exact:
+            return query.bypass_vector_index()
+        if index_cfg is not None:
+            ann = index_cfg.ann
+            query = query.nprobes(ann.nprobes)
+            if ann.refine_factor:
+                query = query.refine_factor(ann.refine_factor)
+            if ann.ef:
+                query = query.ef(ann.ef)
+        return query
+
+
+def distance_to_score(distance, metric: str):
+    """Similarity from a LanceDB distance: higher is better (cosine similarity for ``cosine``)."""
+    return 1.0 - distance if metric == "cosine" else -distance
 
 
 def _ann_config(kind: str, metric: str, ann, n: int, dim: int):
