@@ -67,7 +67,8 @@ def _index(cfg, state: _RunState) -> None:
 
     from pipelines.corpus import expand_paths, read_corpus
     from pipelines.embed import Embedder
-    from pipelines.runtime import READ_CPUS, actor_resources, check_not_in_job_package, init_ray, worker_env
+    from pipelines.runtime import (READ_CPUS, actor_device, actor_resources, check_not_in_job_package, init_ray,
+                                   worker_env)
     from pipelines.store import Store, StoreError
     from pipelines.validate import RowSpec
 
@@ -96,7 +97,7 @@ def _index(cfg, state: _RunState) -> None:
         ds = read_corpus(cfg.corpus, RowSpec.from_config(cfg), read_cpus=READ_CPUS).map_batches(
             Embedder,
             fn_constructor_kwargs=dict(
-                model=e.model, batch_size=e.batch_size, device=_actor_device(e.device, gpus), dtype=e.dtype,
+                model=e.model, batch_size=e.batch_size, device=actor_device(e.device, gpus), dtype=e.dtype,
                 max_seq_length=e.max_seq_length, normalize=e.normalize, trust_remote_code=e.trust_remote_code,
                 num_threads=e.cpus_per_actor,
             ),
@@ -146,13 +147,6 @@ def _index(cfg, state: _RunState) -> None:
     finally:
         if staged is not None:
             staged.drop()
-
-
-def _actor_device(requested: str, gpus: float) -> str:
-    """An actor without a GPU reservation must not pick up a GPU it happens to see."""
-    if gpus > 0:
-        return "cuda" if requested == "auto" else requested
-    return "cpu" if requested in ("auto", "cuda") else requested
 
 
 def _rows(sink: _Sink, *, failed: bool) -> dict[str, Any]:

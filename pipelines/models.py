@@ -83,3 +83,21 @@ def load_bi_encoder(name: str, *, device: str = "auto", dtype: str = "auto", max
         model.max_seq_length = max_seq_length
     model.eval()
     return model
+
+
+def load_cross_encoder(name: str, *, device: str = "auto", dtype: str = "auto", max_length: int | None = None,
+                       trust_remote_code: bool = False):
+    """A sentence-transformers ``CrossEncoder`` on the chosen device and dtype, in eval mode."""
+    from sentence_transformers import CrossEncoder
+
+    dev = pick_device(device)
+    model = CrossEncoder(resolve_model(name), device=dev, max_length=max_length, trust_remote_code=trust_remote_code)
+    if model.num_labels != 1:
+        raise ValueError(f"cross-encoder '{name}' has {model.num_labels} labels; reranking needs one relevance "
+                         "score per pair (num_labels=1): use a reranker model, or train one with "
+                         "`batchrank train-reranker`")
+    torch_dtype = pick_dtype(dtype, dev)
+    if torch_dtype != next(model.parameters()).dtype:
+        model = model.to(torch_dtype)
+    model.eval()
+    return model

@@ -71,15 +71,38 @@ def check_not_in_job_package(path: str, key: str) -> None:
 
 def actor_resources(cluster: Cluster, actors: int, cpus_per_actor: float, gpus_per_actor: float):
     """CPUs and GPUs to request per actor, adjusted so that the job can always make progress."""
-    cpus, gpus = cpus_per_actor, gpus_per_actor
-    if gpus > 0 and cluster.gpus == 0:
-        if cluster.local:
-            log.warning("embed.gpus_per_actor=%s but this machine has no GPU: running on CPU", gpus)
-            gpus = 0.0
-        else:
-            log.warning("no GPU in the cluster yet: actors wait for the autoscaler to add GPU nodes")
+    return pool_resources(cluster, {"embed": (actors, cpus_per_actor, gpus_per_actor)})["embed"]
+
+
+def pool_resources(cluster: Cluster, pools: dict[str, tuple[int, float, float]]) -> dict[str, tuple[float, float]]:
+    """Per-actor ``(cpus, gpus)`` for each actor pool of a job, given ``{name: (actors, cpus, gpus)}``.
+
+    GPUs requested on a local machine without one fall back to CPU. When the pools together ask
+    for more CPUs than the cluster has (less a slice kept for reader tasks), every pool's request
+    is scaled down by the same factor: the actors still start, and torch threads stay sized to
+    the configured CPUs.
+    """
+    out: dict[str, tuple[float, float]] = {}
+    for name, (_, cpus, gpus) in pools.items():
+        if gpus > 0 and cluster.gpus == 0:
+            if cluster.local:
+                log.warning("%s.gpus_per_actor=%s but this machine has no GPU: running on CPU", name, gpus)
+                gpus = 0.0
+            else:
+                log.warning("no GPU in the cluster yet: %s actors wait for the autoscaler to add GPU nodes", name)
+        out[name] = (cpus, gpus)
     headroom = READ_CPUS * 2
-    if cluster.cpus and actors * cpus > cluster.cpus - headroom:
-        cpus = max(0.1, (cluster.cpus - headroom) / actors)
-        log.info("embedding actors get %.2f CPUs each so reader tasks keep %.1f CPU", cpus, headroom)
-    return cpus, gpus
+    wanted = sum(actors * cpus for actors, cpus, _ in pools.values())
+    if cluster.cpus and wanted > cluster.cpus - headroom:
+        factor = max(cluster.cpus - headroom, 0.1) / wanted
+        out = {name: (max(0.05, round(cpus * factor, 3)), gpus) for name, (cpus, gpus) in out.items()}
+        log.info("actors get %s CPUs each so that reader tasks keep %.1f CPU",
+                 ", ".join(f"{name} {cpus:.2f}" for name, (cpus, _) in out.items()), headroom)
+    return out
+
+
+def actor_device(requested: str, gpus: float) -> str:
+    """An actor without a GPU reservation must not pick up a GPU it happens to see."""
+    if gpus > 0:
+        return "cuda" if requested == "auto" else requested
+    return "cpu" if requested in ("auto", "cuda") else requested

@@ -4,6 +4,10 @@ Tables (in the LanceDB database at ``storage.uri``):
 
 - ``passages``: one row per document: ``id, title, text, <metadata>, vector, content_hash,
   model, embedded_at, run_id``. Upserted by ``id``.
+- ``rankings``: one row per query of the query log: ``query_id, query, count, last_seen, doc_ids,
+  scores, retrieval_scores, retrieval_ranks, candidates, run_id, bi_encoder, cross_encoder,
+  passages_version, normalizer, ranked_at``. Each rerank run replaces the whole set in one
+  commit (a new table version, tagged with the run id); lookups go by ``query_id``.
 - ``quarantine``: one row per rejected input row: ``run_id, job, source, row, id,
   reason_code, reason, raw, quarantined_at``. Append-only log.
 
@@ -35,9 +39,30 @@ RAW = "raw"
 JOB = "job"
 QUARANTINED_AT = "quarantined_at"
 
+# rankings
+QUERY_ID = "query_id"
+QUERY = "query"
+COUNT = "count"
+LAST_SEEN = "last_seen"
+DOC_IDS = "doc_ids"
+SCORES = "scores"  # cross-encoder scores, best first
+RETRIEVAL_SCORES = "retrieval_scores"
+RETRIEVAL_RANKS = "retrieval_ranks"  # 1-based rank of each kept document in the candidate list
+CANDIDATES = "candidates"  # how many candidates the cross-encoder scored for the query
+BI_ENCODER = "bi_encoder"
+CROSS_ENCODER = "cross_encoder"
+PASSAGES_VERSION = "passages_version"
+NORMALIZER = "normalizer"  # JSON of the query normalisation rules, applied again at lookup
+RANKED_AT = "ranked_at"
+
 # in-flight only (never stored)
 EMBED_INPUT = "_embed_input"
 SECONDS = "_seconds"  # per-row share of the stage time, summed by the sink for the report
+CAND_IDS = "_cand_ids"  # retrieve → score: the candidates of each query, best retrieval first
+CAND_TEXTS = "_cand_texts"
+CAND_SCORES = "_cand_scores"
+RETRIEVE_SECONDS = "_retrieve_seconds"
+SCORE_SECONDS = "_score_seconds"
 
 TIMESTAMP = pa.timestamp("us", tz="UTC")
 
@@ -95,5 +120,26 @@ QUARANTINE_SCHEMA = pa.schema(
         pa.field(REASON, pa.string()),
         pa.field(RAW, pa.string()),
         pa.field(QUARANTINED_AT, TIMESTAMP),
+    ]
+)
+
+
+RANKINGS_SCHEMA = pa.schema(
+    [
+        pa.field(QUERY_ID, pa.string(), nullable=False),
+        pa.field(QUERY, pa.string()),
+        pa.field(COUNT, pa.int64()),
+        pa.field(LAST_SEEN, TIMESTAMP),
+        pa.field(DOC_IDS, pa.list_(pa.string())),
+        pa.field(SCORES, pa.list_(pa.float32())),
+        pa.field(RETRIEVAL_SCORES, pa.list_(pa.float32())),
+        pa.field(RETRIEVAL_RANKS, pa.list_(pa.int32())),
+        pa.field(CANDIDATES, pa.int32()),
+        pa.field(RUN_ID, pa.string()),
+        pa.field(BI_ENCODER, pa.string()),
+        pa.field(CROSS_ENCODER, pa.string()),
+        pa.field(PASSAGES_VERSION, pa.int64()),
+        pa.field(NORMALIZER, pa.string()),
+        pa.field(RANKED_AT, TIMESTAMP),
     ]
 )

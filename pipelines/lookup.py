@@ -1,0 +1,147 @@
+"""Lookup: the precomputed ranking of a query, with document titles and texts joined from ``passages``.
+
+The query is normalised by the rules stored with the rankings (the ones the log was counted
+with), hashed to its ``query_id`` and fetched through the table's ``query_id`` index. Documents
+come from the ``passages`` version the ranking was computed on (the current one if that version
+was cleaned up). Open a ``Rankings`` once and look up many times: table handles are reused.
+
+Example::
+
+    rankings = Rankings(cfg)
+    hit = rankings.lookup("Vitamin D and bone density")      # a Ranking, or None
+    many = rankings.lookup_many(["q1", "q2"])                  # one round trip for all
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, field
+from datetime import datetime
+from typing import Any
+
+from pipelines import schema as S
+from pipelines.query_log import normalize, query_id
+
+_ROW_COLUMNS = [S.QUERY_ID, S.QUERY, S.COUNT, S.LAST_SEEN, S.DOC_IDS, S.SCORES, S.RETRIEVAL_SCORES, S.RETRIEVAL_RANKS,
+                S.CANDIDATES, S.RUN_ID, S.BI_ENCODER, S.CROSS_ENCODER, S.PASSAGES_VERSION, S.RANKED_AT]
+IN_CHUNK = 500  # ids per ``IN (...)`` filter
+
+
+@dataclass
+class Hit:
+    id: str
+    score: float
+    retrieval_score: float
+    retrieval_rank: int
+    title: str | None = None
+    text: str | None = None
+
+
+@dataclass
+class Ranking:
+    query: str
+    normalized: str
+    query_id: str
+    count: int
+    hits: list[Hit]
+    candidates: int
+    run_id: str
+    cross_encoder: str
+    bi_encoder: str
+    passages_version: int
+    ranked_at: datetime
+    last_seen: datetime
+    notes: list[str] = field(default_factory=list)
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def _quote(value: str) -> str:
+    return "'" + value.replace("'", "''") + "'"
+
+
+class Rankings:
+    """A handle on the rankings table (latest version, or ``version``: a number or a run-id tag)."""
+
+    def __init__(self, cfg, *, version: int | str | None = None, with_documents: bool = True):
+        from pipelines.store import Store
+
+        self.cfg, self.store = cfg, Store(cfg.storage)
+        self.table = self.store.rankings(version)
+        self.version = self.table.version
+        self.with_documents = with_documents
+        first = self.table.search().select([S.NORMALIZER]).limit(1).to_arrow()
+        self.rules = json.loads(first[S.NORMALIZER][0].as_py()) if first.num_rows else {}
+        self._passages: dict[int, Any] = {}
+
+    def lookup(self, query: str, *, n: int | None = None) -> Ranking | None:
+        """The ranking of one query, or None when the query has no precomputed ranking."""
+        return self.lookup_many([query], n=n)[0]
+
+    def lookup_many(self, queries: list[str], *, n: int | None = None) -> list[Ranking | None]:
+        """Rankings in the order of ``queries`` (None for each miss): one table query per 500 distinct queries."""
+        normalized = [normalize(q, self.rules) if isinstance(q, str) else "" for q in queries]
+        ids = sorted({query_id(t) for t in normalized if t})
+        rows: dict[str, dict[str, Any]] = {}
+        for i in range(0, len(ids), IN_CHUNK):
+            chunk = ids[i:i + IN_CHUNK]
+            where = f"{S.QUERY_ID} IN ({', '.join(map(_quote, chunk))})"
+            found = self.table.search().where(where).select(_ROW_COLUMNS).limit(len(chunk)).to_arrow()
+            rows.update((r[S.QUERY_ID], r) for r in found.to_pylist())
+        docs = self._documents(rows.values(), n) if self.with_documents else {}
+        out: list[Ranking | None] = []
+        for original, norm in zip(queries, normalized):
+            row = rows.get(query_id(norm)) if norm else None
+            if row is None or row[S.QUERY] != norm:  # != guards against a hash collision
+                out.append(None)
+                continue
+            out.append(self._ranking(original, row, docs.get(row[S.PASSAGES_VERSION], ({}, [])), n))
+        return out
+
+    def _ranking(self, original: str, row: dict[str, Any], docs, n: int | None) -> Ranking:
+        texts, notes = docs
+        keep = slice(0, n)
+        hits = [Hit(d, s, rs, rr, *texts.get(d, (None, None)))
+                for d, s, rs, rr in zip(row[S.DOC_IDS][keep], row[S.SCORES][keep], row[S.RETRIEVAL_SCORES][keep],
+                                        row[S.RETRIEVAL_RANKS][keep])]
+        return Ranking(original, row[S.QUERY], row[S.QUERY_ID], row[S.COUNT], hits, row[S.CANDIDATES], row[S.RUN_ID],
+                       row[S.CROSS_ENCODER], row[S.BI_ENCODER], row[S.PASSAGES_VERSION], row[S.RANKED_AT],
+                       row[S.LAST_SEEN], list(notes))
+
+    def _documents(self, rows, n: int | None) -> dict[int, tuple[dict[str, tuple], list[str]]]:
+        """``{passages version: ({doc id: (title, text)}, notes)}`` for the documents of ``rows``."""
+        wanted: dict[int, set[str]] = {}
+        for row in rows:
+            wanted.setdefault(row[S.PASSAGES_VERSION], set()).update(row[S.DOC_IDS][:n])
+        out = {}
+        for version, doc_ids in wanted.items():
+            table, notes = self._passages_at(version)
+            texts: dict[str, tuple] = {}
+            ids = sorted(doc_ids)
+            for i in range(0, len(ids), IN_CHUNK):
+                chunk = ids[i:i + IN_CHUNK]
+                found = (table.search().where(f"{S.ID} IN ({', '.join(map(_quote, chunk))})")
+                         .select([S.ID, S.TITLE, S.TEXT]).limit(len(chunk)).to_arrow())
+                texts.update((r[S.ID], (r[S.TITLE], r[S.TEXT])) for r in found.to_pylist())
+            missing = len(doc_ids) - len(texts)
+            if missing:
+                notes = [*notes, f"{missing} ranked document(s) no longer in passages"]
+            out[version] = (texts, notes)
+        return out
+
+    def _passages_at(self, version: int):
+        if version not in self._passages:
+            notes: list[str] = []
+            try:
+                table = self.store.passages(version)
+            except Exception:  # that version was cleaned up: join the current documents instead
+                table = self.store.passages()
+                notes.append(f"passages v{version} is gone; documents joined from v{table.version}")
+            self._passages[version] = (table, notes)
+        return self._passages[version]
+
+
+def lookup(cfg, query: str, *, n: int | None = None) -> Ranking | None:
+    """One-off lookup (opens the tables each call; keep a ``Rankings`` for many lookups)."""
+    return Rankings(cfg).lookup(query, n=n)

@@ -1,0 +1,314 @@
+"""The rerank job: query log → retrieve (bi-encoder + LanceDB) → score (cross-encoder) → one commit to ``rankings``.
+
+Reads top to bottom::
+
+    read_query_log (driver: normalise, window, count, select; bad lines → quarantine)
+    → from_arrow(selected queries, several blocks)
+    → map_batches(Retriever, actor pool)   top-k candidates from passages pinned at one version
+    → map_batches(Scorer, actor pool)      cross-encoder scores, candidates re-ordered, top-n kept
+    → sink on the driver: rows → staging table (durable, invisible)
+    → check: queries ranked = queries selected → one overwrite commit of rankings (tagged run id)
+    → report: lines read = counted + outside window + quarantined; pairs scored, pairs/s
+
+A run that fails at any point leaves the previous rankings version in place: nothing is
+written to ``rankings`` until the complete set is staged.
+
+Example::
+
+    report = run(load_config("configs/demo.yaml"))
+    report["queries"]["ranked"], report["pairs"]["per_second"]
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+import time
+from typing import Any
+
+import pyarrow as pa
+import pyarrow.compute as pc
+
+from pipelines import schema as S
+from pipelines.faults import maybe_fail
+from pipelines.report import Progress, Timer, default_report_dir, new_run_id, redact_uri, utcnow, write_report
+
+log = logging.getLogger("batchrank.rerank")
+FLUSH_ROWS = 1024  # ranked queries buffered on the driver before a staging append
+BLOCK_BYTES = 1 << 20  # small blocks: candidates of a few queries each, so every scoring actor stays fed
+
+
+class RerankError(RuntimeError):
+    """A run that must not publish; the message says why and what to do."""
+
+
+def run(cfg, *, run_id: str | None = None, now=None) -> dict[str, Any]:
+    """Rerank the configured query log into a new version of the rankings table; return the run report.
+
+    On failure the report is written with ``status: failed`` and the error is raised again; the
+    previous rankings version stays the current one.
+    """
+    cfg.require("query_log", "rerank", command="batchrank rerank")
+    state = _RunState(run_id or new_run_id("rerank"), cfg)
+    try:
+        _rerank(cfg, state, now)
+    except BaseException as exc:
+        state.report.update(status="failed", error=f"{type(exc).__name__}: {exc}")
+        exc.batchrank_report = _finish(cfg, state)
+        raise
+    return _finish(cfg, state)
+
+
+class _RunState:
+    def __init__(self, run_id: str, cfg):
+        self.run_id = run_id
+        self.timer, self.t0 = Timer(), time.perf_counter()
+        self.log = None  # the QueryLog once read
+        self.sink = _Sink(run_id, cfg)
+        self.report: dict[str, Any] = {"job": "rerank", "run_id": run_id, "status": "running",
+                                       "started_at": utcnow().isoformat()}
+
+
+def _rerank(cfg, state: _RunState, now) -> None:
+    import ray.data
+
+    from pipelines.query_log import read_query_log
+    from pipelines.retrieve import Retriever
+    from pipelines.runtime import (READ_CPUS, actor_device, check_not_in_job_package, init_ray, pool_resources,
+                                   worker_env)
+    from pipelines.score import Scorer
+    from pipelines.store import Store, StoreError
+
+    run_id, timer, report, sink = state.run_id, state.timer, state.report, state.sink
+    store = Store(cfg.storage)
+    rt, rr, e = cfg.retrieve, cfg.rerank, cfg.embed
+
+    with timer("startup"):
+        check_not_in_job_package(cfg.storage.uri, "storage.uri")
+        _check_model_path(rr.model)
+        ctx = ray.data.DataContext.get_current()
+        ctx.enable_progress_bars = False
+        ctx.target_max_block_size = BLOCK_BYTES
+        cluster = init_ray(cfg.ray)  # before LanceDB loads (fork safety)
+        built_with = store.passages_model()
+        if built_with is None:
+            raise StoreError(f"'{cfg.storage.passages_table}' is missing or empty in {redact_uri(cfg.storage.uri)}; "
+                             "run `batchrank index` first")
+        if built_with != e.model:
+            raise StoreError(f"'{cfg.storage.passages_table}' was built with bi-encoder '{built_with}', but "
+                             f"embed.model is '{e.model}'; queries must be embedded by the same model: set "
+                             "embed.model to the table's model, or reindex")
+        passages_version = store.passages().version
+        if rt.hybrid and not store.has_fts_index(cfg.index.fts.column, passages_version):
+            raise StoreError("retrieve.hybrid needs the full-text index on passages; set index.fts.enabled: true "
+                             "and run `batchrank index` again")
+        sink.passages_version = passages_version
+        report["tables"] = {"passages": {"name": cfg.storage.passages_table, "version": passages_version}}
+
+    with timer("read_log"), Progress("query log", unit="lines") as progress:
+        qlog = state.log = read_query_log(cfg.query_log, now=now, progress=progress)
+    sink.normalizer = qlog.normalizer
+    if qlog.selected.num_rows == 0:
+        c = qlog.counts
+        raise RerankError(
+            f"no query selected from the log ({c['lines_read']:,} lines read, {c['lines_counted']:,} in the window "
+            f"{qlog.window}, {c['distinct_queries']:,} distinct, {c['below_min_count']:,} below min_count); check "
+            "query_log.path, since/until/last_days and min_count. The previous rankings stay in place")
+
+    resources = pool_resources(cluster, {"retrieve": (rt.actors, rt.cpus_per_actor, rt.gpus_per_actor),
+                                         "rerank": (rr.actors, rr.cpus_per_actor, rr.gpus_per_actor)})
+    (r_cpus, r_gpus), (s_cpus, s_gpus) = resources["retrieve"], resources["rerank"]
+    report["cluster"] = {"address": cluster.address, "nodes": cluster.nodes, "cpus": cluster.cpus,
+                         "gpus": cluster.gpus,
+                         "retrieve": {"actors": rt.actors, "cpus_per_actor": r_cpus, "gpus_per_actor": r_gpus},
+                         "rerank": {"actors": rr.actors, "cpus_per_actor": s_cpus, "gpus_per_actor": s_gpus}}
+    selected = qlog.selected
+    # Several blocks, built without tasks: one block feeds one actor, and a task-built split would need CPUs
+    # that the actor pools hold.
+    rows = max(1, min(rt.queries_per_call, math.ceil(selected.num_rows / (4 * rr.actors))))
+    blocks = [selected.slice(i, rows) for i in range(0, selected.num_rows, rows)]
+    env = {"env_vars": worker_env()}
+    ds = (
+        ray.data.from_arrow(blocks)
+        .map_batches(
+            Retriever,
+            fn_constructor_kwargs=dict(
+                storage_cfg=cfg.storage, index_cfg=cfg.index, passages_version=sink.passages_version, model=e.model,
+                k=rt.k, hybrid=rt.hybrid, exact=rt.exact, doc_fields=tuple(rr.input_fields),
+                separator=rr.separator, threads=rt.search_threads, device=actor_device(e.device, r_gpus),
+                dtype=e.dtype, max_seq_length=e.max_seq_length, normalize=e.normalize,
+                trust_remote_code=e.trust_remote_code, num_threads=rt.cpus_per_actor),
+            compute=ray.data.ActorPoolStrategy(size=rt.actors, max_tasks_in_flight_per_actor=2),
+            num_cpus=r_cpus, num_gpus=r_gpus, batch_size=rows, batch_format="pyarrow", runtime_env=env,
+        )
+        .map_batches(
+            Scorer,
+            fn_constructor_kwargs=dict(
+                model=rr.model, top_n=rr.top_n, batch_size=rr.batch_size, max_length=rr.max_length,
+                device=actor_device(rr.device, s_gpus), dtype=rr.dtype, trust_remote_code=rr.trust_remote_code,
+                num_threads=rr.cpus_per_actor),
+            compute=ray.data.ActorPoolStrategy(size=rr.actors, max_tasks_in_flight_per_actor=2),
+            num_cpus=s_cpus, num_gpus=s_gpus, batch_size=rr.queries_per_call, batch_format="pyarrow",
+            runtime_env=env,
+        )
+    )
+    log.info("run %s: reranking %d queries (k=%d, top_n=%d) with %s into %s/%s", run_id, selected.num_rows,
+             rt.k, rr.top_n, rr.model, redact_uri(cfg.storage.uri), cfg.storage.rankings_table)
+
+    staged = store.stage(cfg.storage.rankings_table, run_id, S.RANKINGS_SCHEMA)
+    try:
+        with timer("pipeline"), Progress("rerank", unit="queries") as progress:
+            for batch in ds.iter_batches(batch_format="pyarrow", batch_size=None, prefetch_batches=2):
+                sink.add(batch)
+                if sink.pending_rows >= FLUSH_ROWS:
+                    with timer("stage_writes"):
+                        staged.add(sink.take_pending())
+                    maybe_fail("mid_run")
+                progress.update(batch.num_rows, pairs=int(pc.sum(batch[S.CANDIDATES]).as_py() or 0))
+            with timer("stage_writes"):
+                staged.add(sink.take_pending())
+            maybe_fail("mid_run")
+        if staged.rows != selected.num_rows or sink.ranked != selected.num_rows:
+            raise RerankError(f"ranked {sink.ranked:,} queries (staged {staged.rows:,}) but selected "
+                              f"{selected.num_rows:,}; not publishing an incomplete set")
+        with timer("quarantine_write"):
+            store.append_quarantine(_quarantine_rows(qlog.quarantine, run_id))
+        maybe_fail("before_commit")
+        with timer("commit"):
+            previous = store.open(cfg.storage.rankings_table)
+            report["tables"]["rankings_previous_version"] = previous.version if previous is not None else None
+            report["tables"]["rankings_version"] = store.commit_rankings(staged, run_id)
+        maybe_fail("after_commit")
+        report["status"] = "succeeded"
+    finally:
+        staged.drop()
+
+
+def _check_model_path(model: str) -> None:
+    looks_local = model.startswith((".", "/", "~")) or os.sep in model and os.path.exists(os.path.dirname(model))
+    if looks_local and not os.path.exists(model):
+        raise RerankError(f"rerank.model {model!r} does not exist; train one with `batchrank train-reranker`, or "
+                          "point rerank.model at a sentence-transformers CrossEncoder folder or hub name")
+
+
+def _quarantine_rows(rows: list[dict[str, Any]], run_id: str) -> pa.Table:
+    if not rows:
+        return S.QUARANTINE_SCHEMA.empty_table()
+    table = pa.Table.from_pylist(rows)
+    n = table.num_rows
+    return (table.append_column(S.RUN_ID, pa.array([run_id] * n))
+            .append_column(S.JOB, pa.array(["rerank"] * n))
+            .append_column(S.QUARANTINED_AT, pa.array([utcnow()] * n, S.TIMESTAMP)))
+
+
+class _Sink:
+    """Driver-side end of the stream: adds the run's columns, counts queries, pairs and stage time."""
+
+    def __init__(self, run_id: str, cfg):
+        self.run_id, self.cfg = run_id, cfg
+        self.passages_version: int | None = None
+        self.normalizer = ""
+        self.ranked = self.pairs = self.without_candidates = self.short_lists = 0
+        self.retrieve_seconds = self.score_seconds = 0.0
+        self._pending: list[pa.Table] = []
+        self.pending_rows = 0
+
+    def add(self, batch: pa.Table) -> None:
+        n = batch.num_rows
+        cands = batch[S.CANDIDATES].to_numpy()
+        self.ranked += n
+        self.pairs += int(cands.sum())
+        self.without_candidates += int((cands == 0).sum())
+        self.short_lists += int((cands < self.cfg.retrieve.k).sum())
+        self.retrieve_seconds += float(pc.sum(batch[S.RETRIEVE_SECONDS]).as_py() or 0.0)
+        self.score_seconds += float(pc.sum(batch[S.SCORE_SECONDS]).as_py() or 0.0)
+        extra = {
+            S.RUN_ID: pa.array([self.run_id] * n),
+            S.BI_ENCODER: pa.array([self.cfg.embed.model] * n),
+            S.CROSS_ENCODER: pa.array([self.cfg.rerank.model] * n),
+            S.PASSAGES_VERSION: pa.array([self.passages_version] * n, pa.int64()),
+            S.NORMALIZER: pa.array([self.normalizer] * n),
+            S.RANKED_AT: pa.array([utcnow()] * n, S.TIMESTAMP),
+        }
+        for name, values in extra.items():
+            batch = batch.append_column(name, values)
+        self._pending.append(batch.select(S.RANKINGS_SCHEMA.names))
+        self.pending_rows += n
+
+    def take_pending(self) -> pa.Table:
+        out = pa.concat_tables(self._pending) if self._pending else S.RANKINGS_SCHEMA.empty_table()
+        self._pending, self.pending_rows = [], 0
+        return out
+
+
+def _finish(cfg, state: _RunState) -> dict[str, Any]:
+    """Complete the report from the run's counters, write it as JSON, return it."""
+    from pipelines.store import Store
+
+    sink, timer, report, qlog = state.sink, state.timer, state.report, state.log
+    seconds = dict(timer.seconds, retrieve_busy_sum=round(sink.retrieve_seconds, 3),
+                   score_busy_sum=round(sink.score_seconds, 3), total=round(time.perf_counter() - state.t0, 3))
+    pipeline_s = timer.seconds.get("pipeline")
+    succeeded = report["status"] == "succeeded"
+    selected = qlog.selected.num_rows if qlog else 0
+    tables = report.setdefault("tables", {})
+    try:
+        table = Store(cfg.storage).open(cfg.storage.rankings_table)
+        current = {"version": table.version, "rows": table.count_rows()} if table is not None else None
+    except Exception as exc:  # the report must still be written when storage is what failed
+        current = {"unreadable": str(exc)}
+    tables["rankings"] = {"name": cfg.storage.rankings_table, "tag": state.run_id if succeeded else None,
+                          "current": current, "previous_version": tables.pop("rankings_previous_version", None),
+                          "published_version": tables.pop("rankings_version", None)}
+    report.update({
+        "finished_at": utcnow().isoformat(),
+        "storage": redact_uri(cfg.storage.uri),
+        "query_log": {"path": cfg.query_log.path, "window": qlog.window if qlog else None,
+                      **(qlog.counts if qlog else {}), "quarantine_reasons": qlog.reasons if qlog else {}},
+        "queries": {"selected": selected, "ranked": sink.ranked if succeeded else 0,
+                    "scored_not_published": 0 if succeeded else sink.ranked,
+                    "without_candidates": sink.without_candidates, "fewer_than_k_candidates": sink.short_lists,
+                    "reconciled": (sink.ranked == selected) if succeeded else None},
+        "pairs": {"scored": sink.pairs,
+                  "per_second": round(sink.pairs / pipeline_s, 2) if pipeline_s else None,
+                  "per_second_end_to_end": round(sink.pairs / seconds["total"], 2) if seconds["total"] else None},
+        "retrieve": {"k": cfg.retrieve.k, "hybrid": cfg.retrieve.hybrid, "exact": cfg.retrieve.exact},
+        "models": {"bi_encoder": cfg.embed.model, "cross_encoder": cfg.rerank.model, "top_n": cfg.rerank.top_n},
+        "seconds": seconds,
+    })
+    try:
+        report["report_path"] = write_report(report, default_report_dir(cfg.storage.uri, cfg.report.dir))
+    except Exception as exc:
+        log.error("could not write the run report: %s", exc)
+        report["report_path"] = None
+    return report
+
+
+def summary(report: dict[str, Any]) -> str:
+    """A few lines for humans at the end of a run."""
+    q, ql, p, s = report["queries"], report["query_log"], report["pairs"], report["seconds"]
+    head = f"rerank run {report['run_id']}: {report['status']}"
+    lines = [head + (f" ({report['error']})" if report.get("error") else "")]
+    if ql.get("lines_read") is not None:
+        lines.append(f"  log: {ql['lines_read']:,} lines read = {ql['lines_counted']:,} counted + "
+                     f"{ql['lines_outside_window']:,} outside the window + {ql['lines_quarantined']:,} quarantined"
+                     + ("" if ql["lines_reconciled"] else "  (DOES NOT RECONCILE)"))
+        if ql["quarantine_reasons"]:
+            lines.append("  quarantined: " + ", ".join(f"{k} {v}" for k, v in ql["quarantine_reasons"].items()))
+        lines.append(f"  queries: {ql['distinct_queries']:,} distinct, {ql['below_min_count']:,} below min_count, "
+                     f"{ql['beyond_head']:,} beyond head, {q['selected']:,} selected, {q['ranked']:,} ranked")
+    lines.append(f"  pairs: {p['scored']:,} scored, {p['per_second']} pairs/s in the pipeline, "
+                 f"{p['per_second_end_to_end']} end to end")
+    lines.append("  time: " + ", ".join(f"{k} {v:.1f}s" for k, v in s.items()))
+    r = report["tables"]["rankings"]
+    if report["status"] == "succeeded":
+        lines.append(f"  table: {r['name']} v{r['published_version']} (tag {r['tag']}), {r['current']['rows']:,} "
+                     f"queries; previous version {r['previous_version']}; passages "
+                     f"v{report['tables']['passages']['version']}")
+    else:
+        cur = r["current"]
+        lines.append(f"  table: {r['name']} unchanged" + (f" (v{cur['version']})" if cur and "version" in cur else
+                                                             " (not created yet)"))
+    lines.append(f"  report: {report['report_path']}")
+    return "\n".join(lines)

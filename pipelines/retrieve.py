@@ -1,0 +1,103 @@
+"""Retrieve stage: embed a batch of queries with the bi-encoder, fetch each one's top-k candidates.
+
+Loaded once per actor: the bi-encoder and the ``passages`` table pinned at one version (every
+query of a run sees the same corpus). Vector search runs as a few multi-query LanceDB calls
+in parallel threads; hybrid search (vector + full text, fused by reciprocal rank) runs one
+query per call, also in threads. Output rows keep the query columns and add the candidates,
+best retrieval first: ids, the text the cross-encoder reads, retrieval scores.
+
+Example (no Ray needed)::
+
+    stage = Retriever(cfg.storage, cfg.index, passages_version=3, model="all-MiniLM-L6-v2", k=100)
+    out = stage(pa.table({"query_id": [...], "query": ["vitamin d and bone density"], ...}))
+"""
+
+from __future__ import annotations
+
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+import numpy as np
+import pyarrow as pa
+
+from pipelines import schema as S
+
+SEARCH_CHUNK = 32  # query vectors per multi-query LanceDB call
+
+
+class Retriever:
+    """Stateful Ray Data stage: ``map_batches(Retriever, compute=ActorPoolStrategy(size=n), ...)``."""
+
+    def __init__(self, storage_cfg, index_cfg, *, passages_version: int, model: str, k: int = 100,
+                 hybrid: bool = False, exact: bool = False, doc_fields: tuple[str, ...] = ("title", "text"),
+                 separator: str = " ", threads: int = 4, device: str = "auto", dtype: str = "auto",
+                 max_seq_length: int | None = None, normalize: bool = True, trust_remote_code: bool = False,
+                 num_threads: float | None = None, encode_batch_size: int = 64):
+        from pipelines.models import configure_threads, load_bi_encoder
+        from pipelines.store import Store
+
+        configure_threads(num_threads)
+        self.encoder = load_bi_encoder(model, device=device, dtype=dtype, max_seq_length=max_seq_length,
+                                       trust_remote_code=trust_remote_code)
+        self.store = Store(storage_cfg)
+        self.table = self.store.passages(passages_version)
+        self.index_cfg, self.k, self.hybrid, self.exact = index_cfg, k, hybrid, exact
+        self.doc_fields, self.separator = tuple(doc_fields), separator
+        self.normalize, self.encode_batch_size = normalize, encode_batch_size
+        self.pool = ThreadPoolExecutor(max_workers=threads, thread_name_prefix="search")
+
+    def _columns(self) -> list[str]:
+        return [S.ID, *(f for f in (S.TITLE, S.TEXT) if f in self.doc_fields)]
+
+    def _vector_hits(self, vectors: np.ndarray) -> list[pa.Table]:
+        """One table of hits per query, best first, with a ``score`` column (higher is better)."""
+        from pipelines.store import distance_to_score
+
+        def chunk(start: int) -> pa.Table:
+            return self.store.search_batch(vectors[start:start + SEARCH_CHUNK], k=self.k, index_cfg=self.index_cfg,
+                                           exact=self.exact, columns=self._columns(), table=self.table)
+
+        metric = self.index_cfg.metric
+        per_query: list[pa.Table] = []
+        for start, hits in zip(range(0, len(vectors), SEARCH_CHUNK),
+                               self.pool.map(chunk, range(0, len(vectors), SEARCH_CHUNK))):
+            qi = hits["query_index"].to_numpy()
+            order = np.argsort(qi, kind="stable")  # keep best-first order within each query
+            hits = hits.take(pa.array(order))
+            qi = qi[order]
+            score = distance_to_score(hits["_distance"].to_numpy().astype(np.float32), metric)
+            hits = hits.append_column("score", pa.array(score, pa.float32()))
+            bounds = np.searchsorted(qi, np.arange(min(SEARCH_CHUNK, len(vectors) - start) + 1))
+            per_query.extend(hits.slice(bounds[i], bounds[i + 1] - bounds[i]) for i in range(len(bounds) - 1))
+        return per_query
+
+    def _hybrid_hits(self, vectors: np.ndarray, texts: list[str]) -> list[pa.Table]:
+        def one(i: int) -> pa.Table:
+            hits = self.store.search(vectors[i], k=self.k, index_cfg=self.index_cfg, text=texts[i], hybrid=True,
+                                     columns=self._columns(), table=self.table)
+            return hits.append_column("score", hits["_relevance_score"].cast(pa.float32()))
+
+        return list(self.pool.map(one, range(len(texts))))
+
+    def _doc_texts(self, hits: pa.Table) -> list[str]:
+        cols = [hits[f].to_pylist() for f in (S.TITLE, S.TEXT) if f in self.doc_fields]
+        return [self.separator.join(p for p in parts if p) for parts in zip(*cols)]
+
+    def __call__(self, batch: pa.Table) -> pa.Table:
+        import torch
+
+        start = time.perf_counter()
+        queries = batch[S.QUERY].to_pylist()
+        with torch.inference_mode():
+            vectors = self.encoder.encode(queries, batch_size=self.encode_batch_size, convert_to_numpy=True,
+                                          normalize_embeddings=self.normalize, show_progress_bar=False)
+        vectors = np.asarray(vectors, dtype=np.float32)
+        per_query = self._hybrid_hits(vectors, queries) if self.hybrid else self._vector_hits(vectors)
+        ids = [h[S.ID].to_pylist() for h in per_query]
+        texts = [self._doc_texts(h) for h in per_query]
+        scores = [h["score"].to_pylist() for h in per_query]
+        seconds = (time.perf_counter() - start) / max(len(batch), 1)
+        return (batch.append_column(S.CAND_IDS, pa.array(ids, pa.list_(pa.string())))
+                .append_column(S.CAND_TEXTS, pa.array(texts, pa.list_(pa.string())))
+                .append_column(S.CAND_SCORES, pa.array(scores, pa.list_(pa.float32())))
+                .append_column(S.RETRIEVE_SECONDS, pa.array([seconds] * len(batch), pa.float64())))
