@@ -147,7 +147,9 @@ def lookup(
         elif ranking is None:
             typer.echo(f"no precomputed ranking for this query: {text!r}", err=True)
         else:
-            typer.echo(f"{ranking.query!r}  (seen {ranking.count:,}x, run {ranking.run_id}, "
+            shown = repr(ranking.normalized) if ranking.normalized == ranking.query else \
+                f"{ranking.query!r} → {ranking.normalized!r}"
+            typer.echo(f"{shown}  (seen {ranking.count:,}x, run {ranking.run_id}, "
                        f"{ranking.candidates} candidates scored)")
             for rank, hit in enumerate(ranking.hits, 1):
                 title = (hit.title or hit.text or "")[:90]

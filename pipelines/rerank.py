@@ -161,14 +161,13 @@ def _rerank(cfg, state: _RunState, now) -> None:
         with timer("pipeline"), Progress("rerank", unit="queries") as progress:
             for batch in ds.iter_batches(batch_format="pyarrow", batch_size=None, prefetch_batches=2):
                 sink.add(batch)
-                if sink.pending_rows >= FLUSH_ROWS:
+                if sink.pending_rows >= FLUSH_ROWS or staged.rows == 0:  # the first rows at once, then in bulk
                     with timer("stage_writes"):
                         staged.add(sink.take_pending())
                     maybe_fail("mid_run")
                 progress.update(batch.num_rows, pairs=int(pc.sum(batch[S.CANDIDATES]).as_py() or 0))
             with timer("stage_writes"):
                 staged.add(sink.take_pending())
-            maybe_fail("mid_run")
         if staged.rows != selected.num_rows or sink.ranked != selected.num_rows:
             raise RerankError(f"ranked {sink.ranked:,} queries (staged {staged.rows:,}) but selected "
                               f"{selected.num_rows:,}; not publishing an incomplete set")

@@ -1,5 +1,7 @@
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 
 from pipelines.config import ConfigError, load_config, parse_config
@@ -47,7 +49,36 @@ def test_bad_choice_lists_the_choices():
 
 def test_missing_required_section_key():
     assert "corpus.path: required key is missing" in _err({"corpus": {}})
-    assert "corpus: required key is missing" in _err({})
+    cfg = parse_config({})  # every section is optional at load time; each job requires its own
+    with pytest.raises(ConfigError, match="`batchrank index` needs the config section.s. corpus"):
+        cfg.require("corpus", command="batchrank index")
+
+
+def test_rerank_sections():
+    ok = parse_config({"query_log": {"path": "log.jsonl", "since": "2026-11-01"}, "rerank": {"model": "ce"}})
+    assert ok.query_log.since.tzinfo is not None  # naive times mean UTC
+    assert ok.retrieve.k == 100 and ok.rerank.top_n == 20
+    assert "rerank.top_n (200) must be <= retrieve.k (100)" in _err({"rerank": {"model": "ce", "top_n": 200}})
+    assert "set either since or last_days" in _err({"query_log": {"path": "x", "since": "2026-01-01",
+                                                                  "last_days": 7}})
+    assert "must be before until" in _err({"query_log": {"path": "x", "since": "2026-02-01",
+                                                         "until": "2026-01-01"}})
+    assert "rerank.model: required key is missing" in _err({"rerank": {}})
+    assert "query_log.min_count" in _err({"query_log": {"path": "x", "min_count": 0}})
+
+
+def test_rerank_and_train_paths_resolve_next_to_the_config(tmp_path):
+    (tmp_path / "models" / "ce").mkdir(parents=True)
+    path = tmp_path / "conf" / "job.yaml"
+    path.parent.mkdir()
+    path.write_text("query_log:\n  path: ../logs/*.jsonl\nrerank:\n  model: ../models/ce\n"
+                    "train:\n  queries: q.jsonl\n  qrels: qrels/train.tsv\n  output: ~/rr\n")
+    cfg = load_config(path)
+    assert cfg.query_log.path == str(tmp_path / "logs" / "*.jsonl")
+    assert cfg.rerank.model == str(tmp_path / "models" / "ce")
+    assert cfg.train.queries == str(tmp_path / "conf" / "q.jsonl")
+    assert cfg.train.output == str(Path("~/rr").expanduser())
+    assert cfg.train.base_model == "all-MiniLM-L6-v2"  # a hub-style name stays a name
 
 
 def test_cross_field_rule():
