@@ -67,8 +67,14 @@ def _index(cfg, state: _RunState) -> None:
 
     from pipelines.corpus import expand_paths, read_corpus
     from pipelines.embed import Embedder
-    from pipelines.runtime import (READ_CPUS, actor_device, actor_resources, check_not_in_job_package, init_ray,
-                                   worker_env)
+    from pipelines.runtime import (
+        READ_CPUS,
+        actor_device,
+        actor_resources,
+        check_not_in_job_package,
+        init_ray,
+        worker_env,
+    )
     from pipelines.store import Store, StoreError
     from pipelines.validate import RowSpec
 

@@ -57,10 +57,6 @@ class Ranking:
         return asdict(self)
 
 
-def _quote(value: str) -> str:
-    return "'" + value.replace("'", "''") + "'"
-
-
 class Rankings:
     """A handle on the rankings table (latest version, or ``version``: a number or a run-id tag)."""
 
@@ -83,12 +79,8 @@ class Rankings:
         """Rankings in the order of ``queries`` (None for each miss): one table query per 500 distinct queries."""
         normalized = [normalize(q, self.rules) if isinstance(q, str) else "" for q in queries]
         ids = sorted({query_id(t) for t in normalized if t})
-        rows: dict[str, dict[str, Any]] = {}
-        for i in range(0, len(ids), IN_CHUNK):
-            chunk = ids[i:i + IN_CHUNK]
-            where = f"{S.QUERY_ID} IN ({', '.join(map(_quote, chunk))})"
-            found = self.table.search().where(where).select(_ROW_COLUMNS).limit(len(chunk)).to_arrow()
-            rows.update((r[S.QUERY_ID], r) for r in found.to_pylist())
+        found = self.store.rows_by_id(self.table, ids, _ROW_COLUMNS, key=S.QUERY_ID, chunk=IN_CHUNK)
+        rows = {r[S.QUERY_ID]: r for r in found.to_pylist()}
         docs = self._documents(rows.values(), n) if self.with_documents else {}
         out: list[Ranking | None] = []
         for original, norm in zip(queries, normalized):
@@ -117,13 +109,8 @@ class Rankings:
         out = {}
         for version, doc_ids in wanted.items():
             table, notes = self._passages_at(version)
-            texts: dict[str, tuple] = {}
-            ids = sorted(doc_ids)
-            for i in range(0, len(ids), IN_CHUNK):
-                chunk = ids[i:i + IN_CHUNK]
-                found = (table.search().where(f"{S.ID} IN ({', '.join(map(_quote, chunk))})")
-                         .select([S.ID, S.TITLE, S.TEXT]).limit(len(chunk)).to_arrow())
-                texts.update((r[S.ID], (r[S.TITLE], r[S.TEXT])) for r in found.to_pylist())
+            found = self.store.rows_by_id(table, doc_ids, [S.ID, S.TITLE, S.TEXT], chunk=IN_CHUNK)
+            texts = {r[S.ID]: (r[S.TITLE], r[S.TEXT]) for r in found.to_pylist()}
             missing = len(doc_ids) - len(texts)
             if missing:
                 notes = [*notes, f"{missing} ranked document(s) no longer in passages"]

@@ -133,8 +133,7 @@ def read_query_log(log_cfg, *, now: datetime | None = None, progress=None) -> Qu
             counts[text] = [weight, ts]
         else:
             entry[0] += weight
-            if ts > entry[1]:
-                entry[1] = ts
+            entry[1] = max(entry[1], ts)
     if progress is not None:
         progress.update(read % 10_000)
 

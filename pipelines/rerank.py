@@ -75,8 +75,13 @@ def _rerank(cfg, state: _RunState, now) -> None:
 
     from pipelines.query_log import read_query_log
     from pipelines.retrieve import Retriever
-    from pipelines.runtime import (READ_CPUS, actor_device, check_not_in_job_package, init_ray, pool_resources,
-                                   worker_env)
+    from pipelines.runtime import (
+        actor_device,
+        check_not_in_job_package,
+        init_ray,
+        pool_resources,
+        worker_env,
+    )
     from pipelines.score import Scorer
     from pipelines.store import Store, StoreError
 

@@ -25,6 +25,13 @@ from pipelines import schema as S
 SEARCH_CHUNK = 32  # query vectors per multi-query LanceDB call
 
 
+def document_text(title: str | None, text: str | None, fields, separator: str = " ") -> str:
+    """What the cross-encoder reads for a document: the chosen fields, empty ones skipped, joined by ``separator``.
+    Shared by the rerank job and the reranker's training, so that both see the same text."""
+    parts = {"title": title, "text": text}
+    return separator.join(parts[f] for f in fields if parts[f])
+
+
 class Retriever:
     """Stateful Ray Data stage: ``map_batches(Retriever, compute=ActorPoolStrategy(size=n), ...)``."""
 
@@ -80,8 +87,9 @@ class Retriever:
         return list(self.pool.map(one, range(len(texts))))
 
     def _doc_texts(self, hits: pa.Table) -> list[str]:
-        cols = [hits[f].to_pylist() for f in (S.TITLE, S.TEXT) if f in self.doc_fields]
-        return [self.separator.join(p for p in parts if p) for parts in zip(*cols)]
+        titles = hits[S.TITLE].to_pylist() if S.TITLE in self.doc_fields else [None] * hits.num_rows
+        texts = hits[S.TEXT].to_pylist() if S.TEXT in self.doc_fields else [None] * hits.num_rows
+        return [document_text(a, b, self.doc_fields, self.separator) for a, b in zip(titles, texts)]
 
     def __call__(self, batch: pa.Table) -> pa.Table:
         import torch

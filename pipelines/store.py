@@ -102,6 +102,17 @@ class Store:
             raise StoreError(f"no '{self.cfg.passages_table}' table in {self.cfg.uri}; run `batchrank index` first")
         return table
 
+    def rows_by_id(self, table, ids, columns: list[str], *, key: str = S.ID, chunk: int = 500) -> pa.Table:
+        """Rows of ``table`` whose ``key`` is in ``ids`` (any order; absent ids are simply not there)."""
+        ids = sorted(set(ids))
+        parts: list[pa.Table] = []
+        for i in range(0, len(ids), chunk):
+            quoted = ", ".join("'" + x.replace("'", "''") + "'" for x in ids[i:i + chunk])
+            parts.append(table.search().where(f"{key} IN ({quoted})").select(columns).limit(None).to_arrow())
+        if not parts:
+            return table.search().select(columns).limit(0).to_arrow()
+        return pa.concat_tables(parts)
+
     def passages_model(self) -> str | None:
         """The bi-encoder the passages table was built with (None if the table is new or empty)."""
         table = self.open(self.cfg.passages_table)

@@ -29,6 +29,7 @@ from typing import Any
 
 from pipelines import schema as S
 from pipelines.report import Timer, default_report_dir, new_run_id, utcnow, write_report
+from pipelines.retrieve import document_text
 
 log = logging.getLogger("batchrank.train")
 META = "batchrank-train.json"
@@ -77,7 +78,7 @@ def _train(cfg, run_id: str, report: dict[str, Any], timer: Timer, force: bool) 
                           **{k: previous[k] for k in ("queries", "judgments", "pairs", "steps") if k in previous})
             return
         queries, positives = _select(texts, qrels, t.max_queries, report)
-        found = _fetch(table, sorted({d for docs in positives.values() for d in docs}))
+        found = _fetch(store, table, sorted({d for docs in positives.values() for d in docs}), cfg)
         queries, examples = _positives(queries, positives, found, report)
     with timer("mine"):
         examples += _mine(cfg, store, table, queries, qrels, report)
@@ -218,18 +219,17 @@ def _positives(queries: dict, positives: dict, found: dict, report: dict) -> tup
     return kept, examples
 
 
-def _doc_text(row: dict) -> str:
-    return " ".join(p for p in (row.get(S.TITLE), row.get(S.TEXT)) if p)  # as the embed input: no empty title
+def _doc_text(row: dict, cfg=None) -> str:
+    """The text the cross-encoder reads for a document: as the rerank job builds it (``rerank.input_fields``)."""
+    fields, sep = (cfg.rerank.input_fields, cfg.rerank.separator) if cfg is not None and cfg.rerank else \
+        (["title", "text"], " ")
+    return document_text(row.get(S.TITLE), row.get(S.TEXT), fields, sep)
 
 
-def _fetch(table, ids: list[str], chunk: int = 1000) -> dict[str, str]:
+def _fetch(store, table, ids: list[str], cfg=None) -> dict[str, str]:
     """{id: passage text} for the ids present in passages."""
-    found = {}
-    for i in range(0, len(ids), chunk):
-        quoted = ", ".join("'" + x.replace("'", "''") + "'" for x in ids[i:i + chunk])
-        rows = table.search().where(f"{S.ID} IN ({quoted})").select([S.ID, S.TITLE, S.TEXT]).limit(None).to_arrow()
-        found.update((r[S.ID], _doc_text(r)) for r in rows.to_pylist())
-    return found
+    rows = store.rows_by_id(table, ids, [S.ID, S.TITLE, S.TEXT])
+    return {r[S.ID]: _doc_text(r, cfg) for r in rows.to_pylist()}
 
 
 def _mine(cfg, store, table, queries: dict[str, str], qrels: list, report: dict) -> list[dict]:
@@ -257,7 +257,8 @@ def _mine(cfg, store, table, queries: dict[str, str], qrels: list, report: dict)
         for i, q in enumerate(ids[start:start + step]):
             pool = [h for h in by_query.get(i, []) if h[S.ID] not in judged[q]]
             short += len(pool) < t.negatives_per_query
-            examples += [{"query_id": q, "doc_id": h[S.ID], "query": queries[q], "document": _doc_text(h), "label": 0.0}
+            examples += [{"query_id": q, "doc_id": h[S.ID], "query": queries[q], "document": _doc_text(h, cfg),
+                          "label": 0.0}
                          for h in rng.sample(pool, min(t.negatives_per_query, len(pool)))]
     report["queries"]["short_of_negatives"] = short  # fewer than negatives_per_query unjudged docs in the top mine_k
     return examples

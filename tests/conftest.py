@@ -19,8 +19,7 @@ from pathlib import Path
 
 import pytest
 
-WORDS = ("the a of and to in is for on with how learn machine learning guide study studying ml cooking recipes "
-         "beginners cell cells protein gene cancer risk vitamin brain study data model").split()
+WORDS = ["the", "a", "of", "and", "to", "in", "is", "for", "on", "with", "how", "learn", "machine", "learning", "guide", "study", "studying", "ml", "cooking", "recipes", "beginners", "cell", "cells", "protein", "gene", "cancer", "risk", "vitamin", "brain", "study", "data", "model"]
 
 
 def build_tiny_bi_encoder(folder: Path, hidden: int = 32) -> Path:

@@ -8,7 +8,14 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from pipelines.corpus import blocks, detect_format, expand_paths, iter_csv_records, iter_jsonl_records, iter_parquet_records
+from pipelines.corpus import (
+    blocks,
+    detect_format,
+    expand_paths,
+    iter_csv_records,
+    iter_jsonl_records,
+    iter_parquet_records,
+)
 from pipelines.validate import Malformed, RowSpec
 
 
@@ -23,7 +30,7 @@ def test_jsonl_lines_bad_json_and_bad_utf8():
 
 
 def test_jsonl_streams_across_chunk_boundaries(monkeypatch):
-    import pipelines.corpus as corpus
+    from pipelines import corpus
 
     monkeypatch.setattr(corpus, "_CHUNK", 7)
     data = b"".join(f'{{"_id": "{i}", "text": "t{i}"}}\n'.encode() for i in range(50))

@@ -9,11 +9,10 @@ from pathlib import Path
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
+from conftest import good_docs, write_jsonl
 
 from pipelines.index import run
 from pipelines.store import Store, StoreError
-
-from conftest import good_docs, write_jsonl
 
 pytestmark = pytest.mark.ray
 ROOT = Path(__file__).resolve().parents[1]

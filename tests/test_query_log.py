@@ -9,11 +9,10 @@ from datetime import UTC, datetime
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
+from conftest import write_jsonl
 
 from pipelines.config import parse_config
 from pipelines.query_log import normalize, parse_timestamp, query_id, read_query_log
-
-from conftest import write_jsonl
 
 DEFAULT_RULES = {"unicode": "NFKC", "casefold": True, "collapse_whitespace": True}
 

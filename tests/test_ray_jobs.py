@@ -13,7 +13,6 @@ import time
 from pathlib import Path
 
 import pytest
-
 from conftest import good_docs, write_jsonl
 
 ROOT = Path(__file__).resolve().parents[1]
