@@ -113,6 +113,22 @@ class Store:
             return table.search().select(columns).limit(0).to_arrow()
         return pa.concat_tables(parts)
 
+    @staticmethod
+    def content_fingerprint(table) -> str:
+        """A digest of a passages table's (id, content hash) pairs: equal exactly when the documents are equal,
+        whatever the table version (a rerun that changed nothing makes a new version with the same content)."""
+        import hashlib
+
+        import pyarrow.compute as pc
+
+        rows = table.search().select([S.ID, S.CONTENT_HASH]).limit(None).to_arrow()
+        rows = rows.take(pc.sort_indices(rows, [(S.ID, "ascending")]))
+        h = hashlib.blake2b(digest_size=16)
+        for batch in rows.to_batches(65536):
+            h.update("\x1e".join(f"{a}\x1f{b}" for a, b in zip(batch[S.ID].to_pylist(),
+                                                            batch[S.CONTENT_HASH].to_pylist())).encode())
+        return h.hexdigest()
+
     def passages_model(self) -> str | None:
         """The bi-encoder the passages table was built with (None if the table is new or empty)."""
         table = self.open(self.cfg.passages_table)

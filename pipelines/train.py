@@ -70,7 +70,7 @@ def _train(cfg, run_id: str, report: dict[str, Any], timer: Timer, force: bool) 
         store = Store(cfg.storage)
         table = _passages(cfg, store)
         report["passages_version"] = table.version
-        fingerprint = _fingerprint(cfg, table.version)
+        fingerprint = _fingerprint(cfg, store.content_fingerprint(table))
         report["fingerprint"] = fingerprint
         previous = _previous(out)
         if previous and previous.get("fingerprint") == fingerprint and not force:
@@ -158,11 +158,13 @@ def _passages(cfg, store):
     return store.passages()
 
 
-def _fingerprint(cfg, version: int) -> str:
-    """What the trained model depends on: the train settings, the mining model and table, the two input files."""
+def _fingerprint(cfg, passages_content: str) -> str:
+    """What the trained model depends on: the train settings, the mining model, the passages' content (not their
+    version: a reindex that changed nothing must not retrain), the document text, the two input files."""
     h = hashlib.sha256()
     h.update(json.dumps(cfg.train.model_dump(mode="json", exclude={"output"}), sort_keys=True).encode())
-    h.update(json.dumps([cfg.embed.model, cfg.embed.normalize, cfg.index.metric, version]).encode())
+    fields = (cfg.rerank.input_fields, cfg.rerank.separator) if cfg.rerank else None
+    h.update(json.dumps([cfg.embed.model, cfg.embed.normalize, cfg.index.metric, passages_content, fields]).encode())
     for path in (cfg.train.queries, cfg.train.qrels):
         with open(path, "rb") as fh:
             h.update(hashlib.file_digest(fh, "sha256").digest())

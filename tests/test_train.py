@@ -17,7 +17,7 @@ from pipelines.store import Store, StoreError
 N_QUERIES = 8
 
 
-def build_passages(cfg, docs: list[dict], model: str) -> None:
+def build_passages(cfg, docs: list[dict], model: str, run_id: str = "test-index") -> None:
     """The passages table as `batchrank index` would write it, embedded in-process (no Ray)."""
     from sentence_transformers import SentenceTransformer
 
@@ -31,10 +31,10 @@ def build_passages(cfg, docs: list[dict], model: str) -> None:
         S.EMBEDDED_AT: pa.array([None] * n, S.TIMESTAMP), S.RUN_ID: ["test-index"] * n,
     })
     store = Store(cfg.storage)
-    staged = store.stage(cfg.storage.passages_table, "test-index", S.passages_schema({}, dim))
+    staged = store.stage(cfg.storage.passages_table, run_id, S.passages_schema({}, dim))
     staged.add(rows)
     try:
-        store.commit_passages(staged, "test-index")
+        store.commit_passages(staged, run_id)
     finally:
         staged.drop()
 
@@ -112,7 +112,12 @@ def test_rerun_is_cached_until_forced_or_changed(cfg, monkeypatch):
     again = train.run(cfg)
     assert again["status"] == "cached" and again["trained_at"] and again["pairs"] == first["pairs"]
     assert "train" not in again["seconds"] and "pass --force to retrain" in train.summary(again)
+    build_passages(cfg, good_docs(30), cfg.embed.model, "again")  # a reindex that changed nothing: new version, same content
+    assert Store(cfg.storage).passages().version > first["passages_version"]
+    assert train.run(cfg)["status"] == "cached"
     monkeypatch.setattr(train, "_fit", fake_fit)
+    build_passages(cfg, good_docs(2, start=100), cfg.embed.model, "more")  # new documents: the negatives may differ
+    assert train.run(cfg)["status"] == "succeeded"
     assert train.run(cfg, force=True)["status"] == "succeeded"
     cfg.train.seed += 1
     changed = train.run(cfg)
