@@ -24,7 +24,7 @@ import pyarrow.compute as pc
 
 from pipelines import schema as S
 from pipelines.faults import maybe_fail
-from pipelines.report import Progress, Timer, default_report_dir, new_run_id, redact_uri, utcnow, write_report
+from pipelines.report import Progress, Timer, new_run_id, redact_uri, save_report, utcnow
 
 log = logging.getLogger("batchrank.index")
 FLUSH_ROWS = 4096  # rows buffered on the driver before a staging append
@@ -192,12 +192,7 @@ def _finish(cfg, state: _RunState) -> dict[str, Any]:
                   "tag": report.pop("table_tag", None)},
     })
     report.setdefault("indexes", {})
-    try:
-        report["report_path"] = write_report(report, default_report_dir(cfg.storage.uri, cfg.report.dir))
-    except Exception as exc:
-        log.error("could not write the run report: %s", exc)
-        report["report_path"] = None
-    return report
+    return save_report(report, cfg)
 
 
 class _Sink:

@@ -129,3 +129,14 @@ def write_report(report: dict[str, Any], folder: str) -> str:
 
 def default_report_dir(storage_uri: str, configured: str | None) -> str:
     return configured or f"{storage_uri.rstrip('/')}/_reports"
+
+
+def save_report(report: dict[str, Any], cfg) -> dict[str, Any]:
+    """Write the run report where the config says; a report that cannot be written is logged, never fatal
+    (``report_path`` is then None), so that a storage failure still ends with a summary."""
+    try:
+        report["report_path"] = write_report(report, default_report_dir(cfg.storage.uri, cfg.report.dir))
+    except Exception as exc:  # noqa: BLE001 - whatever broke storage must not hide the run's own outcome
+        log.error("could not write the run report: %s", exc)
+        report["report_path"] = None
+    return report

@@ -32,7 +32,7 @@ import pyarrow.compute as pc
 
 from pipelines import schema as S
 from pipelines.faults import maybe_fail
-from pipelines.report import Progress, Timer, default_report_dir, new_run_id, redact_uri, utcnow, write_report
+from pipelines.report import Progress, Timer, new_run_id, redact_uri, save_report, utcnow
 
 log = logging.getLogger("batchrank.rerank")
 FLUSH_ROWS = 1024  # ranked queries buffered on the driver before a staging append
@@ -281,12 +281,7 @@ def _finish(cfg, state: _RunState) -> dict[str, Any]:
         "models": {"bi_encoder": cfg.embed.model, "cross_encoder": cfg.rerank.model, "top_n": cfg.rerank.top_n},
         "seconds": seconds,
     })
-    try:
-        report["report_path"] = write_report(report, default_report_dir(cfg.storage.uri, cfg.report.dir))
-    except Exception as exc:
-        log.error("could not write the run report: %s", exc)
-        report["report_path"] = None
-    return report
+    return save_report(report, cfg)
 
 
 def summary(report: dict[str, Any]) -> str:

@@ -28,7 +28,7 @@ from pathlib import Path
 from typing import Any
 
 from pipelines import schema as S
-from pipelines.report import Timer, default_report_dir, new_run_id, utcnow, write_report
+from pipelines.report import Timer, new_run_id, save_report, utcnow
 from pipelines.retrieve import document_text
 
 log = logging.getLogger("batchrank.train")
@@ -356,12 +356,7 @@ def _swap_in(tmp: Path, out: Path, run_id: str) -> None:
 def _finish(cfg, report: dict[str, Any], timer: Timer, t0: float) -> dict[str, Any]:
     report["finished_at"] = utcnow().isoformat()
     report["seconds"] = dict(timer.seconds, total=round(time.perf_counter() - t0, 3))
-    try:
-        report["report_path"] = write_report(report, default_report_dir(cfg.storage.uri, cfg.report.dir))
-    except Exception as exc:
-        log.error("could not write the run report: %s", exc)
-        report["report_path"] = None
-    return report
+    return save_report(report, cfg)
 
 
 def summary(report: dict[str, Any]) -> str:
