@@ -1,4 +1,4 @@
-"""`jobs.index` submitted through the Ray Jobs API to a cluster started with `ray start --head`."""
+"""`jobs.index` and `jobs.rerank` submitted through the Ray Jobs API to a cluster started with `ray start --head`."""
 
 from __future__ import annotations
 
@@ -75,19 +75,12 @@ def _kill_leftovers(marker: str) -> None:
             pass
 
 
-def test_index_job_through_the_jobs_api(ray_head, tmp_path, tiny_model):
+def _run_job(client, entrypoint: str) -> str:
+    """Submit one job with the repository as its working dir; return its logs once it has ended."""
     from ray.job_submission import JobStatus
 
-    client, env = ray_head
-    write_jsonl(tmp_path / "c.jsonl", good_docs(40))
-    cfg = tmp_path / "job.yaml"
-    cfg.write_text(json.dumps({
-        "storage": {"uri": str(tmp_path / "db")},
-        "corpus": {"path": str(tmp_path / "c.jsonl"), "rows_per_block": 16},
-        "embed": {"model": tiny_model, "actors": 1, "batch_size": 8, "rows_per_call": 16},
-    }))
     job_id = client.submit_job(
-        entrypoint=f"python -m jobs.index --config {cfg}",
+        entrypoint=entrypoint,
         runtime_env={"working_dir": str(ROOT),
                      "excludes": [".git", ".venv", ".batchrank", "*.lance", "data", "benchmarks/results"],
                      "env_vars": {"HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}},
@@ -101,7 +94,31 @@ def test_index_job_through_the_jobs_api(ray_head, tmp_path, tiny_model):
         time.sleep(2)
     logs = client.get_job_logs(job_id)
     assert status == JobStatus.SUCCEEDED, logs[-4000:]
+    return logs
+
+
+def test_index_and_rerank_jobs_through_the_jobs_api(ray_head, tmp_path, tiny_model, tiny_cross_encoder):
+    client, env = ray_head
+    write_jsonl(tmp_path / "c.jsonl", good_docs(40))
+    write_jsonl(tmp_path / "log.jsonl", [{"query": q, "timestamp": "2026-11-28T10:00:00Z"}
+                                         for q in ("cell protein", "brain data", "Cell  Protein")])
+    cfg = tmp_path / "job.yaml"
+    cfg.write_text(json.dumps({
+        "storage": {"uri": str(tmp_path / "db")},
+        "corpus": {"path": str(tmp_path / "c.jsonl"), "rows_per_block": 16},
+        "embed": {"model": tiny_model, "actors": 1, "batch_size": 8, "rows_per_call": 16},
+        "query_log": {"path": str(tmp_path / "log.jsonl")},
+        "retrieve": {"k": 10},
+        "rerank": {"model": tiny_cross_encoder, "top_n": 5, "actors": 1},
+    }))
+    logs = _run_job(client, f"python -m jobs.index --config {cfg}")
     assert "40 read = 40 written + 0 quarantined" in logs
     report = json.loads(next((tmp_path / "db/_reports").glob("index-*.json")).read_text())
     assert report["cluster"]["address"] != "local"  # it joined the cluster instead of starting its own
     assert report["rows"]["written"] == 40
+
+    logs = _run_job(client, f"python -m jobs.rerank --config {cfg}")
+    assert "2 selected, 2 ranked" in logs
+    report = json.loads(next((tmp_path / "db/_reports").glob("rerank-*.json")).read_text())
+    assert report["cluster"]["address"] != "local" and report["queries"]["reconciled"]
+    assert report["tables"]["rankings"]["current"]["rows"] == 2
