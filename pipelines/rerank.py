@@ -96,15 +96,7 @@ def _rerank(cfg, state: _RunState, now) -> None:
         ctx.enable_progress_bars = False
         ctx.target_max_block_size = BLOCK_BYTES
         cluster = init_ray(cfg.ray)  # before LanceDB loads (fork safety)
-        built_with = store.passages_model()
-        if built_with is None:
-            raise StoreError(f"'{cfg.storage.passages_table}' is missing or empty in {redact_uri(cfg.storage.uri)}; "
-                             "run `batchrank index` first")
-        if built_with != e.model:
-            raise StoreError(f"'{cfg.storage.passages_table}' was built with bi-encoder '{built_with}', but "
-                             f"embed.model is '{e.model}'; queries must be embedded by the same model: set "
-                             "embed.model to the table's model, or reindex")
-        passages_version = store.passages().version
+        passages_version = store.passages_for_queries(e.model).version
         if rt.hybrid and not store.has_fts_index(cfg.index.fts.column, passages_version):
             raise StoreError("retrieve.hybrid needs the full-text index on passages; set index.fts.enabled: true "
                              "and run `batchrank index` again")

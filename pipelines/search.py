@@ -23,21 +23,17 @@ def _encoder(model: str, device: str, dtype: str, max_seq_length: int | None, tr
 
 
 def search(cfg, query: str, *, k: int = 10, hybrid: bool = False, exact: bool = False) -> list[dict[str, Any]]:
-    from pipelines.store import Store, StoreError
+    from pipelines.store import Store
 
     if not query.strip():
         raise ValueError("the query is empty; pass some text to search for")
     store = Store(cfg.storage)
-    built_with = store.passages_model()
-    if built_with is None:
-        raise StoreError(f"'{cfg.storage.passages_table}' is missing or empty; run `batchrank index` first")
-    if built_with != cfg.embed.model:
-        raise StoreError(f"'{cfg.storage.passages_table}' was built with '{built_with}', the config names "
-                         f"'{cfg.embed.model}': queries must be embedded by the same model")
+    table = store.passages_for_queries(cfg.embed.model)
     e = cfg.embed
     model = _encoder(e.model, e.device, e.dtype, e.max_seq_length, e.trust_remote_code)
     vector = model.encode([query], normalize_embeddings=e.normalize, convert_to_numpy=True)[0].astype("float32")
-    hits = store.search(vector, k=k, index_cfg=cfg.index, text=query, hybrid=hybrid, exact=exact).to_pylist()
+    hits = store.search(vector, k=k, index_cfg=cfg.index, text=query, hybrid=hybrid, exact=exact,
+                        table=table).to_pylist()
     for hit in hits:
         if "_relevance_score" in hit:
             hit["score"] = hit.pop("_relevance_score")

@@ -129,6 +129,21 @@ class Store:
                                                             batch[S.CONTENT_HASH].to_pylist())).encode())
         return h.hexdigest()
 
+    def passages_for_queries(self, model: str):
+        """The opened passages table, for queries embedded by ``model``; refuses a missing or empty table, and one
+        built with another bi-encoder (its vectors and the queries' would not be comparable)."""
+        from pipelines.report import redact_uri
+
+        built_with = self.passages_model()
+        name = self.cfg.passages_table
+        if built_with is None:
+            raise StoreError(f"'{name}' is missing or empty in {redact_uri(self.cfg.uri)}; run `batchrank index` first")
+        if built_with != model:
+            raise StoreError(f"'{name}' was built with bi-encoder '{built_with}', but embed.model is '{model}'; "
+                             "queries must be embedded by the same model: set embed.model to the table's model, "
+                             "or reindex")
+        return self.passages()
+
     def passages_model(self) -> str | None:
         """The bi-encoder the passages table was built with (None if the table is new or empty)."""
         table = self.open(self.cfg.passages_table)

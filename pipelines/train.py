@@ -68,7 +68,7 @@ def _train(cfg, run_id: str, report: dict[str, Any], timer: Timer, force: bool) 
     with timer("read"):
         texts, qrels = read_queries(t.queries), read_qrels(t.qrels)
         store = Store(cfg.storage)
-        table = _passages(cfg, store)
+        table = store.passages_for_queries(cfg.embed.model)  # negatives are mined from it
         report["passages_version"] = table.version
         fingerprint = _fingerprint(cfg, store.content_fingerprint(table))
         report["fingerprint"] = fingerprint
@@ -142,20 +142,6 @@ def _lines(path: str, key: str, what: str):
         raise FileNotFoundError(f"{key}: no file {path}; point it at {what}")
     with open(path, encoding="utf-8") as fh:
         yield from (line.rstrip("\r\n") for line in fh if line.strip())
-
-
-def _passages(cfg, store):
-    """The opened passages table, refusing an empty one or one embedded by another bi-encoder (as search does)."""
-    from pipelines.store import StoreError
-
-    built_with = store.passages_model()
-    if built_with is None:
-        raise StoreError(f"'{cfg.storage.passages_table}' is missing or empty in {cfg.storage.uri}; "
-                         "run `batchrank index` first: hard negatives are mined from it")
-    if built_with != cfg.embed.model:
-        raise StoreError(f"'{cfg.storage.passages_table}' was built with '{built_with}', the config names "
-                         f"'{cfg.embed.model}': set embed.model to the table's model so queries are embedded alike")
-    return store.passages()
 
 
 def _fingerprint(cfg, passages_content: str) -> str:
