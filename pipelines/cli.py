@@ -164,7 +164,8 @@ def search(
     query: Annotated[str, typer.Argument(help="text to search for")],
     config: ConfigOpt,
     k: Annotated[int, typer.Option("-k", min=1, help="number of results")] = 10,
-    hybrid: Annotated[bool, typer.Option("--hybrid", help="vector + full text, fused by reciprocal rank")] = False,
+    source: Annotated[str, typer.Option("--source", help="vector, fts (BM25) or hybrid (both, fused by reciprocal "
+                                                          "rank)")] = "vector",
     exact: Annotated[bool, typer.Option("--exact", help="exact search, bypassing the ANN index")] = False,
     as_json: Annotated[bool, typer.Option("--json", help="print JSON lines")] = False,
 ) -> None:
@@ -175,7 +176,7 @@ def search(
     from pipelines.store import StoreError
 
     try:
-        hits = do_search(cfg, query, k=k, hybrid=hybrid, exact=exact)
+        hits = do_search(cfg, query, k=k, source=source, exact=exact)
     except (StoreError, ValueError) as exc:
         typer.echo(f"error: {exc}", err=True)
         raise typer.Exit(1) from None

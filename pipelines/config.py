@@ -106,7 +106,8 @@ class AnnConfig(_Section):
 
 class FtsConfig(_Section):
     enabled: bool = True
-    column: Literal["text", "title"] = "text"
+    columns: list[Literal["title", "text"]] = Field(default_factory=lambda: ["title", "text"], min_length=1,
+                                                    description="fields with a BM25 index; queries match all")
 
 
 class IndexConfig(_Section):
@@ -159,15 +160,26 @@ class QueryLogConfig(_Section):
         return self
 
 
+CandidateSource = Literal["vector", "fts", "hybrid"]
+
+
 class RetrieveConfig(_Section):
     k: int = Field(100, gt=0, le=10_000, description="candidates per query")
-    hybrid: bool = Field(False, description="vector + full text, fused by reciprocal rank")
+    source: CandidateSource = Field("vector", description="vector (bi-encoder), fts (BM25) or hybrid (both, "
+                                                          "fused by reciprocal rank)")
+    rrf_k: int = Field(60, gt=0, description="reciprocal-rank fusion constant: 1 / (rrf_k + rank)")
     exact: bool = Field(False, description="exact vector search, bypassing the ANN index")
     queries_per_call: int = Field(256, gt=0, description="queries embedded and searched per batch")
     search_threads: int = Field(4, gt=0, description="concurrent searches per retrieve actor")
     actors: int = Field(1, gt=0)
     cpus_per_actor: float = Field(0.5, gt=0)
     gpus_per_actor: float = Field(0.0, ge=0)
+
+
+class FusionConfig(_Section):
+    """final = w * z(cross-encoder score) + (1 - w) * z(first-stage score), z = per-query standardised."""
+
+    cross_encoder: float = Field(..., ge=0, le=1, description="weight w of the cross-encoder's score")
 
 
 class RerankConfig(_Section):
@@ -184,24 +196,93 @@ class RerankConfig(_Section):
     device: Literal["auto", "cpu", "cuda", "mps"] = "auto"
     dtype: Literal["auto", "float32", "float16", "bfloat16"] = "auto"
     trust_remote_code: bool = False
+    fusion: Literal["auto", "none"] | FusionConfig = Field(
+        "auto", description="final score: auto (the weight fitted on training judgments and saved with the "
+                            "reranker, else the cross-encoder's score alone), none, or {cross_encoder: w}")
 
 
-class TrainConfig(_Section):
+class NegativesConfig(_Section):
+    """Hard negatives mined from the index, named as sentence-transformers' ``mine_hard_negatives`` names them."""
+
+    per_query: int = Field(4, ge=0, description="negatives per (query, positive)")
+    source: CandidateSource | None = Field(None, description="where they are mined; default retrieve.source")
+    range_min: int = Field(0, ge=0, description="skip this many top-ranked candidates (likely unjudged positives)")
+    range_max: int = Field(30, gt=0, description="mine among the top range_max candidates")
+    absolute_margin: float | None = Field(None, description="keep a negative only if its first-stage score is "
+                                                            "below the positive's by at least this much")
+    relative_margin: float | None = Field(None, ge=0, lt=1, description="... or below (1 - m) x the positive's")
+
+    @model_validator(mode="after")
+    def _range(self) -> NegativesConfig:
+        if self.range_min >= self.range_max:
+            raise ValueError(f"range_min ({self.range_min}) must be < range_max ({self.range_max})")
+        return self
+
+
+class SelfSupervisedConfig(_Section):
+    """Pairs made from the corpus itself (a document's title as the query for its text) when judgments are few."""
+
+    pairs: int = Field(0, ge=0, description="how many documents to turn into (title, text) pairs; 0 = none")
+
+
+class _TrainCommon(_Section):
     queries: str = Field(..., description="queries.jsonl in the BEIR layout (_id, text)")
     qrels: str = Field(..., description="judgments TSV: query-id, corpus-id, score (with a header line)")
-    output: str = Field(..., description="folder the trained CrossEncoder is saved to")
-    base_model: str = "all-MiniLM-L6-v2"
-    negatives_per_query: int = Field(4, ge=1)
-    mine_k: int = Field(30, gt=0, description="hard negatives come from the bi-encoder's top mine_k")
+    output: str = Field(..., description="folder the trained model is saved to")
     max_queries: int | None = Field(None, gt=0)
+    validation_fraction: float = Field(0.1, ge=0, lt=1, description="judged queries held out to pick the best "
+                                                                   "checkpoint (and fit fusion); never trained on")
+    negatives: NegativesConfig = Field(default_factory=NegativesConfig)
+    self_supervised: SelfSupervisedConfig = Field(default_factory=SelfSupervisedConfig)
     epochs: float = Field(1.0, gt=0)
     max_steps: int | None = Field(None, gt=0)
-    batch_size: int = Field(16, gt=0)
     learning_rate: float = Field(2e-5, gt=0)
     warmup_ratio: float = Field(0.1, ge=0, lt=1)
-    max_length: int = Field(128, gt=0)
     seed: int = 12
     device: Literal["auto", "cpu", "cuda", "mps"] = "auto"
+
+
+class TrainConfig(_TrainCommon):
+    """``train-reranker``: fine-tune a CrossEncoder (from any cross-encoder, or a bi-encoder's weights)."""
+
+    base_model: str = "all-MiniLM-L6-v2"
+    loss: Literal["bce", "listwise"] = Field("bce", description="binary cross-entropy over labelled pairs, or a "
+                                                                "softmax over one positive and its negatives")
+    batch_size: int = Field(16, gt=0)
+    max_length: int = Field(128, gt=0)
+    validation_k: int = Field(30, gt=0, description="candidates per validation query scored for checkpoint "
+                                                    "choice and the fusion weight")
+
+
+class TrainBiencoderConfig(_TrainCommon):
+    """``train-biencoder``: contrastive fine-tuning (MultipleNegativesRankingLoss, in-batch + mined negatives)."""
+
+    base_model: str | None = Field(None, description="default: embed.model")
+    negatives: NegativesConfig = Field(default_factory=lambda: NegativesConfig(per_query=1, range_min=3))
+    batch_size: int = Field(32, gt=0)
+    max_seq_length: int = Field(256, gt=0)
+
+
+class EvalConfig(_Section):
+    """``batchrank eval``: a BEIR-layout collection's queries through every candidate source and rerank depth."""
+
+    collection: str = Field(..., description="folder with corpus.jsonl, queries.jsonl and qrels/<split>.tsv")
+    split: str = "test"
+    queries: str | None = Field(None, description="default: <collection>/queries.jsonl")
+    qrels: str | None = Field(None, description="default: <collection>/qrels/<split>.tsv")
+    sources: list[CandidateSource] = Field(default_factory=lambda: ["vector", "fts", "hybrid"], min_length=1)
+    depths: list[int] = Field(default_factory=lambda: [10, 20, 50, 100], description="rerank the top K, for each K")
+    rerank_sources: list[CandidateSource] | None = Field(None, description="sources reranked; default "
+                                                                           "[retrieve.source]")
+    max_queries: int | None = Field(None, gt=0)
+    output: str = Field("./eval-report", description="folder for eval.json, eval.md and eval.png")
+
+    @field_validator("depths")
+    @classmethod
+    def _depths(cls, v: list[int]) -> list[int]:
+        if any(d <= 0 for d in v):
+            raise ValueError("every depth must be > 0")
+        return sorted(set(v))
 
 
 class Config(_Section):
@@ -215,6 +296,8 @@ class Config(_Section):
     retrieve: RetrieveConfig = Field(default_factory=RetrieveConfig)
     rerank: RerankConfig | None = None
     train: TrainConfig | None = None
+    train_biencoder: TrainBiencoderConfig | None = None
+    eval: EvalConfig | None = None
     ray: RayConfig = Field(default_factory=RayConfig)
     report: ReportConfig = Field(default_factory=ReportConfig)
 
@@ -341,4 +424,13 @@ def _resolve_relative(cfg: Config, base: Path) -> Config:
         t = cfg.train
         t.queries, t.qrels, t.output = fix(t.queries), fix(t.qrels), fix(t.output)
         t.base_model = fix_model(t.base_model)
+    if cfg.train_biencoder is not None:
+        t = cfg.train_biencoder
+        t.queries, t.qrels, t.output = fix(t.queries), fix(t.qrels), fix(t.output)
+        t.base_model = fix_model(t.base_model) if t.base_model else None
+    if cfg.eval is not None:
+        e = cfg.eval
+        e.collection, e.output = fix(e.collection), fix(e.output)
+        e.queries = fix(e.queries) if e.queries else None
+        e.qrels = fix(e.qrels) if e.qrels else None
     return cfg

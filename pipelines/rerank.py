@@ -97,9 +97,10 @@ def _rerank(cfg, state: _RunState, now) -> None:
         ctx.target_max_block_size = BLOCK_BYTES
         cluster = init_ray(cfg.ray)  # before LanceDB loads (fork safety)
         passages_version = store.passages_for_queries(e.model).version
-        if rt.hybrid and not store.has_fts_index(cfg.index.fts.column, passages_version):
-            raise StoreError("retrieve.hybrid needs the full-text index on passages; set index.fts.enabled: true "
-                             "and run `batchrank index` again")
+        if rt.source != "vector" and not store.has_fts_index(cfg.index.fts.columns, passages_version):
+            raise StoreError(f"retrieve.source: {rt.source} needs the full-text index on passages "
+                             f"({', '.join(cfg.index.fts.columns)}); set index.fts.enabled: true and run "
+                             "`batchrank index` again")
         sink.passages_version = passages_version
         report["tables"] = {"passages": {"name": cfg.storage.passages_table, "version": passages_version}}
 
@@ -132,7 +133,7 @@ def _rerank(cfg, state: _RunState, now) -> None:
             Retriever,
             fn_constructor_kwargs=dict(
                 storage_cfg=cfg.storage, index_cfg=cfg.index, passages_version=sink.passages_version, model=e.model,
-                k=rt.k, hybrid=rt.hybrid, exact=rt.exact, doc_fields=tuple(rr.input_fields),
+                k=rt.k, source=rt.source, rrf_k=rt.rrf_k, exact=rt.exact, doc_fields=tuple(rr.input_fields),
                 separator=rr.separator, threads=rt.search_threads, device=actor_device(e.device, r_gpus),
                 dtype=e.dtype, max_seq_length=e.max_seq_length, normalize=e.normalize,
                 trust_remote_code=e.trust_remote_code, num_threads=rt.cpus_per_actor),
@@ -269,7 +270,7 @@ def _finish(cfg, state: _RunState) -> dict[str, Any]:
         "pairs": {"scored": sink.pairs,
                   "per_second": round(sink.pairs / pipeline_s, 2) if pipeline_s else None,
                   "per_second_end_to_end": round(sink.pairs / seconds["total"], 2) if seconds["total"] else None},
-        "retrieve": {"k": cfg.retrieve.k, "hybrid": cfg.retrieve.hybrid, "exact": cfg.retrieve.exact},
+        "retrieve": {"k": cfg.retrieve.k, "source": cfg.retrieve.source, "exact": cfg.retrieve.exact},
         "models": {"bi_encoder": cfg.embed.model, "cross_encoder": cfg.rerank.model, "top_n": cfg.rerank.top_n},
         "seconds": seconds,
     })

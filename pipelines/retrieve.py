@@ -1,14 +1,13 @@
 """Retrieve stage: embed a batch of queries with the bi-encoder, fetch each one's top-k candidates.
 
 Loaded once per actor: the bi-encoder and the ``passages`` table pinned at one version (every
-query of a run sees the same corpus). Vector search runs as a few multi-query LanceDB calls
-in parallel threads; hybrid search (vector + full text, fused by reciprocal rank) runs one
-query per call, also in threads. Output rows keep the query columns and add the candidates,
-best retrieval first: ids, the text the cross-encoder reads, retrieval scores.
+query of a run sees the same corpus). Candidates come from ``CandidateSearch``: vector, full
+text (BM25) or hybrid (both, fused by reciprocal rank). Output rows keep the query columns and
+add the candidates, best retrieval first: ids, the text the cross-encoder reads, retrieval scores.
 
 Example (no Ray needed)::
 
-    stage = Retriever(cfg.storage, cfg.index, passages_version=3, model="all-MiniLM-L6-v2", k=100)
+    stage = Retriever(cfg.storage, cfg.index, passages_version=3, model="all-MiniLM-L6-v2", k=100, source="hybrid")
     out = stage(pa.table({"query_id": [...], "query": ["vitamin d and bone density"], ...}))
 """
 
@@ -32,37 +31,42 @@ def document_text(title: str | None, text: str | None, fields, separator: str = 
     return separator.join(parts[f] for f in fields if parts[f])
 
 
-class Retriever:
-    """Stateful Ray Data stage: ``map_batches(Retriever, compute=ActorPoolStrategy(size=n), ...)``."""
+class CandidateSearch:
+    """Top-k candidates per query from one source, best first, each with a ``score`` (higher is better):
 
-    def __init__(self, storage_cfg, index_cfg, *, passages_version: int, model: str, k: int = 100,
-                 hybrid: bool = False, exact: bool = False, doc_fields: tuple[str, ...] = ("title", "text"),
-                 separator: str = " ", threads: int = 4, device: str = "auto", dtype: str = "auto",
-                 max_seq_length: int | None = None, normalize: bool = True, trust_remote_code: bool = False,
-                 num_threads: float | None = None, encode_batch_size: int = 64):
-        from pipelines.models import configure_threads, load_bi_encoder
-        from pipelines.store import Store
+    * ``vector``: the bi-encoder's nearest passages (ANN or exact), a few multi-query LanceDB calls in threads;
+    * ``fts``: BM25 over the full-text index (``index.fts.columns``), one query per call, in threads;
+    * ``hybrid``: both lists fused by reciprocal rank (``rrf_k``); the score is the fused one.
 
-        configure_threads(num_threads)
-        self.encoder = load_bi_encoder(model, device=device, dtype=dtype, max_seq_length=max_seq_length,
-                                       trust_remote_code=trust_remote_code)
-        self.store = Store(storage_cfg)
-        self.table = self.store.passages(passages_version)
-        self.index_cfg, self.k, self.hybrid, self.exact = index_cfg, k, hybrid, exact
-        self.doc_fields, self.separator = tuple(doc_fields), separator
-        self.normalize, self.encode_batch_size = normalize, encode_batch_size
+    Shared by the rerank job, the eval job and hard-negative mining, so that all three see the same candidates.
+    """
+
+    def __init__(self, store, table, index_cfg, *, k: int, source: str = "vector", rrf_k: int = 60,
+                 exact: bool = False, columns: tuple[str, ...] = (S.ID,), threads: int = 4):
+        if source not in ("vector", "fts", "hybrid"):
+            raise ValueError(f"unknown candidate source {source!r}; use vector, fts or hybrid")
+        if source != "vector" and not store.has_fts_index(index_cfg.fts.columns, table=table):
+            raise ValueError(f"candidate source {source!r} needs the full-text index on passages "
+                             f"({', '.join(index_cfg.fts.columns)}); set index.fts.enabled: true and rerun "
+                             "`batchrank index`")
+        self.store, self.table, self.index_cfg = store, table, index_cfg
+        self.k, self.source, self.rrf_k, self.exact = k, source, rrf_k, exact
+        self.columns = list(dict.fromkeys([S.ID, *columns]))
         self.pool = ThreadPoolExecutor(max_workers=threads, thread_name_prefix="search")
 
-    def _columns(self) -> list[str]:
-        return [S.ID, *(f for f in (S.TITLE, S.TEXT) if f in self.doc_fields)]
+    def __call__(self, vectors: np.ndarray | None, texts: list[str]) -> list[pa.Table]:
+        if self.source == "vector":
+            return self.vector(vectors)
+        if self.source == "fts":
+            return self.fts(texts)
+        return [self._fuse(v, f) for v, f in zip(self.vector(vectors), self.fts(texts))]
 
-    def _vector_hits(self, vectors: np.ndarray) -> list[pa.Table]:
-        """One table of hits per query, best first, with a ``score`` column (higher is better)."""
+    def vector(self, vectors: np.ndarray) -> list[pa.Table]:
         from pipelines.store import distance_to_score
 
         def chunk(start: int) -> pa.Table:
             return self.store.search_batch(vectors[start:start + SEARCH_CHUNK], k=self.k, index_cfg=self.index_cfg,
-                                           exact=self.exact, columns=self._columns(), table=self.table)
+                                           exact=self.exact, columns=self.columns, table=self.table)
 
         metric = self.index_cfg.metric
         per_query: list[pa.Table] = []
@@ -70,21 +74,53 @@ class Retriever:
                                self.pool.map(chunk, range(0, len(vectors), SEARCH_CHUNK))):
             qi = hits["query_index"].to_numpy()
             order = np.argsort(qi, kind="stable")  # keep best-first order within each query
-            hits = hits.take(pa.array(order))
-            qi = qi[order]
+            hits, qi = hits.take(pa.array(order)), qi[order]
             score = distance_to_score(hits["_distance"].to_numpy().astype(np.float32), metric)
-            hits = hits.append_column("score", pa.array(score, pa.float32()))
+            hits = hits.select(self.columns).append_column("score", pa.array(score, pa.float32()))
             bounds = np.searchsorted(qi, np.arange(min(SEARCH_CHUNK, len(vectors) - start) + 1))
             per_query.extend(hits.slice(bounds[i], bounds[i + 1] - bounds[i]) for i in range(len(bounds) - 1))
         return per_query
 
-    def _hybrid_hits(self, vectors: np.ndarray, texts: list[str]) -> list[pa.Table]:
-        def one(i: int) -> pa.Table:
-            hits = self.store.search(vectors[i], k=self.k, index_cfg=self.index_cfg, text=texts[i], hybrid=True,
-                                     columns=self._columns(), table=self.table)
-            return hits.append_column("score", hits["_relevance_score"].cast(pa.float32()))
+    def fts(self, texts: list[str]) -> list[pa.Table]:
+        def one(text: str) -> pa.Table:
+            hits = self.store.search_text(text, k=self.k, fts_columns=self.index_cfg.fts.columns,
+                                          columns=self.columns, table=self.table)
+            return hits.select(self.columns).append_column("score", hits["_score"].cast(pa.float32()))
 
-        return list(self.pool.map(one, range(len(texts))))
+        return list(self.pool.map(one, texts))
+
+    def _fuse(self, vec: pa.Table, fts: pa.Table) -> pa.Table:
+        from pipelines.fusion import rrf
+
+        fused = rrf([vec[S.ID].to_pylist(), fts[S.ID].to_pylist()], k=self.rrf_k, limit=self.k)
+        both = pa.concat_tables([vec.select(self.columns), fts.select(self.columns)])
+        first = {}
+        for i, doc in enumerate(both[S.ID].to_pylist()):
+            first.setdefault(doc, i)
+        rows = both.take(pa.array([first[d] for d, _ in fused], pa.int64()))
+        return rows.append_column("score", pa.array([s for _, s in fused], pa.float32()))
+
+
+class Retriever:
+    """Stateful Ray Data stage: ``map_batches(Retriever, compute=ActorPoolStrategy(size=n), ...)``."""
+
+    def __init__(self, storage_cfg, index_cfg, *, passages_version: int, model: str, k: int = 100,
+                 source: str = "vector", rrf_k: int = 60, exact: bool = False, doc_fields: tuple[str, ...] = ("title", "text"),
+                 separator: str = " ", threads: int = 4, device: str = "auto", dtype: str = "auto",
+                 max_seq_length: int | None = None, normalize: bool = True, trust_remote_code: bool = False,
+                 num_threads: float | None = None, encode_batch_size: int = 64):
+        from pipelines.models import configure_threads, load_bi_encoder
+        from pipelines.store import Store
+
+        configure_threads(num_threads)
+        self.encoder = None if source == "fts" else load_bi_encoder(  # BM25 alone needs no query vectors
+            model, device=device, dtype=dtype, max_seq_length=max_seq_length, trust_remote_code=trust_remote_code)
+        store = Store(storage_cfg)
+        self.doc_fields, self.separator = tuple(doc_fields), separator
+        self.normalize, self.encode_batch_size = normalize, encode_batch_size
+        columns = tuple(f for f in (S.TITLE, S.TEXT) if f in self.doc_fields)
+        self.search = CandidateSearch(store, store.passages(passages_version), index_cfg, k=k, source=source,
+                                      rrf_k=rrf_k, exact=exact, columns=columns, threads=threads)
 
     def _doc_texts(self, hits: pa.Table) -> list[str]:
         titles = hits[S.TITLE].to_pylist() if S.TITLE in self.doc_fields else [None] * hits.num_rows
@@ -96,11 +132,13 @@ class Retriever:
 
         start = time.perf_counter()
         queries = batch[S.QUERY].to_pylist()
-        with torch.inference_mode():
-            vectors = self.encoder.encode(queries, batch_size=self.encode_batch_size, convert_to_numpy=True,
-                                          normalize_embeddings=self.normalize, show_progress_bar=False)
-        vectors = np.asarray(vectors, dtype=np.float32)
-        per_query = self._hybrid_hits(vectors, queries) if self.hybrid else self._vector_hits(vectors)
+        vectors = None
+        if self.encoder is not None:
+            with torch.inference_mode():
+                vectors = self.encoder.encode(queries, batch_size=self.encode_batch_size, convert_to_numpy=True,
+                                              normalize_embeddings=self.normalize, show_progress_bar=False)
+            vectors = np.asarray(vectors, dtype=np.float32)
+        per_query = self.search(vectors, queries)
         ids = [h[S.ID].to_pylist() for h in per_query]
         texts = [self._doc_texts(h) for h in per_query]
         scores = [h["score"].to_pylist() for h in per_query]

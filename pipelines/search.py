@@ -1,4 +1,4 @@
-"""Ad-hoc search over ``passages``: embed one query with the table's bi-encoder, then vector or hybrid search.
+"""Ad-hoc search over ``passages``: embed one query with the table's bi-encoder, then vector, full-text or hybrid search.
 
 Example::
 
@@ -22,23 +22,20 @@ def _encoder(model: str, device: str, dtype: str, max_seq_length: int | None, tr
                            trust_remote_code=trust_remote_code)
 
 
-def search(cfg, query: str, *, k: int = 10, hybrid: bool = False, exact: bool = False) -> list[dict[str, Any]]:
+def search(cfg, query: str, *, k: int = 10, source: str = "vector", exact: bool = False) -> list[dict[str, Any]]:
+    """Top ``k`` passages for ``query`` from ``source`` (vector, fts or hybrid), best first, with a ``score``."""
+    from pipelines.retrieve import CandidateSearch
     from pipelines.store import Store
 
     if not query.strip():
         raise ValueError("the query is empty; pass some text to search for")
     store = Store(cfg.storage)
     table = store.passages_for_queries(cfg.embed.model)
-    e = cfg.embed
-    model = _encoder(e.model, e.device, e.dtype, e.max_seq_length, e.trust_remote_code)
-    vector = model.encode([query], normalize_embeddings=e.normalize, convert_to_numpy=True)[0].astype("float32")
-    hits = store.search(vector, k=k, index_cfg=cfg.index, text=query, hybrid=hybrid, exact=exact,
-                        table=table).to_pylist()
-    for hit in hits:
-        if "_relevance_score" in hit:
-            hit["score"] = hit.pop("_relevance_score")
-        else:
-            distance = hit.pop("_distance")
-            hit["score"] = 1.0 - distance if cfg.index.metric == "cosine" else -distance
-        hit.pop(S.VECTOR, None)
-    return hits
+    vectors = None
+    if source != "fts":
+        e = cfg.embed
+        model = _encoder(e.model, e.device, e.dtype, e.max_seq_length, e.trust_remote_code)
+        vectors = model.encode([query], normalize_embeddings=e.normalize, convert_to_numpy=True).astype("float32")
+    candidates = CandidateSearch(store, table, cfg.index, k=k, source=source, rrf_k=cfg.retrieve.rrf_k, exact=exact,
+                                 columns=(S.TITLE, S.TEXT), threads=1)
+    return candidates(vectors, [query])[0].to_pylist()

@@ -259,19 +259,22 @@ class Store:
         if index_cfg.fts.enabled:
             from lancedb.index import FTS
 
-            col = index_cfg.fts.column
-            fts_ix = existing.get(f"{col}_idx")
-            if fts_ix is None or self._unindexed(table, fts_ix.name):
-                table.create_index(col, config=FTS(), replace=True)
-                done["fts"] = {"column": col, "built": True}
-            else:
-                done["fts"] = {"column": col, "built": False, "reason": "up to date"}
+            done["fts"] = {}
+            for col in index_cfg.fts.columns:  # one BM25 index per field; queries match them all
+                fts_ix = existing.get(f"{col}_idx")
+                if fts_ix is None or self._unindexed(table, fts_ix.name):
+                    table.create_index(col, config=FTS(), replace=True)
+                    done["fts"][col] = {"built": True}
+                else:
+                    done["fts"][col] = {"built": False, "reason": "up to date"}
         done["version"] = table.version
         return done
 
-    def has_fts_index(self, column: str, version: int | None = None) -> bool:
-        table = self.passages(version)
-        return any(ix.index_type == "FTS" and column in ix.columns for ix in table.list_indices())
+    def has_fts_index(self, columns, version: int | None = None, table=None) -> bool:
+        """Whether every one of ``columns`` has a full-text index (in ``table``, or passages at ``version``)."""
+        table = table if table is not None else self.passages(version)
+        indexed = {c for ix in table.list_indices() if ix.index_type == "FTS" for c in ix.columns}
+        return set([columns] if isinstance(columns, str) else columns) <= indexed
 
     @classmethod
     def _stale(cls, table, index_name: str, kind: str, metric: str) -> bool:
@@ -288,26 +291,20 @@ class Store:
         return stats is None or stats.num_unindexed_rows > 0
 
     # -- search ---------------------------------------------------------------------------
-    def search(self, vector, *, k: int = 10, index_cfg=None, text: str | None = None, hybrid: bool = False,
-               exact: bool = False, columns: list[str] | None = None, version: int | str | None = None,
-               table=None) -> pa.Table:
-        """Top-k passages for one query vector: ANN (or exact) search, or hybrid with reciprocal-rank fusion.
-
-        Vector hits carry ``_distance``, hybrid hits ``_relevance_score``; pass ``table`` (an opened
-        ``passages``) to skip opening it again.
-        """
+    def search(self, vector, *, k: int = 10, index_cfg=None, exact: bool = False, columns: list[str] | None = None,
+               version: int | str | None = None, table=None) -> pa.Table:
+        """Top-k passages for one query vector (ANN or exact), best first, with ``_distance``; pass ``table``
+        (an opened ``passages``) to skip opening it again. Full-text and hybrid candidates: ``CandidateSearch``."""
         table = table if table is not None else self.passages(version)
         cols = columns or [S.ID, S.TITLE, S.TEXT]
-        metric = index_cfg.metric if index_cfg else "cosine"
-        if hybrid:
-            from lancedb.rerankers import RRFReranker
-
-            fts_col = index_cfg.fts.column if index_cfg else S.TEXT
-            query = (table.search(query_type="hybrid", vector_column_name=S.VECTOR, fts_columns=fts_col)
-                     .vector(vector).text(text).distance_type(metric).rerank(RRFReranker()))
-            return query.select(cols).limit(k).to_arrow()
         query = self._vector_query(table, vector, index_cfg, exact)
         return query.select([*cols, "_distance"]).limit(k).to_arrow()
+
+    def search_text(self, text: str, *, k: int, fts_columns: list[str], columns: list[str], table=None) -> pa.Table:
+        """BM25 top-k over the full-text index of ``fts_columns`` (all matched), best first, with ``_score``."""
+        table = table if table is not None else self.passages()
+        cols = fts_columns if len(fts_columns) > 1 else fts_columns[0]
+        return table.search(text, query_type="fts", fts_columns=cols).select([*columns, "_score"]).limit(k).to_arrow()
 
     def search_batch(self, vectors, *, k: int, index_cfg=None, exact: bool = False,
                      columns: list[str] | None = None, table=None) -> pa.Table:

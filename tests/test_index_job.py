@@ -176,7 +176,7 @@ def test_search_cli_reads_what_the_job_wrote(tmp_path, make_config):
     hits = [json.loads(line) for line in result.stdout.splitlines() if line.startswith("{")]
     assert len(hits) == 3 and [h["rank"] for h in hits] == [1, 2, 3]
     assert hits[0]["score"] >= hits[1]["score"] >= hits[2]["score"]
-    result = CliRunner().invoke(app, ["search", "--config", str(path), "cancer risk", "--hybrid", "-k", "2"])
+    result = CliRunner().invoke(app, ["search", "--config", str(path), "cancer risk", "--source", "hybrid", "-k", "2"])
     assert result.exit_code == 0, result.output
 
 

@@ -141,7 +141,7 @@ def test_failure_mid_run_leaves_the_previous_rankings_readable(tmp_path, setup, 
 
 
 def test_hybrid_retrieval_and_head_selection(tmp_path, setup):
-    cfg = setup(query_log(tmp_path / "log.jsonl"), retrieve={"hybrid": True}, query_log={"head": 2})
+    cfg = setup(query_log(tmp_path / "log.jsonl"), retrieve={"source": "hybrid"}, query_log={"head": 2})
     report = rerank.run(cfg)
     assert report["queries"]["selected"] == 2 and report["query_log"]["beyond_head"] == 4
     assert Store(cfg.storage).rankings().count_rows() == 2

@@ -86,7 +86,8 @@ def test_indexes_exact_below_threshold_and_built_above(cfg):
     store = Store(cfg.storage)
     publish(store, rows([f"d{i}" for i in range(300)]), "run-1")
     info = store.ensure_indexes(cfg.index)  # default min_rows 50,000
-    assert info["ann"]["type"] == "exact" and info["fts"]["built"]
+    assert info["ann"]["type"] == "exact" and all(f["built"] for f in info["fts"].values())
+    assert set(info["fts"]) == {"title", "text"}
     cfg.index.ann = cfg.index.ann.model_validate({"type": "ivf_flat", "min_rows": 0, "num_partitions": 2})
     info = store.ensure_indexes(cfg.index)
     assert info["ann"] == {"type": "ivf_flat", "built": True, "metric": "cosine", "num_partitions": 2}
@@ -101,8 +102,11 @@ def test_indexes_exact_below_threshold_and_built_above(cfg):
     approx = store.search(query, k=5, index_cfg=cfg.index)["id"].to_pylist()
     assert exact[0] == "d0"  # the query is d0's own vector
     assert approx[0] == "d0"
-    hybrid = store.search(query, k=5, index_cfg=cfg.index, text="t d7", hybrid=True)["id"].to_pylist()
-    assert "d7" in hybrid
+    from pipelines.retrieve import CandidateSearch
+
+    hybrid = CandidateSearch(store, store.passages(), cfg.index, k=5, source="hybrid")(query[None], ["t d7"])[0]
+    assert "d7" in hybrid["id"].to_pylist()  # from the full-text side
+    assert hybrid["id"].to_pylist()[0] == "d0"  # the vector side's best, in both lists' top
 
 
 def test_quarantine_is_an_append_only_log(cfg):
