@@ -64,3 +64,28 @@ def fit_weight(candidates: Mapping[str, tuple[Sequence[str], Sequence[float], Se
         curve[float(w)] = evaluate(run, judged, [measure])[measure]
     best = max(curve.values())
     return min(w for w, v in curve.items() if v >= best - 1e-12), curve
+
+
+def resolve_weight(rerank_cfg) -> tuple[float | None, str]:
+    """The cross-encoder weight ``rerank.fusion`` asks for, and where it came from.
+
+    ``none`` → (None, "none"): the cross-encoder's score alone. ``{cross_encoder: w}`` → (w, "config").
+    ``auto`` → the weight fitted on held-out training judgments and saved with the reranker by
+    ``batchrank train-reranker`` (``batchrank-train.json``), else (None, ...) naming why.
+    """
+    import json
+    import os
+
+    fusion = rerank_cfg.fusion
+    if fusion == "none":
+        return None, "none"
+    if not isinstance(fusion, str):
+        return float(fusion.cross_encoder), "config"
+    meta = os.path.join(rerank_cfg.model, "batchrank-train.json")
+    if not os.path.isfile(meta):
+        return None, "auto: the reranker has no fitted weight (not trained by batchrank), cross-encoder alone"
+    with open(meta, encoding="utf-8") as fh:
+        fitted = (json.load(fh).get("fusion") or {}).get("cross_encoder")
+    if fitted is None:
+        return None, "auto: no weight was fitted (training had no validation split), cross-encoder alone"
+    return float(fitted), f"auto: fitted on held-out training judgments ({meta})"

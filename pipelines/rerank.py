@@ -32,6 +32,7 @@ import pyarrow.compute as pc
 
 from pipelines import schema as S
 from pipelines.faults import maybe_fail
+from pipelines.fusion import resolve_weight
 from pipelines.report import Progress, Timer, new_run_id, redact_uri, save_report, utcnow
 
 log = logging.getLogger("batchrank.rerank")
@@ -102,6 +103,8 @@ def _rerank(cfg, state: _RunState, now) -> None:
                              f"({', '.join(cfg.index.fts.columns)}); set index.fts.enabled: true and run "
                              "`batchrank index` again")
         sink.passages_version = passages_version
+        fusion_weight, fusion_origin = resolve_weight(rr)
+        report["fusion"] = {"cross_encoder_weight": fusion_weight, "origin": fusion_origin}
         report["tables"] = {"passages": {"name": cfg.storage.passages_table, "version": passages_version}}
 
     with timer("read_log"), Progress("query log", unit="lines") as progress:
@@ -145,7 +148,7 @@ def _rerank(cfg, state: _RunState, now) -> None:
             fn_constructor_kwargs=dict(
                 model=rr.model, top_n=rr.top_n, batch_size=rr.batch_size, max_length=rr.max_length,
                 device=actor_device(rr.device, s_gpus), dtype=rr.dtype, trust_remote_code=rr.trust_remote_code,
-                num_threads=rr.cpus_per_actor),
+                num_threads=rr.cpus_per_actor, fusion_weight=fusion_weight),
             compute=ray.data.ActorPoolStrategy(size=rr.actors, max_tasks_in_flight_per_actor=2),
             num_cpus=s_cpus, num_gpus=s_gpus, batch_size=rr.queries_per_call, batch_format="pyarrow",
             runtime_env=env,
@@ -292,6 +295,11 @@ def summary(report: dict[str, Any]) -> str:
                      f"{ql['beyond_head']:,} beyond head, {q['selected']:,} selected, {q['ranked']:,} ranked")
     lines.append(f"  pairs: {p['scored']:,} scored, {p['per_second']} pairs/s in the pipeline, "
                  f"{p['per_second_end_to_end']} end to end")
+    if report.get("fusion"):
+        w = report["fusion"]["cross_encoder_weight"]
+        lines.append(f"  candidates: {report['retrieve']['source']} top {report['retrieve']['k']}; final score: "
+                     + ("cross-encoder alone" if w is None else f"{w:.2f} x cross-encoder + {1 - w:.2f} x first "
+                        "stage (standardised)") + f" [{report['fusion']['origin']}]")
     lines.append("  time: " + ", ".join(f"{k} {v:.1f}s" for k, v in s.items()))
     r = report["tables"]["rankings"]
     if report["status"] == "succeeded":

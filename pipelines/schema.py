@@ -45,7 +45,9 @@ QUERY = "query"
 COUNT = "count"
 LAST_SEEN = "last_seen"
 DOC_IDS = "doc_ids"
-SCORES = "scores"  # cross-encoder scores, best first
+SCORES = "scores"  # final scores, best first: the cross-encoder's, or its blend with the first stage's
+CROSS_ENCODER_SCORES = "cross_encoder_scores"  # the cross-encoder's own score of each kept document
+FUSION_WEIGHT = "fusion_weight"  # w in w * z(cross-encoder) + (1 - w) * z(first stage); null: cross-encoder alone
 RETRIEVAL_SCORES = "retrieval_scores"
 RETRIEVAL_RANKS = "retrieval_ranks"  # 1-based rank of each kept document in the candidate list
 CANDIDATES = "candidates"  # how many candidates the cross-encoder scored for the query
@@ -134,6 +136,8 @@ RANKINGS_SCHEMA = pa.schema(
         pa.field(SCORES, pa.list_(pa.float32())),
         pa.field(RETRIEVAL_SCORES, pa.list_(pa.float32())),
         pa.field(RETRIEVAL_RANKS, pa.list_(pa.int32())),
+        pa.field(CROSS_ENCODER_SCORES, pa.list_(pa.float32())),
+        pa.field(FUSION_WEIGHT, pa.float32()),
         pa.field(CANDIDATES, pa.int32()),
         pa.field(RUN_ID, pa.string()),
         pa.field(BI_ENCODER, pa.string()),

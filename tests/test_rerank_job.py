@@ -140,11 +140,21 @@ def test_failure_mid_run_leaves_the_previous_rankings_readable(tmp_path, setup, 
     assert Rankings(second_cfg, version=first["run_id"]).lookup("gene model") is None
 
 
-def test_hybrid_retrieval_and_head_selection(tmp_path, setup):
-    cfg = setup(query_log(tmp_path / "log.jsonl"), retrieve={"source": "hybrid"}, query_log={"head": 2})
+def test_hybrid_candidates_fusion_and_head_selection(tmp_path, setup):
+    cfg = setup(query_log(tmp_path / "log.jsonl"), retrieve={"source": "hybrid"}, query_log={"head": 2},
+                rerank={"fusion": {"cross_encoder": 0.25}})
     report = rerank.run(cfg)
     assert report["queries"]["selected"] == 2 and report["query_log"]["beyond_head"] == 4
-    assert Store(cfg.storage).rankings().count_rows() == 2
+    assert report["retrieve"]["source"] == "hybrid"
+    assert report["fusion"] == {"cross_encoder_weight": 0.25, "origin": "config"}
+    assert "0.25 x cross-encoder + 0.75 x first stage" in rerank.summary(report)
+    rows = Store(cfg.storage).rankings().to_arrow().to_pylist()
+    assert len(rows) == 2
+    for row in rows:
+        assert row["fusion_weight"] == 0.25 and row["scores"] == sorted(row["scores"], reverse=True)
+        assert len(row["cross_encoder_scores"]) == len(row["doc_ids"]) == 5
+        # hybrid candidates carry reciprocal-rank-fusion scores: at most 2 / (rrf_k + 1)
+        assert all(0 < s <= 2 / 61 + 1e-6 for s in row["retrieval_scores"])
 
 
 def test_refusals_name_the_fix(tmp_path, setup):

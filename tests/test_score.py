@@ -77,3 +77,22 @@ def test_a_classifier_with_several_labels_is_refused(tiny_model, tmp_path):
     CrossEncoder(str(Path(tiny_model).parent / "raw"), num_labels=3).save(str(three))
     with pytest.raises(ValueError, match="num_labels=1"):
         Scorer(str(three))
+
+
+def test_fusion_blends_standardised_cross_encoder_and_retrieval_scores():
+    # cross-encoder: d4 3, d2 2, d3 1, d1 0, d5 1; retrieval: d1 1.0, d2 0.9, d3 0.8, d4 0.7, d5 0.6
+    batch = retrieved([("red apple pie", [("d1", "blue sky"), ("d2", "red apple"), ("d3", "apple"),
+                                          ("d4", "red apple pie"), ("d5", "pie")])])
+    first_stage_only = Scorer(OverlapScorer(), top_n=5, fusion_weight=0.0)(batch).to_pylist()[0]
+    assert first_stage_only[S.DOC_IDS] == ["d1", "d2", "d3", "d4", "d5"]
+    assert first_stage_only[S.CROSS_ENCODER_SCORES] == [0.0, 2.0, 1.0, 3.0, 1.0]
+    assert first_stage_only[S.FUSION_WEIGHT] == 0.0
+    # w = 0.5: z(ce) = (ce - 1.4) / 1.0198, z(retrieval) = (r - 0.8) / 0.1414, both halved
+    ce, ret = np.array([0, 2, 1, 3, 1.0]), np.array([1.0, 0.9, 0.8, 0.7, 0.6])
+    want = 0.5 * (ce - ce.mean()) / ce.std() + 0.5 * (ret - ret.mean()) / ret.std()
+    half = Scorer(OverlapScorer(), top_n=3, fusion_weight=0.5)(batch).to_pylist()[0]
+    order = list(np.argsort(-want, kind="stable")[:3])
+    assert half[S.DOC_IDS] == [f"d{i + 1}" for i in order] == ["d2", "d4", "d1"]
+    assert half[S.SCORES] == pytest.approx(want[order].tolist(), abs=1e-6)
+    alone = Scorer(OverlapScorer(), top_n=3)(batch).to_pylist()[0]
+    assert alone[S.FUSION_WEIGHT] is None and alone[S.SCORES] == alone[S.CROSS_ENCODER_SCORES]
