@@ -62,8 +62,8 @@ def main() -> None:
         "rerank": {"model": str(work / "reranker"), "top_n": args.top_n, "max_length": args.max_length,
                    "batch_size": args.batch_size, "actors": args.actors},
         "train": {"queries": str(data / "queries.jsonl"), "qrels": str(data / "qrels/train.tsv"),
-                  "output": str(work / "reranker"), "max_queries": args.train_queries, "negatives_per_query": 3,
-                  "mine_k": 30, "max_length": args.max_length},
+                  "output": str(work / "reranker"), "max_queries": args.train_queries,
+                  "negatives": {"per_query": 3, "range_max": 30}, "max_length": args.max_length},
     }, indent=1))
     from pipelines.config import load_config
 

@@ -51,7 +51,8 @@ def run_job(job: str, config: Path, verbose: bool = False, **options) -> int:
     setup_logging(verbose)
     cfg = _load(config)
     module = importlib.import_module({"index": "pipelines.index", "rerank": "pipelines.rerank",
-                                      "train": "pipelines.train"}[job])
+                                      "train": "pipelines.train", "eval": "pipelines.evaluate",
+                                      "train-biencoder": "pipelines.train_biencoder"}[job])
     try:
         report = module.run(cfg, **options)
     except ConfigError as exc:
@@ -76,14 +77,16 @@ def job_main(job: str, argv: list[str] | None = None) -> int:
     """``python -m jobs.<job> --config FILE``: the entrypoint given to ``ray job submit``."""
     import argparse
 
-    module = {"index": "jobs.index", "rerank": "jobs.rerank", "train": "jobs.train_reranker"}[job]
+    module = {"index": "jobs.index", "rerank": "jobs.rerank", "train": "jobs.train_reranker", "eval": "jobs.eval",
+              "train-biencoder": "jobs.train_biencoder"}[job]
     parser = argparse.ArgumentParser(prog=f"python -m {module}")
     parser.add_argument("--config", "-c", required=True, type=Path, help="YAML config of the job")
     parser.add_argument("--verbose", "-v", action="store_true")
-    if job == "train":
-        parser.add_argument("--force", action="store_true", help="retrain even if an up-to-date reranker exists")
+    trains = job in ("train", "train-biencoder")
+    if trains:
+        parser.add_argument("--force", action="store_true", help="retrain even if an up-to-date model exists")
     args = parser.parse_args(argv)
-    options = {"force": args.force} if job == "train" else {}
+    options = {"force": args.force} if trains else {}
     return run_job(job, args.config, args.verbose, **options)
 
 
@@ -110,6 +113,22 @@ def train_reranker(
 ) -> None:
     """Fine-tune a cross-encoder on training judgments, with hard negatives mined from passages."""
     raise typer.Exit(run_job("train", config, verbose, force=force))
+
+
+@app.command("train-biencoder")
+def train_biencoder(
+    config: ConfigOpt,
+    force: Annotated[bool, typer.Option("--force", help="retrain even if an up-to-date bi-encoder exists")] = False,
+    verbose: Verbose = False,
+) -> None:
+    """Fine-tune the bi-encoder on training judgments (in-batch + mined hard negatives); reindex to use it."""
+    raise typer.Exit(run_job("train-biencoder", config, verbose, force=force))
+
+
+@app.command("eval")
+def evaluate(config: ConfigOpt, verbose: Verbose = False) -> None:
+    """Evaluate a BEIR collection's judged queries: every candidate source and rerank depth, quality and cost."""
+    raise typer.Exit(run_job("eval", config, verbose))
 
 
 @app.command()

@@ -117,17 +117,7 @@ class Store:
     def content_fingerprint(table) -> str:
         """A digest of a passages table's (id, content hash) pairs: equal exactly when the documents are equal,
         whatever the table version (a rerun that changed nothing makes a new version with the same content)."""
-        import hashlib
-
-        import pyarrow.compute as pc
-
-        rows = table.search().select([S.ID, S.CONTENT_HASH]).limit(None).to_arrow()
-        rows = rows.take(pc.sort_indices(rows, [(S.ID, "ascending")]))
-        h = hashlib.blake2b(digest_size=16)
-        for batch in rows.to_batches(65536):
-            h.update("\x1e".join(f"{a}\x1f{b}" for a, b in zip(batch[S.ID].to_pylist(),
-                                                            batch[S.CONTENT_HASH].to_pylist())).encode())
-        return h.hexdigest()
+        return fingerprint_rows(table.search().select([S.ID, S.CONTENT_HASH]).limit(None).to_arrow())
 
     def passages_for_queries(self, model: str):
         """The opened passages table, for queries embedded by ``model``; refuses a missing or empty table, and one
@@ -360,3 +350,17 @@ def _ann_config(kind: str, metric: str, ann, n: int, dim: int):
     cls = {"ivf_flat": IvfFlat, "ivf_pq": IvfPq, "ivf_hnsw_sq": HnswSq, "ivf_hnsw_pq": HnswPq}[kind]
     args = {k: v for k, v in params.items() if k != "metric"}
     return cls(distance_type=metric, **args), params
+
+
+def fingerprint_rows(rows: pa.Table) -> str:
+    """A digest of (id, content hash) rows in any order: equal exactly when the documents are equal."""
+    import hashlib
+
+    import pyarrow.compute as pc
+
+    rows = rows.take(pc.sort_indices(rows, [(S.ID, "ascending")]))
+    h = hashlib.blake2b(digest_size=16)
+    for batch in rows.to_batches(65536):
+        h.update("\x1e".join(f"{a}\x1f{b}" for a, b in zip(batch[S.ID].to_pylist(),
+                                                        batch[S.CONTENT_HASH].to_pylist())).encode())
+    return h.hexdigest()

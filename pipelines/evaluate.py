@@ -1,0 +1,338 @@
+"""The eval job: a BEIR collection's test queries through every candidate source and rerank depth → quality and cost.
+
+Reads top to bottom::
+
+    collection files → judged queries of the split (first ``max_queries``, qrels order)
+    → leak check: no evaluated query and not the eval judgments file reached any trained model in play
+    → passages: reused when it holds exactly the corpus (same ids and content hashes), else the index job
+    → queries encoded once → per source (vector, fts, hybrid): top max(100, max K) candidates, timed
+    → per reranked source: pairs scored in depth order (ranks 1..K1, then K1+1..K2, ...), each slice timed,
+      so the cost at depth K is the real cumulative time and no pair is scored twice
+    → runs per variant → ir-measures: nDCG@10, MRR@10, recall@100 → eval.json, eval.md, eval.png
+
+The run at depth K is the top K re-ordered by the cross-encoder (or its fusion with the first stage), then
+the rest of the first-stage list in its order, so recall@100 stays comparable across depths.
+
+Example::
+
+    report = run(load_config("configs/scifact-eval.yaml"))
+    print(summary(report))
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+from typing import Any
+
+from pipelines import schema as S
+from pipelines.leaks import LeakError, check_leaks  # noqa: F401  (LeakError: part of this module's API)
+from pipelines.report import Progress, Timer, new_run_id, save_report, utcnow
+
+log = logging.getLogger("batchrank.eval")
+MEASURES = ("ndcg@10", "mrr@10", "recall@100")
+SCORE_CHUNK = 4096  # pairs per predict call: progress stays live, predict still sorts each chunk by length
+
+
+def run(cfg, *, run_id: str | None = None) -> dict[str, Any]:
+    """Evaluate every configured variant on ``eval.collection``; return the report (also eval.json/.md/.png).
+
+    On failure the run report is written with ``status: failed`` and the error is raised again.
+    """
+    cfg.require("eval", command="batchrank eval")
+    run_id = run_id or new_run_id("eval")
+    t0, timer = time.perf_counter(), Timer()
+    report: dict[str, Any] = {"job": "eval", "run_id": run_id, "status": "running", "started_at": utcnow().isoformat(),
+                              "collection": cfg.eval.collection, "split": cfg.eval.split}
+    try:
+        _evaluate(cfg, report, timer)
+    except BaseException as exc:
+        report.update(status="failed", error=f"{type(exc).__name__}: {exc}")
+        exc.batchrank_report = _finish(cfg, report, timer, t0)
+        raise
+    return _finish(cfg, report, timer, t0)
+
+
+def _evaluate(cfg, report: dict[str, Any], timer: Timer) -> None:
+    from pipelines.beir import read_qrels, read_queries
+
+    e, rt = cfg.eval, cfg.retrieve
+    with timer("read"):
+        files = _files(cfg)
+        texts, qrels = read_queries(files["queries"], "eval.queries"), read_qrels(files["qrels"], "eval.qrels")
+        judged = list(dict.fromkeys(q for q, _, _ in qrels))
+        with_text = [q for q in judged if q in texts]
+        if not with_text:
+            raise ValueError(f"none of the {len(judged)} judged query ids of {files['qrels']} is in {files['queries']}"
+                             f" (e.g. {judged[:3]}); use the queries file of the same collection")
+        chosen = with_text[:e.max_queries]
+        keep = set(chosen)
+        judgments = [j for j in qrels if j[0] in keep]
+    report["files"] = files
+    report["queries"] = {"judged": len(judged), "without_text": len(judged) - len(with_text),
+                         "beyond_max_queries": len(with_text) - len(chosen), "evaluated": len(chosen)}
+    with timer("leak_check"):
+        report["leak_check"] = check_leaks(cfg, chosen, files["qrels"])
+
+    sources = list(dict.fromkeys([*e.sources, *_rerank_sources(cfg)]))
+    with timer("passages"):
+        report["passages"] = ensure_passages(cfg, files["corpus"], needs_fts=any(s != "vector" for s in sources))
+
+    from pipelines.retrieve import CandidateSearch
+    from pipelines.store import Store
+
+    store = Store(cfg.storage)
+    table = store.passages_for_queries(cfg.embed.model)
+    report["passages"].update(table=cfg.storage.passages_table, version=table.version)
+    query_texts = [texts[q] for q in chosen]
+    k = max([100, *e.depths])
+    report.update(candidates_k=k, depths=list(e.depths) if cfg.rerank else [])
+    vectors, encode_s = None, 0.0
+    report["models"] = {"bi_encoder": cfg.embed.model, "cross_encoder": cfg.rerank.model if cfg.rerank else None}
+    if any(s != "fts" for s in sources):
+        with timer("encode"):
+            vectors, report["models"]["bi_encoder_device"] = _encode(cfg, query_texts)
+        encode_s = timer.seconds["encode"]
+    candidates, first_stage, reranked = {}, {}, _rerank_sources(cfg)
+    for source in sources:
+        columns = (S.TITLE, S.TEXT) if source in reranked else ()  # texts only where the cross-encoder reads them
+        search = CandidateSearch(store, table, cfg.index, k=k, source=source, rrf_k=rt.rrf_k, exact=rt.exact,
+                                 columns=columns, threads=rt.search_threads)
+        with timer(f"retrieve_{source}"):
+            start = time.perf_counter()
+            hits = search(vectors, query_texts)
+            search_s = time.perf_counter() - start
+        candidates[source] = [h.to_pydict() for h in hits]
+        seconds = search_s + (encode_s if source != "fts" else 0.0)  # what this source alone would cost
+        first_stage[source] = {"seconds": round(seconds, 3), "search_seconds": round(search_s, 3),
+                               "queries_per_second": round(len(chosen) / seconds, 1) if seconds else None,
+                               "queries_short_of_k": sum(len(c[S.ID]) < k for c in candidates[source])}
+    report["first_stage"] = first_stage
+
+    variants = [_variant(source, None, None, [c[S.ID] for c in candidates[source]], chosen, judgments, 0,
+                         first_stage[source]["seconds"], 0.0) for source in sources]
+    if cfg.rerank:
+        variants += _rerank(cfg, chosen, query_texts, candidates, first_stage, judgments, report, timer)
+    report["variants"] = variants
+    report["best"] = _best(variants)
+    report["status"] = "succeeded"
+
+
+def _rerank_sources(cfg) -> list[str]:
+    if cfg.rerank is None:
+        return []
+    return list(cfg.eval.rerank_sources or [cfg.retrieve.source])
+
+
+def _rerank(cfg, chosen, query_texts, candidates, first_stage, judgments, report, timer) -> list[dict[str, Any]]:
+    """Score each reranked source's pairs slice by slice in depth order; one variant (two with fusion) per depth."""
+    import numpy as np
+
+    from pipelines.fusion import blend, resolve_weight
+    from pipelines.retrieve import document_text
+    from pipelines.score import Scorer
+
+    rr = cfg.rerank
+    weight, origin = resolve_weight(rr)
+    with timer("load_cross_encoder"):
+        scorer = Scorer(rr.model, batch_size=rr.batch_size, max_length=rr.max_length, device=rr.device,
+                        dtype=rr.dtype, trust_remote_code=rr.trust_remote_code)
+    report["models"].update(cross_encoder_device=str(getattr(scorer.model, "device", "?")),
+                            fusion={"weight": weight, "origin": origin})
+    variants = []
+    for source in _rerank_sources(cfg):
+        cands = candidates[source]
+        ce: list[list[float]] = [[] for _ in cands]
+        previous, pairs_done, score_s = 0, 0, 0.0
+        with timer(f"score_{source}"), Progress(f"score {source}", unit="pairs") as progress:
+            for depth in cfg.eval.depths:
+                owners, pairs = [], []
+                for qi, (query, c) in enumerate(zip(query_texts, cands)):
+                    for r in range(previous, min(depth, len(c[S.ID]))):
+                        owners.append(qi)
+                        pairs.append((query, document_text(c[S.TITLE][r], c[S.TEXT][r], rr.input_fields,
+                                                           rr.separator)))
+                start = time.perf_counter()
+                for i in range(0, len(pairs), SCORE_CHUNK):
+                    scores = scorer.predict(pairs[i:i + SCORE_CHUNK])
+                    for qi, s in zip(owners[i:i + SCORE_CHUNK], scores.tolist()):
+                        ce[qi].append(s)
+                    progress.update(len(scores))
+                score_s += time.perf_counter() - start
+                pairs_done += len(pairs)
+                previous = depth
+                total = first_stage[source]["seconds"] + score_s
+                ranked = [_reorder(c[S.ID], np.asarray(s)) for c, s in zip(cands, ce)]
+                variants.append(_variant(source, depth, None, ranked, chosen, judgments, pairs_done, total, score_s))
+                if weight is not None:
+                    fused = [_reorder(c[S.ID], blend(s, c["score"][:len(s)], weight)) for c, s in zip(cands, ce)]
+                    variants.append(_variant(source, depth, weight, fused, chosen, judgments, pairs_done, total,
+                                             score_s))
+    return variants
+
+
+def _reorder(ids: list[str], scores) -> list[str]:
+    """The first len(scores) ids by descending score (ties keep first-stage order), then the rest unchanged."""
+    import numpy as np
+
+    order = np.argsort(-np.asarray(scores, dtype=np.float64), kind="stable")
+    return [ids[i] for i in order] + list(ids[len(order):])
+
+
+def _variant(source, depth, fusion, ranked, chosen, judgments, pairs, seconds, score_seconds) -> dict[str, Any]:
+    from pipelines.metrics import evaluate
+
+    # Scores from ranks: ir-measures sorts by score, and first-stage ties (BM25, RRF) must keep our order.
+    run = {q: {d: float(len(ids) - i) for i, d in enumerate(ids)} for q, ids in zip(chosen, ranked)}
+    name = source if depth is None else f"{source} → CE@{depth}" + ("" if fusion is None else f" + fusion (w={fusion:g})")
+    return {"name": name, "source": source, "depth": depth, "fusion": fusion,
+            "metrics": {m: round(v, 6) for m, v in evaluate(run, judgments, MEASURES).items()},
+            "pairs": pairs, "seconds": round(seconds, 3), "rerank_seconds": round(score_seconds, 3),
+            "pairs_per_second": round(pairs / score_seconds, 1) if pairs and score_seconds else None}
+
+
+def _best(variants: list[dict[str, Any]]) -> dict[str, Any] | None:
+    """The highest nDCG@10 (the cheaper one on a tie), with its gain and cost over its own first stage."""
+    if not variants:
+        return None
+    best = min(variants, key=lambda v: (-v["metrics"]["ndcg@10"], v["seconds"]))
+    base = next((v for v in variants if v["source"] == best["source"] and v["depth"] is None), None)
+    out = {"name": best["name"], "source": best["source"], "depth": best["depth"], "ndcg@10": best["metrics"]["ndcg@10"],
+           "pairs": best["pairs"], "seconds": best["seconds"], "reranked": any(v["depth"] for v in variants)}
+    if base is not None and best["depth"] is not None:
+        out.update(first_stage=base["name"], **{"first_stage_ndcg@10": base["metrics"]["ndcg@10"]},
+                   gain=round(best["metrics"]["ndcg@10"] - base["metrics"]["ndcg@10"], 6),
+                   first_stage_seconds=base["seconds"], extra_seconds=round(best["seconds"] - base["seconds"], 3))
+    return out
+
+
+def _encode(cfg, texts: list[str]):
+    import numpy as np
+
+    from pipelines.models import load_bi_encoder
+
+    e = cfg.embed
+    model = load_bi_encoder(e.model, device=e.device, dtype=e.dtype, max_seq_length=e.max_seq_length,
+                            trust_remote_code=e.trust_remote_code)
+    vectors = model.encode(texts, batch_size=e.batch_size, normalize_embeddings=e.normalize, convert_to_numpy=True,
+                           show_progress_bar=False)
+    return np.asarray(vectors, dtype=np.float32), str(model.device)
+
+
+def _files(cfg) -> dict[str, str]:
+    """The collection's corpus, queries and qrels files (``eval.queries``/``eval.qrels``/``corpus`` override)."""
+    e = cfg.eval
+    files = {"queries": e.queries or os.path.join(e.collection, "queries.jsonl"),
+             "qrels": e.qrels or os.path.join(e.collection, "qrels", f"{e.split}.tsv"),
+             "corpus": cfg.corpus.path if cfg.corpus else os.path.join(e.collection, "corpus.jsonl")}
+    missing = [p for k, p in files.items() if not (k == "corpus" and cfg.corpus) and not os.path.isfile(p)]
+    if missing:
+        raise FileNotFoundError(f"eval.collection {e.collection} is not a BEIR collection: missing {', '.join(missing)}"
+                                " (expected corpus.jsonl, queries.jsonl and qrels/<split>.tsv; or set eval.queries, "
+                                "eval.qrels and a corpus section)")
+    return files
+
+
+def ensure_passages(cfg, corpus_path, *, needs_fts: bool) -> dict[str, Any]:
+    """Reuse ``passages`` when it holds exactly the corpus as the index job would write it; else run the index job."""
+    from pipelines.config import CorpusConfig
+    from pipelines.store import Store
+
+    corpus = cfg.corpus or CorpusConfig(path=corpus_path, format="jsonl")
+    icfg = cfg.model_copy(update={"corpus": corpus})
+    store = Store(cfg.storage)
+    if store.passages_model() is None:
+        reason = "no passages table yet"
+    else:
+        table = store.passages_for_queries(cfg.embed.model)  # refuses a table of another bi-encoder
+        expected = corpus_fingerprint(icfg)
+        if expected is None:
+            reason = f"a {corpus.format} corpus is not fingerprinted here; the index job checks it (unchanged rows stay)"
+        elif expected != store.content_fingerprint(table):
+            reason = "passages differs from the corpus (ids or content hashes)"
+        elif needs_fts and not store.has_fts_index(cfg.index.fts.columns, table=table):
+            reason = "the full-text index is missing"
+        else:
+            return {"action": "reused", "reason": "passages holds exactly the corpus (same ids and content hashes)"}
+    from pipelines import index
+
+    log.info("indexing %s: %s", corpus.path, reason)
+    done = index.run(icfg)
+    return {"action": "indexed", "reason": reason, "index_run_id": done["run_id"], "rows": done["rows"]}
+
+
+def corpus_fingerprint(cfg) -> str | None:
+    """``Store.content_fingerprint`` of the table the index job would build from ``cfg.corpus`` (read here,
+    without Ray): first row of each id wins, bad rows left out. None for formats not read here (Lance)."""
+    import pyarrow as pa
+    import pyarrow.compute as pc
+
+    from pipelines.corpus import (
+        blocks,
+        detect_format,
+        expand_paths,
+        iter_csv_records,
+        iter_jsonl_records,
+        iter_parquet_records,
+    )
+    from pipelines.validate import RowSpec
+
+    spec, paths = RowSpec.from_config(cfg), expand_paths(cfg.corpus.path)
+    fmt = cfg.corpus.format if cfg.corpus.format != "auto" else detect_format(paths)
+    if fmt not in ("jsonl", "csv", "parquet"):
+        return None
+    first: dict[str, str] = {}
+    for path in paths:
+        with _open(path, random_access=fmt == "parquet") as stream:
+            records = (iter_jsonl_records(stream) if fmt == "jsonl" else
+                       iter_csv_records(stream, spec.source_fields) if fmt == "csv" else
+                       iter_parquet_records(stream, spec.source_fields, 4096))
+            for block in blocks(records, spec, path, 4096, coerce=fmt == "csv"):
+                good = block.filter(pc.is_null(block[S.REASON_CODE]))
+                for doc, h in zip(good[S.ID].to_pylist(), good[S.CONTENT_HASH].to_pylist()):
+                    first.setdefault(doc, h)
+    from pipelines.store import fingerprint_rows
+
+    return fingerprint_rows(pa.table({S.ID: list(first), S.CONTENT_HASH: list(first.values())}))
+
+
+def _open(path: str, random_access: bool):
+    """A local path or a URI, as the index job's readers open it (compression detected from the extension)."""
+    import pyarrow as pa
+    import pyarrow.fs as pafs
+
+    if "://" not in path:
+        return pa.memory_map(path) if random_access else pa.input_stream(path)
+    fs, inner = pafs.FileSystem.from_uri(path)
+    return fs.open_input_file(inner) if random_access else fs.open_input_stream(inner)
+
+
+def summary(report: dict[str, Any]) -> str:
+    """The one-screen table and where the reports are."""
+    from pipelines.eval_report import table, verdict
+
+    head = f"eval run {report['run_id']}: {report['status']}"
+    if report["status"] != "succeeded":
+        return f"{head} ({report.get('error')})\n  report: {report.get('report_path')}"
+    q, p = report["queries"], report["passages"]
+    title = (f"{head}: {report['collection']} ({report['split']}), {q['evaluated']:,} queries; passages "
+             f"v{p['version']} {p['action']} ({p['reason']})")
+    lines = [title, "", table(report), "", verdict(report)]
+    out = report.get("outputs") or {}
+    lines.append(f"reports: {', '.join(out.values())}" if out else f"report: {report.get('report_path')}")
+    return "\n".join(lines)
+
+
+def _finish(cfg, report: dict[str, Any], timer: Timer, t0: float) -> dict[str, Any]:
+    """Timings; on success eval.png, eval.md and eval.json in ``eval.output``; the run report in any case."""
+    from pipelines.eval_report import write_json, write_outputs
+
+    report["finished_at"] = utcnow().isoformat()
+    report["seconds"] = dict(timer.seconds, total=round(time.perf_counter() - t0, 3))
+    if report["status"] == "succeeded":
+        report["outputs"] = write_outputs(report, cfg.eval.output)
+    save_report(report, cfg)
+    if report["status"] == "succeeded":
+        write_json(report, report["outputs"]["json"])
+    return report
