@@ -92,8 +92,7 @@ def _evaluate(cfg, report: dict[str, Any], timer: Timer) -> None:
     report["models"] = {"bi_encoder": cfg.embed.model, "cross_encoder": cfg.rerank.model if cfg.rerank else None}
     if any(s != "fts" for s in sources):
         with timer("encode"):
-            vectors, report["models"]["bi_encoder_device"] = _encode(cfg, query_texts)
-        encode_s = timer.seconds["encode"]
+            vectors, report["models"]["bi_encoder_device"], encode_s = _encode(cfg, query_texts)
     candidates, first_stage, reranked = {}, {}, _rerank_sources(cfg)
     for source in sources:
         columns = (S.TITLE, S.TEXT) if source in reranked else ()  # texts only where the cross-encoder reads them
@@ -207,7 +206,8 @@ def _best(variants: list[dict[str, Any]]) -> dict[str, Any] | None:
     return out
 
 
-def _encode(cfg, texts: list[str]):
+def _encode(cfg, texts: list[str]) -> tuple[Any, str, float]:
+    """Query vectors, the device, and the seconds encoding took (model loading excluded)."""
     import numpy as np
 
     from pipelines.models import load_bi_encoder
@@ -215,9 +215,10 @@ def _encode(cfg, texts: list[str]):
     e = cfg.embed
     model = load_bi_encoder(e.model, device=e.device, dtype=e.dtype, max_seq_length=e.max_seq_length,
                             trust_remote_code=e.trust_remote_code)
+    start = time.perf_counter()  # the cost of a source: encoding the queries, not loading the model
     vectors = model.encode(texts, batch_size=e.batch_size, normalize_embeddings=e.normalize, convert_to_numpy=True,
                            show_progress_bar=False)
-    return np.asarray(vectors, dtype=np.float32), str(model.device)
+    return np.asarray(vectors, dtype=np.float32), str(model.device), time.perf_counter() - start
 
 
 def _files(cfg) -> dict[str, str]:
@@ -251,10 +252,13 @@ def ensure_passages(cfg, corpus_path, *, needs_fts: bool) -> dict[str, Any]:
             reason = f"a {corpus.format} corpus is not fingerprinted here; the index job checks it (unchanged rows stay)"
         elif expected != store.content_fingerprint(table):
             reason = "passages differs from the corpus (ids or content hashes)"
-        elif needs_fts and not store.has_fts_index(cfg.index.fts.columns, table=table):
-            reason = "the full-text index is missing"
         else:
-            return {"action": "reused", "reason": "passages holds exactly the corpus (same ids and content hashes)"}
+            same = "passages holds exactly the corpus (same ids and content hashes)"
+            if needs_fts and not store.has_fts_index(cfg.index.fts.columns, table=table):
+                built = store.ensure_indexes(cfg.index)  # the vectors are right: only the index is missing
+                return {"action": "reused", "reason": f"{same}; built the missing full-text index",
+                        "indexes": built}
+            return {"action": "reused", "reason": same}
     from pipelines import index
 
     log.info("indexing %s: %s", corpus.path, reason)
