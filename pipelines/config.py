@@ -202,7 +202,10 @@ class RerankConfig(_Section):
 
 
 class NegativesConfig(_Section):
-    """Hard negatives mined from the index, named as sentence-transformers' ``mine_hard_negatives`` names them."""
+    """Hard negatives mined from the index, named as sentence-transformers' ``mine_hard_negatives`` names them.
+
+    Margins compare first-stage scores within one candidate list; a positive outside the top ``range_max`` takes
+    the lowest candidate score as its own. Each margin that is set must hold."""
 
     per_query: int = Field(4, ge=0, description="negatives per (query, positive)")
     source: CandidateSource | None = Field(None, description="where they are mined; default retrieve.source")
@@ -210,7 +213,8 @@ class NegativesConfig(_Section):
     range_max: int = Field(30, gt=0, description="mine among the top range_max candidates")
     absolute_margin: float | None = Field(None, description="keep a negative only if its first-stage score is "
                                                             "below the positive's by at least this much")
-    relative_margin: float | None = Field(None, ge=0, lt=1, description="... or below (1 - m) x the positive's")
+    relative_margin: float | None = Field(None, ge=0, lt=1, description="keep a negative only if its first-stage "
+                                                                      "score is at most (1 - m) x the positive's")
 
     @model_validator(mode="after")
     def _range(self) -> NegativesConfig:

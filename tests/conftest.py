@@ -23,19 +23,21 @@ WORDS = ["the", "a", "of", "and", "to", "in", "is", "for", "on", "with", "how", 
 
 
 def build_tiny_bi_encoder(folder: Path, hidden: int = 32) -> Path:
-    """A random 2-layer BERT with a word-piece tokenizer, saved as a sentence-transformers folder."""
+    """A random 2-layer BERT with a word-piece tokenizer, saved as a sentence-transformers folder.
+
+    The tokenizer gets its vocabulary as a dict: transformers 5 ignores ``vocab_file=``, which maps every word
+    to [UNK] and gives every text of the same length the same vector."""
     import torch
-    from sentence_transformers import SentenceTransformer, models
+    from sentence_transformers import SentenceTransformer
+    from sentence_transformers.sentence_transformer import modules as models
     from transformers import BertConfig, BertModel, BertTokenizerFast
 
     torch.manual_seed(0)
     raw = folder / "raw"
     raw.mkdir(parents=True, exist_ok=True)
-    vocab = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", *string.ascii_lowercase, *string.digits,
-             *(f"##{c}" for c in string.ascii_lowercase + string.digits), *WORDS]
-    vocab = list(dict.fromkeys(vocab))
-    (raw / "vocab.txt").write_text("\n".join(vocab) + "\n")
-    tokenizer = BertTokenizerFast(vocab_file=str(raw / "vocab.txt"), do_lower_case=True)
+    vocab = list(dict.fromkeys(["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", *string.ascii_lowercase, *string.digits,
+                                *(f"##{c}" for c in string.ascii_lowercase + string.digits), *WORDS]))
+    tokenizer = BertTokenizerFast(vocab={w: i for i, w in enumerate(vocab)}, do_lower_case=True)
     config = BertConfig(vocab_size=len(vocab), hidden_size=hidden, num_hidden_layers=2, num_attention_heads=2,
                         intermediate_size=64, max_position_embeddings=128)
     BertModel(config).save_pretrained(raw)

@@ -1,4 +1,5 @@
-"""Reranker training: mining, caching, atomic save, counts and errors. Tiny random BERTs, LanceDB in tmp_path, no Ray."""
+"""Reranker training: validation split, mining, losses, heads, fusion, caching, atomic save, counts and errors.
+Tiny random BERTs, LanceDB in tmp_path, no Ray."""
 
 from __future__ import annotations
 
@@ -15,6 +16,12 @@ from pipelines import train
 from pipelines.store import Store, StoreError
 
 N_QUERIES = 8
+
+
+@pytest.fixture(scope="session")
+def encoder(tiny_model) -> str:
+    """The tiny bi-encoder: its tokenizer splits words, so mined candidates have distinct scores."""
+    return tiny_model
 
 
 def build_passages(cfg, docs: list[dict], model: str, run_id: str = "test-index") -> None:
@@ -56,15 +63,15 @@ def collection(tmp_path):
 
 
 @pytest.fixture
-def cfg(collection, make_config, tiny_model):
+def cfg(collection, make_config, encoder):
     folder, corpus = collection
-    config = make_config(corpus, train={
+    config = make_config(corpus, embed={"model": encoder}, train={
         "queries": str(folder / "queries.jsonl"), "qrels": str(folder / "qrels.tsv"),
-        "output": str(folder / "reranker"), "base_model": str(Path(tiny_model).parent / "raw"),
-        "negatives_per_query": 3, "mine_k": 10, "max_steps": 2, "batch_size": 8, "max_length": 64,
-        "device": "cpu",
+        "output": str(folder / "reranker"), "base_model": str(Path(encoder).parent / "raw"),
+        "negatives": {"per_query": 3, "range_max": 10}, "validation_fraction": 0.25, "max_steps": 2,
+        "batch_size": 8, "max_length": 64, "validation_k": 10, "device": "cpu",
     })
-    build_passages(config, good_docs(30), tiny_model)
+    build_passages(config, good_docs(30), encoder)
     return config
 
 
@@ -72,45 +79,156 @@ def pairs_of(output: str) -> list[dict]:
     return [json.loads(line) for line in (Path(output) / train.PAIRS).read_text().splitlines()]
 
 
-def fake_fit(t, examples, folder):
+def meta_of(output: str) -> dict:
+    return json.loads((Path(output) / train.META).read_text())
+
+
+def fake_fit(t, columns, samples, folder):
     """Stands in for training where only the plumbing around it is under test."""
     folder.mkdir(parents=True)
-    return {"device": "cpu", "steps": 0, "epochs": 0.0, "pairs_per_second": 0.0,
-            "loss": {"first": 0.0, "final": 0.0, "mean": 0.0}}
+    out = {"device": "cpu", "steps": 0, "epochs": 0.0, "examples_per_second": 0.0, "head": "new",
+           "loss": {"first": 0.0, "final": 0.0, "mean": 0.0}}
+    if samples:
+        out.update(best_step=None, checkpoints=[],
+                   validation_scores=[[float(-i) for i in range(len(s["documents"]))] for s in samples])
+    return out
 
 
-def test_trains_saves_and_the_model_loads(cfg):
+def test_trains_validates_fits_fusion_and_the_model_loads(cfg):
     from sentence_transformers import CrossEncoder
 
     report = train.run(cfg)
-    assert report["status"] == "succeeded" and report["steps"] == 2
+    assert report["status"] == "succeeded" and report["training"]["steps"] == 2 and report["head"] == "new"
     out = Path(cfg.train.output)
-    assert (out / train.META).is_file()
-    assert json.loads((out / train.META).read_text())["fingerprint"] == report["fingerprint"]
+    meta = meta_of(out)
+    assert meta["fingerprint"] == report["fingerprint"] and meta["job"] == "train" and meta["head"] == "new"
     scores = CrossEncoder(str(out)).predict([("cancer risk", "title 1 cancer risk number 1"), ("a", "b"), ("c", "d")])
     assert scores.shape == (3,) and np.isfinite(scores).all()
 
     q, j, p = report["queries"], report["judgments"], report["pairs"]
     assert q == {"judged": N_QUERIES, "not_in_queries_file": 0, "beyond_max_queries": 0,
-                 "without_positive_in_passages": 0, "used": N_QUERIES, "short_of_negatives": 0}
+                 "without_positive_in_passages": 0, "used": N_QUERIES, "train": 6, "validation": 2,
+                 "short_of_negatives": 0}
     assert j["read"] == 2 * N_QUERIES + 1 and j["not_relevant"] == N_QUERIES and j["used"] == N_QUERIES
     assert j["skipped_not_in_passages"] == 1 and j["reconciled"]
-    assert p == {"total": 4 * N_QUERIES, "positive": N_QUERIES, "negative": 3 * N_QUERIES}
+    assert p == {"total": 4 * 6, "positive": 6, "negative": 3 * 6, "self_supervised": 0, "left_out_short": 0}
 
+    # the validation queries are recorded and never trained on
+    ids = meta["query_ids"]
+    assert len(ids["train"]) == 6 and len(ids["validation"]) == 2 and not set(ids["train"]) & set(ids["validation"])
     pairs = pairs_of(out)
+    assert {x["query_id"] for x in pairs} == set(ids["train"])
     assert len(pairs) == p["total"] and sum(x["label"] for x in pairs) == p["positive"]
     judged = {(f"q{i}", f"d{i}") for i in range(N_QUERIES)} | {(f"q{i}", f"d{i + 5}") for i in range(N_QUERIES)}
     assert not [x for x in pairs if x["label"] == 0.0 and (x["query_id"], x["doc_id"]) in judged]
+    for name in ("queries", "qrels"):
+        assert meta["inputs"][name]["path"] == getattr(cfg.train, name) and len(meta["inputs"][name]["sha256"]) == 64
+
+    # best checkpoint chosen on validation; validation nDCG@10 and the fusion weight saved for rerank.fusion: auto
+    assert meta["training"]["best_step"] in (1, 2) and [c["step"] for c in meta["validation"]["checkpoints"]] == [1, 2]
+    v, f = meta["validation"], meta["fusion"]
+    assert v["queries"] == 2 and set(v["ndcg@10"]) == {"first_stage", "reranker", "fused"}
+    assert 0 <= f["cross_encoder"] <= 1 and f["source"] == "vector" and f["k"] == 10 and f["validation_queries"] == 2
+    assert len(f["curve"]) == 21 and v["ndcg@10"]["fused"] == max(f["curve"].values())
+    assert meta["negatives"] == {"per_query": 3, "source": "vector", "range_min": 0, "range_max": 10,
+                                 "absolute_margin": None, "relative_margin": None}
     assert Path(report["report_path"]).is_file()
     assert sorted(p.name for p in out.parent.iterdir() if p.name.startswith("reranker")) == ["reranker"]
-    assert "queries: 8 used of 8 judged" in train.summary(report)
+    text = train.summary(report)
+    assert "queries: 8 used of 8 judged (6 train, 2 validation" in text and "fused" in text
+
+
+@pytest.mark.parametrize("margins", [{"range_min": 2}, {"range_min": 1, "absolute_margin": 0.0},
+                                     {"relative_margin": 0.001}])
+def test_mining_honours_range_and_margins(cfg, monkeypatch, margins):
+    from pipelines.models import load_bi_encoder
+    from pipelines.retrieve import CandidateSearch
+
+    monkeypatch.setattr(train, "_fit", fake_fit)
+    cfg.train.negatives = cfg.train.negatives.model_copy(update=dict(margins, per_query=5))
+    cfg.train.validation_fraction = 0.0
+    report = train.run(cfg)
+    pairs, n = pairs_of(cfg.train.output), cfg.train.negatives
+    texts = {r["_id"]: r["text"] for r in map(json.loads, Path(cfg.train.queries).read_text().splitlines())}
+    model, store = load_bi_encoder(cfg.embed.model, device="cpu"), Store(cfg.storage)
+    search = CandidateSearch(store, store.passages(), cfg.index, k=n.range_max, exact=True)
+    for q in {x["query_id"] for x in pairs}:
+        hits = search(model.encode([texts[q]], normalize_embeddings=True), [texts[q]])[0].to_pylist()
+        rank = {h["id"]: (r, h["score"]) for r, h in enumerate(hits, 1)}
+        pos = next(x for x in pairs if x["query_id"] == q and x["label"] == 1.0)
+        expected = rank[pos["doc_id"]] if pos["doc_id"] in rank else (None, min(h["score"] for h in hits))
+        assert (pos["rank"], pos["score"]) == pytest.approx(expected)  # a positive outside: the lowest score
+        negs = [x for x in pairs if x["query_id"] == q and x["label"] == 0.0]
+        for x in negs:
+            assert rank[x["doc_id"]] == pytest.approx((x["rank"], x["score"]))
+            assert n.range_min < x["rank"] <= n.range_max
+            if n.absolute_margin is not None:
+                assert x["score"] <= pos["score"] - n.absolute_margin
+            if n.relative_margin is not None:
+                assert x["score"] <= pos["score"] * (1 - n.relative_margin)
+        judged = {f"d{q[1:]}", f"d{int(q[1:]) + 5}"}
+        eligible = [d for d, (r, s) in rank.items() if r > n.range_min and d not in judged
+                    and (n.absolute_margin is None or s <= pos["score"] - n.absolute_margin)
+                    and (n.relative_margin is None or s <= pos["score"] * (1 - n.relative_margin))]
+        assert len(negs) == min(5, len(eligible))
+    if margins.get("absolute_margin") is not None:  # negatives scored above the positive were left out
+        assert report["queries"]["short_of_negatives"] > 0
+
+
+def test_listwise_loss_trains(cfg):
+    from sentence_transformers import CrossEncoder
+
+    cfg.train.loss, cfg.train.validation_fraction = "listwise", 0.0
+    cfg.train.negatives = cfg.train.negatives.model_copy(update={"per_query": 2})
+    report = train.run(cfg)
+    assert report["status"] == "succeeded" and report["loss"]["name"] == "listwise"
+    assert np.isfinite(report["loss"]["mean"]) and report["training"]["steps"] == 2
+    assert report["pairs"]["positive"] == N_QUERIES and report["pairs"]["negative"] == 2 * N_QUERIES
+    meta = meta_of(cfg.train.output)
+    assert "fusion" not in meta and meta["validation"] is None and meta["query_ids"]["validation"] == []
+    assert CrossEncoder(cfg.train.output).predict([("a", "b")]).shape == (1,)
+
+
+def test_self_supervised_pairs_are_added_and_counted(cfg, monkeypatch):
+    monkeypatch.setattr(train, "_fit", fake_fit)
+    cfg.train.self_supervised.pairs = 5
+    report = train.run(cfg)
+    assert report["self_supervised"]["pairs"] == 5 and report["pairs"]["self_supervised"] == 5
+    assert report["pairs"]["positive"] == 6 + 5
+    meta, pairs = meta_of(cfg.train.output), pairs_of(cfg.train.output)
+    ss = [x for x in pairs if x["source"] == "self_supervised"]
+    positives = [x["doc_id"] for x in ss if x["label"] == 1.0]
+    assert len(set(positives)) == 5 and all(x["query_id"] is None for x in ss)
+    assert None not in meta["query_ids"]["train"] and meta["self_supervised"]["pairs"] == 5
+    held = {f"d{q[1:]}" for q in meta["query_ids"]["validation"]} | {f"d{int(q[1:]) + 5}"
+                                                                      for q in meta["query_ids"]["validation"]}
+    assert not set(positives) & held  # documents of validation queries are never drawn
+
+
+def test_an_existing_cross_encoder_keeps_its_head(cfg, encoder, tmp_path):
+    from sentence_transformers import CrossEncoder
+
+    reranker = CrossEncoder(str(Path(encoder).parent / "raw"), num_labels=1, max_length=64, device="cpu")
+    for name, weights in reranker.named_parameters():
+        if "classifier" in name:  # a head no fresh initialisation would give: every score near sigmoid(3)
+            weights.data.fill_(0.0 if name.endswith("weight") else 3.0)
+    reranker.save(str(tmp_path / "reranker-base"))
+    cfg.train.base_model, cfg.train.learning_rate, cfg.train.validation_fraction = str(tmp_path / "reranker-base"), \
+        1e-12, 0.0
+    cfg.train.max_steps = 1
+    report = train.run(cfg)
+    assert report["head"] == "kept" and meta_of(cfg.train.output)["head"] == "kept"
+    pairs = [("cancer risk", "title 1 cancer risk number 1"), ("brain", "gene model")]
+    assert np.allclose(CrossEncoder(cfg.train.output).predict(pairs), 1 / (1 + np.exp(-3.0)), atol=1e-4)
 
 
 def test_rerun_is_cached_until_forced_or_changed(cfg, monkeypatch):
+    monkeypatch.setattr(train, "_fit", fake_fit)
     first = train.run(cfg)
     monkeypatch.setattr(train, "_fit", lambda *a: pytest.fail("a cached run must not train"))
     again = train.run(cfg)
     assert again["status"] == "cached" and again["trained_at"] and again["pairs"] == first["pairs"]
+    assert again["fusion"] == first["fusion"]
     assert "train" not in again["seconds"] and "pass --force to retrain" in train.summary(again)
     build_passages(cfg, good_docs(30), cfg.embed.model, "again")  # a reindex that changed nothing: new version, same content
     assert Store(cfg.storage).passages().version > first["passages_version"]
@@ -127,9 +245,10 @@ def test_rerun_is_cached_until_forced_or_changed(cfg, monkeypatch):
 def test_failed_training_leaves_the_previous_reranker(cfg, monkeypatch):
     from sentence_transformers import CrossEncoder
 
+    cfg.train.validation_fraction = 0.0
     train.run(cfg)
 
-    def crash(t, examples, folder):
+    def crash(t, columns, samples, folder):
         folder.mkdir(parents=True)
         raise RuntimeError("out of memory")
 
@@ -147,7 +266,7 @@ def test_counts_missing_docs_and_max_queries(cfg, monkeypatch):
     monkeypatch.setattr(train, "_fit", fake_fit)
     with open(cfg.train.qrels, "a") as fh:
         fh.write("q1\tgone-1\t1\nq1\tgone-2\t2\nq1\td1\t1\nq-unknown\td3\t1\n")
-    cfg.train.max_queries = 3
+    cfg.train.max_queries, cfg.train.validation_fraction = 3, 0.0
     report = train.run(cfg)
     q, j = report["queries"], report["judgments"]
     assert q["judged"] == N_QUERIES + 1 and q["not_in_queries_file"] == 1 and q["used"] == 3
@@ -168,7 +287,7 @@ def test_query_without_positive_in_passages(cfg, monkeypatch):
     (None, FileNotFoundError, "train.qrels: no file"),
     ("q0\td0\t1\n", ValueError, "not a header"),
     ("query-id\tcorpus-id\tscore\nq0 d0 1\n", ValueError, r"qrels.tsv:2: 1 tab-separated columns"),
-    ("query-id\tcorpus-id\tscore\nzz\td0\t1\n", ValueError, "none of the 1 judged query ids is in train.queries"),
+    ("query-id\tcorpus-id\tscore\nzz\td0\t1\n", ValueError, "none of the 1 judged query ids is in the queries file"),
 ])
 def test_bad_inputs_name_the_fix(cfg, qrels, error, match):
     path = Path(cfg.train.qrels)
@@ -188,7 +307,7 @@ def test_refuses_passages_of_another_bi_encoder(cfg):
         train.run(cfg)
 
 
-def test_refuses_without_passages(collection, make_config, tiny_model):
+def test_refuses_without_passages(collection, make_config):
     folder, corpus = collection
     config = make_config(corpus, train={"queries": str(folder / "queries.jsonl"), "qrels": str(folder / "qrels.tsv"),
                                         "output": str(folder / "reranker")})
