@@ -236,6 +236,8 @@ class _TrainCommon(_Section):
     max_queries: int | None = Field(None, gt=0)
     validation_fraction: float = Field(0.1, ge=0, lt=1, description="judged queries held out to pick the best "
                                                                    "checkpoint (and fit fusion); never trained on")
+    validation_k: int = Field(30, gt=0, description="candidates per validation query (from retrieve.source) that "
+                                                    "the checkpoints are judged on (and the fusion weight fitted)")
     negatives: NegativesConfig = Field(default_factory=NegativesConfig)
     self_supervised: SelfSupervisedConfig = Field(default_factory=SelfSupervisedConfig)
     epochs: float = Field(1.0, gt=0)
@@ -254,8 +256,6 @@ class TrainConfig(_TrainCommon):
                                                                 "softmax over one positive and its negatives")
     batch_size: int = Field(16, gt=0)
     max_length: int = Field(128, gt=0)
-    validation_k: int = Field(30, gt=0, description="candidates per validation query scored for checkpoint "
-                                                    "choice and the fusion weight")
 
 
 class TrainBiencoderConfig(_TrainCommon):

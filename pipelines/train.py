@@ -24,6 +24,8 @@ from typing import Any
 
 from pipelines import training
 from pipelines.beir import read_qrels, read_queries  # noqa: F401 - kept importable from here
+from pipelines.trainer import progress_callback, summary_lines, trainer_args
+from pipelines.trainer import train as fit_trainer
 from pipelines.training import META, PAIRS  # noqa: F401 - the files written next to the model
 
 AT = "ndcg@10"
@@ -172,11 +174,11 @@ def _fit(t, columns: dict[str, list], samples: list[dict] | None, folder: Path) 
     data = Dataset.from_dict(columns)
     sampler = {"batch_sampler": BatchSamplers.NO_DUPLICATES} if listwise else {}
     with tempfile.TemporaryDirectory(prefix="batchrank-trainer-") as scratch:  # checkpoints, removed at the end
-        args = training.trainer_args(CrossEncoderTrainingArguments, t, scratch, device, len(data), metric, **sampler)
-        callback = training.progress_callback(t.batch_size)
+        args = trainer_args(CrossEncoderTrainingArguments, t, scratch, device, len(data), metric, **sampler)
+        callback = progress_callback(t.batch_size)
         trainer = CrossEncoderTrainer(model=model, args=args, train_dataset=data, loss=loss,
                                       evaluator=evaluator, callbacks=[callback])
-        out = training.train(trainer, callback, metric)
+        out = fit_trainer(trainer, callback, metric)
     model.save(str(folder))
     if samples:  # the kept model's scores of the validation candidates, for the fusion weight
         model.eval()
@@ -189,7 +191,7 @@ def _fit(t, columns: dict[str, list], samples: list[dict] | None, folder: Path) 
 
 def summary(report: dict[str, Any]) -> str:
     """A few lines for humans at the end of a run."""
-    lines = training.summary_lines(report, "reranker")
+    lines = summary_lines(report, "reranker")
     if isinstance(lines, str):
         return lines
     head, body = lines

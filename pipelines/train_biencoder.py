@@ -23,8 +23,8 @@ from pathlib import Path
 from typing import Any
 
 from pipelines import training
-
-VALIDATION_CANDIDATES = 100  # per validation query: the evaluator's corpus is their union, plus the positives
+from pipelines.trainer import progress_callback, summary_lines, trainer_args
+from pipelines.trainer import train as fit_trainer
 
 
 def run(cfg, *, force: bool = False, run_id: str | None = None) -> dict[str, Any]:
@@ -58,7 +58,8 @@ def _train(cfg, data: training.Data, folder: Path, report: dict[str, Any]) -> di
     if validation:
         queries, corpus, _ = validation
         meta["validation"] = {"queries": len(queries), "corpus": len(corpus), "source": cfg.retrieve.source,
-                              "k": VALIDATION_CANDIDATES, "ndcg@10": {"before": before, "after": result.pop("after")},
+                              "k": cfg.train_biencoder.validation_k,
+                              "ndcg@10": {"before": before, "after": result.pop("after")},
                               "checkpoints": checkpoints}
     report.update(meta)
     return meta
@@ -66,14 +67,16 @@ def _train(cfg, data: training.Data, folder: Path, report: dict[str, Any]) -> di
 
 def _validation(cfg, data: training.Data, fields, sep: str):
     """(queries, corpus, relevant docs) for ``InformationRetrievalEvaluator``: the corpus is the union of the
-    validation queries' top 100 candidates and their positives, so evaluation does not embed the whole corpus."""
+    validation queries' top ``validation_k`` candidates and their positives, so evaluation does not embed the whole
+    corpus."""
     from pipelines.retrieve import document_text
 
     ids = data.validation_ids
     if not ids:
         return None
     r = cfg.retrieve
-    lists = data.candidates([data.queries[q] for q in ids], k=VALIDATION_CANDIDATES, source=r.source, exact=r.exact)
+    lists = data.candidates([data.queries[q] for q in ids], k=cfg.train_biencoder.validation_k, source=r.source,
+                            exact=r.exact)
     corpus = {h["id"]: document_text(h["title"], h["text"], fields, sep) for hits in lists for h in hits}
     for q in ids:
         for d in data.positives[q]:
@@ -107,12 +110,12 @@ def _fit(t, base_model: str, columns: dict[str, list], validation, folder: Path)
         metric = f"eval_{evaluator.primary_metric}"
     data = Dataset.from_dict(columns)
     with tempfile.TemporaryDirectory(prefix="batchrank-trainer-") as scratch:  # checkpoints, removed at the end
-        args = training.trainer_args(SentenceTransformerTrainingArguments, t, scratch, device, len(data), metric,
+        args = trainer_args(SentenceTransformerTrainingArguments, t, scratch, device, len(data), metric,
                                      batch_sampler=BatchSamplers.NO_DUPLICATES)
-        callback = training.progress_callback(t.batch_size, unit="examples")
+        callback = progress_callback(t.batch_size, unit="examples")
         trainer = SentenceTransformerTrainer(model=model, args=args, train_dataset=data, evaluator=evaluator,
                                              loss=losses.MultipleNegativesRankingLoss(model), callbacks=[callback])
-        out = training.train(trainer, callback, metric)
+        out = fit_trainer(trainer, callback, metric)
     model.save(str(folder))
     if evaluator:  # the kept model's score, on the same queries and corpus
         out.update(before=before, after=round(trainer.state.best_metric, 4))
@@ -121,7 +124,7 @@ def _fit(t, base_model: str, columns: dict[str, list], validation, folder: Path)
 
 def summary(report: dict[str, Any]) -> str:
     """A few lines for humans at the end of a run, with how to use the model."""
-    lines = training.summary_lines(report, "bi-encoder")
+    lines = summary_lines(report, "bi-encoder")
     if isinstance(lines, str):
         return lines
     head, body = lines
