@@ -88,4 +88,7 @@ def resolve_weight(rerank_cfg) -> tuple[float | None, str]:
         fitted = (json.load(fh).get("fusion") or {}).get("cross_encoder")
     if fitted is None:
         return None, "auto: no weight was fitted (training had no validation split), cross-encoder alone"
-    return float(fitted), f"auto: fitted on held-out training judgments ({meta})"
+    origin = f"auto: fitted on held-out training judgments ({meta})"
+    if float(fitted) == 0.0:  # the fit says the cross-encoder only hurts: rankings follow the first stage
+        origin += "; weight 0: the cross-encoder changes nothing, retrain it or rerank without it"
+    return float(fitted), origin

@@ -175,7 +175,8 @@ def _fit(t, columns: dict[str, list], samples: list[dict] | None, folder: Path) 
     sampler = {"batch_sampler": BatchSamplers.NO_DUPLICATES} if listwise else {}
     with tempfile.TemporaryDirectory(prefix="batchrank-trainer-") as scratch:  # checkpoints, removed at the end
         args = trainer_args(CrossEncoderTrainingArguments, t, scratch, device, len(data), metric, **sampler)
-        callback = progress_callback(t.batch_size)
+        pairs_per_row = 1 + t.negatives.per_query if listwise else 1  # a listwise row is a whole group
+        callback = progress_callback(t.batch_size * pairs_per_row)
         trainer = CrossEncoderTrainer(model=model, args=args, train_dataset=data, loss=loss,
                                       evaluator=evaluator, callbacks=[callback])
         out = fit_trainer(trainer, callback, metric)

@@ -97,9 +97,13 @@ def _run_job(client, entrypoint: str) -> str:
     return logs
 
 
-def test_index_and_rerank_jobs_through_the_jobs_api(ray_head, tmp_path, tiny_model, tiny_cross_encoder):
+def test_index_rerank_and_eval_jobs_through_the_jobs_api(ray_head, tmp_path, tiny_model, tiny_cross_encoder):
     client, env = ray_head
     write_jsonl(tmp_path / "c.jsonl", good_docs(40))
+    beir = tmp_path / "beir"  # a judged collection over the same corpus, for the eval job
+    (beir / "qrels").mkdir(parents=True)
+    write_jsonl(beir / "queries.jsonl", [{"_id": f"q{i}", "text": t} for i, t in enumerate(["cell protein", "brain"])])
+    (beir / "qrels/test.tsv").write_text("query-id\tcorpus-id\tscore\nq0\td0\t1\nq1\td3\t1\n")
     write_jsonl(tmp_path / "log.jsonl", [{"query": q, "timestamp": "2026-11-28T10:00:00Z"}
                                          for q in ("cell protein", "brain data", "Cell  Protein")])
     cfg = tmp_path / "job.yaml"
@@ -110,6 +114,7 @@ def test_index_and_rerank_jobs_through_the_jobs_api(ray_head, tmp_path, tiny_mod
         "query_log": {"path": str(tmp_path / "log.jsonl")},
         "retrieve": {"k": 10},
         "rerank": {"model": tiny_cross_encoder, "top_n": 5, "actors": 1},
+        "eval": {"collection": str(beir), "depths": [5], "output": str(tmp_path / "eval")},
     }))
     logs = _run_job(client, f"python -m jobs.index --config {cfg}")
     assert "40 read = 40 written + 0 quarantined" in logs
@@ -122,3 +127,10 @@ def test_index_and_rerank_jobs_through_the_jobs_api(ray_head, tmp_path, tiny_mod
     report = json.loads(next((tmp_path / "db/_reports").glob("rerank-*.json")).read_text())
     assert report["cluster"]["address"] != "local" and report["queries"]["reconciled"]
     assert report["tables"]["rankings"]["current"]["rows"] == 2
+
+    logs = _run_job(client, f"python -m jobs.eval --config {cfg}")
+    assert "passages v" in logs and "reused" in logs  # the corpus is already indexed: no second index run
+    report = json.loads((tmp_path / "eval/eval.json").read_text())
+    assert report["status"] == "succeeded" and report["queries"]["evaluated"] == 2
+    assert [v["name"] for v in report["variants"]] == ["vector", "fts", "hybrid", "vector → CE@5"]
+    assert (tmp_path / "eval/eval.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
