@@ -97,8 +97,10 @@ def main() -> None:
     result["variants"] = {"base": _variants(result["jobs"]["eval_base"]),
                           "tuned": _variants(result["jobs"]["eval_tuned"])}
     out.write_text(json.dumps(result, indent=2, default=str) + "\n")
-    for suffix in (".md", ".png"):
-        shutil.copyfile(work / "eval-tuned" / f"eval{suffix}", out.with_suffix(suffix))
+    shutil.copyfile(work / "eval-tuned" / "eval.png", out.with_suffix(".png"))
+    markdown = (work / "eval-tuned" / "eval.md").read_text(encoding="utf-8")
+    out.with_suffix(".md").write_text(markdown.replace("(eval.png)", f"({out.with_suffix('.png').name})"),
+                                      encoding="utf-8")
     _print(result)
     print(f"\nwrote {out}, {out.with_suffix('.md')}, {out.with_suffix('.png')}")
 
