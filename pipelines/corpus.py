@@ -23,6 +23,7 @@ from typing import Any
 import pyarrow as pa
 from ray.data.datasource import FileBasedDatasource
 
+from pipelines import schema as S
 from pipelines.validate import Malformed, RowSpec, validate_records
 
 FORMAT_BY_SUFFIX = {
@@ -259,3 +260,38 @@ def _read_lance(paths: list[str], spec: RowSpec, rows: int, read_cpus: float):
         datasets.append(ds.map_batches(validate_batch, fn_kwargs={"source": uri}, batch_size=rows,
                                        batch_format="pyarrow", num_cpus=read_cpus))
     return datasets[0] if len(datasets) == 1 else datasets[0].union(*datasets[1:])
+
+
+def corpus_fingerprint(cfg) -> str | None:
+    """``Store.content_fingerprint`` of the table the index job would build from ``cfg.corpus`` (read here,
+    without Ray): first row of each id wins, bad rows left out. None for formats not read here (Lance)."""
+    import pyarrow.compute as pc
+
+    spec, paths = RowSpec.from_config(cfg), expand_paths(cfg.corpus.path)
+    fmt = cfg.corpus.format if cfg.corpus.format != "auto" else detect_format(paths)
+    if fmt not in ("jsonl", "csv", "parquet"):
+        return None
+    first: dict[str, str] = {}
+    for path in paths:
+        with _open_path(path, random_access=fmt == "parquet") as stream:
+            records = (iter_jsonl_records(stream) if fmt == "jsonl" else
+                       iter_csv_records(stream, spec.source_fields) if fmt == "csv" else
+                       iter_parquet_records(stream, spec.source_fields, 4096))
+            for block in blocks(records, spec, path, 4096, coerce=fmt == "csv"):
+                good = block.filter(pc.is_null(block[S.REASON_CODE]))
+                for doc, h in zip(good[S.ID].to_pylist(), good[S.CONTENT_HASH].to_pylist()):
+                    first.setdefault(doc, h)
+    from pipelines.store import fingerprint_rows
+
+    return fingerprint_rows(pa.table({S.ID: list(first), S.CONTENT_HASH: list(first.values())}))
+
+
+def _open_path(path: str, random_access: bool):
+    """A local path or a URI, as the index job's readers open it (compression detected from the extension)."""
+    import pyarrow as pa
+    import pyarrow.fs as pafs
+
+    if "://" not in path:
+        return pa.memory_map(path) if random_access else pa.input_stream(path)
+    fs, inner = pafs.FileSystem.from_uri(path)
+    return fs.open_input_file(inner) if random_access else fs.open_input_stream(inner)

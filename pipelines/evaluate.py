@@ -247,6 +247,8 @@ def ensure_passages(cfg, corpus_path, *, needs_fts: bool) -> dict[str, Any]:
         reason = "no passages table yet"
     else:
         table = store.passages_for_queries(cfg.embed.model)  # refuses a table of another bi-encoder
+        from pipelines.corpus import corpus_fingerprint
+
         expected = corpus_fingerprint(icfg)
         if expected is None:
             reason = f"a {corpus.format} corpus is not fingerprinted here; the index job checks it (unchanged rows stay)"
@@ -264,52 +266,6 @@ def ensure_passages(cfg, corpus_path, *, needs_fts: bool) -> dict[str, Any]:
     log.info("indexing %s: %s", corpus.path, reason)
     done = index.run(icfg)
     return {"action": "indexed", "reason": reason, "index_run_id": done["run_id"], "rows": done["rows"]}
-
-
-def corpus_fingerprint(cfg) -> str | None:
-    """``Store.content_fingerprint`` of the table the index job would build from ``cfg.corpus`` (read here,
-    without Ray): first row of each id wins, bad rows left out. None for formats not read here (Lance)."""
-    import pyarrow as pa
-    import pyarrow.compute as pc
-
-    from pipelines.corpus import (
-        blocks,
-        detect_format,
-        expand_paths,
-        iter_csv_records,
-        iter_jsonl_records,
-        iter_parquet_records,
-    )
-    from pipelines.validate import RowSpec
-
-    spec, paths = RowSpec.from_config(cfg), expand_paths(cfg.corpus.path)
-    fmt = cfg.corpus.format if cfg.corpus.format != "auto" else detect_format(paths)
-    if fmt not in ("jsonl", "csv", "parquet"):
-        return None
-    first: dict[str, str] = {}
-    for path in paths:
-        with _open(path, random_access=fmt == "parquet") as stream:
-            records = (iter_jsonl_records(stream) if fmt == "jsonl" else
-                       iter_csv_records(stream, spec.source_fields) if fmt == "csv" else
-                       iter_parquet_records(stream, spec.source_fields, 4096))
-            for block in blocks(records, spec, path, 4096, coerce=fmt == "csv"):
-                good = block.filter(pc.is_null(block[S.REASON_CODE]))
-                for doc, h in zip(good[S.ID].to_pylist(), good[S.CONTENT_HASH].to_pylist()):
-                    first.setdefault(doc, h)
-    from pipelines.store import fingerprint_rows
-
-    return fingerprint_rows(pa.table({S.ID: list(first), S.CONTENT_HASH: list(first.values())}))
-
-
-def _open(path: str, random_access: bool):
-    """A local path or a URI, as the index job's readers open it (compression detected from the extension)."""
-    import pyarrow as pa
-    import pyarrow.fs as pafs
-
-    if "://" not in path:
-        return pa.memory_map(path) if random_access else pa.input_stream(path)
-    fs, inner = pafs.FileSystem.from_uri(path)
-    return fs.open_input_file(inner) if random_access else fs.open_input_stream(inner)
 
 
 def summary(report: dict[str, Any]) -> str:

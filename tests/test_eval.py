@@ -17,6 +17,7 @@ from conftest import good_docs, write_jsonl
 
 from pipelines import evaluate
 from pipelines.config import parse_config
+from pipelines.corpus import corpus_fingerprint
 
 TOPICS = ["cell protein", "cancer risk", "vitamin study", "brain data", "gene model"]
 TEST_IDS = [f"t{i}" for i in range(6)]
@@ -136,7 +137,7 @@ def test_eval_end_to_end_then_reuses_the_index(tmp_path, collection, tiny_model,
     cfg = parse_config(data)
     icfg = cfg.model_copy(update={"corpus": parse_config({"corpus": {"path": str(collection / "corpus.jsonl")}}).corpus})
     store = Store(cfg.storage)
-    assert evaluate.corpus_fingerprint(icfg) == store.content_fingerprint(store.passages())
+    assert corpus_fingerprint(icfg) == store.content_fingerprint(store.passages())
 
     # second run, through the CLI: passages is reused, the index job never starts
     def no_index(*args, **kwargs):
@@ -176,7 +177,7 @@ def test_eval_end_to_end_then_reuses_the_index(tmp_path, collection, tiny_model,
     docs = good_docs(30)
     docs[3]["text"] = "changed text"
     write_jsonl(collection / "corpus.jsonl", docs)
-    assert evaluate.corpus_fingerprint(icfg) != store.content_fingerprint(store.passages())
+    assert corpus_fingerprint(icfg) != store.content_fingerprint(store.passages())
 
 
 @pytest.mark.parametrize("where", ["rerank", "embed"])
