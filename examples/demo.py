@@ -63,7 +63,7 @@ def main() -> int:
         for rank, hit in enumerate(ranking.hits, 1):
             mark = "*" if hit.id in relevant else " "
             print(f" {mark}{rank}. {hit.score:.3f} [{hit.id}] (first stage #{hit.retrieval_rank}) {hit.title[:80]}")
-    print("\nThe demo reranker trains for about a minute on 200 claims; the rerank summary above shows the weight, "
+    print("\nThe demo reranker trains for about two minutes on 200 claims; the rerank summary above shows the weight, "
           "fitted on held-out train claims, with which its score is blended with the first stage's.")
     print(f"more: batchrank lookup --config {args.config} \"{claims[3][0]}\"")
     print(f"quality and cost of every candidate source and rerank depth: batchrank eval --config {args.config}")
