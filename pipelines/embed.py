@@ -2,7 +2,9 @@
 
 ``__call__`` maps a validated Arrow batch to the same batch plus a ``vector`` column
 (fixed-size list of float32, unit length when ``normalize``). Rows already marked bad
-pass through with a null vector so that the sink can quarantine them.
+pass through with a null vector so that the sink can quarantine them. Rows whose id and
+content hash are already in ``passages`` (``known``) are not embedded at all: they pass
+through with a null vector and ``_unchanged`` set, so that a rerun embeds only what changed.
 
 Example (no Ray needed)::
 
@@ -26,7 +28,7 @@ class Embedder:
 
     def __init__(self, model: str, *, batch_size: int = 16, device: str = "auto", dtype: str = "auto",
                  max_seq_length: int | None = None, normalize: bool = True, trust_remote_code: bool = False,
-                 num_threads: float | None = None):
+                 num_threads: float | None = None, known: dict[str, str] | None = None):
         from pipelines.models import configure_threads, load_bi_encoder
 
         configure_threads(num_threads)
@@ -35,6 +37,7 @@ class Embedder:
         self.batch_size = batch_size
         self.normalize = normalize
         self.dim = self.model.get_embedding_dimension()
+        self.known = known or {}
 
     def encode(self, texts: list[str]) -> np.ndarray:
         import torch
@@ -46,13 +49,16 @@ class Embedder:
 
     def __call__(self, batch: pa.Table) -> pa.Table:
         start = time.perf_counter()
-        good = pc.is_null(batch[S.REASON_CODE]).to_numpy(zero_copy_only=False)
-        texts = batch[S.EMBED_INPUT].filter(pa.array(good)).to_pylist()
+        valid = pc.is_null(batch[S.REASON_CODE]).to_numpy(zero_copy_only=False)
+        unchanged = np.array([bool(v) and self.known.get(i) == h for v, i, h in zip(
+            valid, batch[S.ID].to_pylist(), batch[S.CONTENT_HASH].to_pylist())], dtype=bool)
+        todo = valid & ~unchanged
+        texts = batch[S.EMBED_INPUT].filter(pa.array(todo)).to_pylist()
         flat = np.zeros((len(batch), self.dim), dtype=np.float32)
         if texts:
-            flat[good] = self.encode(texts)
-        vectors = pa.FixedSizeListArray.from_arrays(pa.array(flat.ravel()), self.dim, mask=pa.array(~good))
+            flat[todo] = self.encode(texts)
+        vectors = pa.FixedSizeListArray.from_arrays(pa.array(flat.ravel()), self.dim, mask=pa.array(~todo))
         seconds = (time.perf_counter() - start) / max(len(batch), 1)
         out = batch.drop_columns([S.EMBED_INPUT, S.SECONDS])
-        out = out.append_column(S.VECTOR, vectors)
+        out = out.append_column(S.VECTOR, vectors).append_column(S.UNCHANGED, pa.array(unchanged))
         return out.append_column(S.SECONDS, pa.array(batch[S.SECONDS].to_numpy() + seconds))

@@ -97,6 +97,7 @@ def _index(cfg, state: _RunState) -> None:
                 f"'{e.model}'; vectors of two models must not mix: set embed.model back, or index into a new "
                 "storage.passages_table"
             )
+        known = store.content_hashes() if built_with is not None else {}  # rows a rerun need not embed
         cpus, gpus = actor_resources(cluster, e.actors, e.cpus_per_actor, e.gpus_per_actor)
         report["cluster"] = {"address": cluster.address, "nodes": cluster.nodes, "cpus": cluster.cpus,
                              "gpus": cluster.gpus, "actors": e.actors, "cpus_per_actor": cpus, "gpus_per_actor": gpus}
@@ -105,7 +106,7 @@ def _index(cfg, state: _RunState) -> None:
             fn_constructor_kwargs=dict(
                 model=e.model, batch_size=e.batch_size, device=actor_device(e.device, gpus), dtype=e.dtype,
                 max_seq_length=e.max_seq_length, normalize=e.normalize, trust_remote_code=e.trust_remote_code,
-                num_threads=e.cpus_per_actor,
+                num_threads=e.cpus_per_actor, known=known,
             ),
             # Two tasks in flight per actor keep it fed without letting the first actor up hoard the queue.
             compute=ray.data.ActorPoolStrategy(size=e.actors, max_tasks_in_flight_per_actor=2),
@@ -123,6 +124,7 @@ def _index(cfg, state: _RunState) -> None:
         with timer("pipeline"):
             with Progress("index", unit="docs") as progress:
                 for batch in ds.iter_batches(batch_format="pyarrow", batch_size=None, prefetch_batches=2):
+                    unchanged_before = sink.rows_unchanged
                     good, bad = sink.split(batch)
                     if staged is None and good.num_rows:
                         dim = good.schema.field(S.VECTOR).type.list_size
@@ -131,7 +133,8 @@ def _index(cfg, state: _RunState) -> None:
                     if sink.pending_rows >= FLUSH_ROWS:
                         with timer("stage_writes"):
                             staged.add(sink.take_pending())
-                    progress.update(good.num_rows, quarantined=bad.num_rows)
+                    progress.update(good.num_rows, unchanged=sink.rows_unchanged - unchanged_before,
+                                    quarantined=bad.num_rows)
             if staged is not None and sink.pending_rows:
                 with timer("stage_writes"):
                     staged.add(sink.take_pending())
@@ -156,12 +159,14 @@ def _index(cfg, state: _RunState) -> None:
 
 
 def _rows(sink: _Sink, *, failed: bool) -> dict[str, Any]:
-    """Row accounting: read = written + quarantined (+ staged but not published, when the run failed)."""
+    """Row accounting: read = written + unchanged (already in passages, not embedded) + quarantined
+    (+ staged but not published, when the run failed)."""
     written, unpublished = (0, sink.rows_written) if failed else (sink.rows_written, 0)
-    rows = {"read": sink.rows_read, "written": written, "quarantined": sink.rows_quarantined}
+    rows = {"read": sink.rows_read, "written": written, "unchanged": sink.rows_unchanged,
+            "quarantined": sink.rows_quarantined}
     if failed:
         rows["not_published_run_failed"] = unpublished
-    rows["reconciled"] = sink.rows_read == written + sink.rows_quarantined + unpublished
+    rows["reconciled"] = sink.rows_read == written + sink.rows_unchanged + sink.rows_quarantined + unpublished
     return rows
 
 
@@ -201,7 +206,7 @@ class _Sink:
     def __init__(self, run_id: str, model: str):
         self.run_id, self.model = run_id, model
         self.seen: dict[str, str] = {}
-        self.rows_read = self.rows_written = self.rows_quarantined = 0
+        self.rows_read = self.rows_written = self.rows_unchanged = self.rows_quarantined = 0
         self.embed_seconds = 0.0
         self.reasons: dict[str, int] = {}
         self._pending: list[pa.Table] = []
@@ -213,6 +218,11 @@ class _Sink:
         self.embed_seconds += pc.sum(batch[S.SECONDS]).as_py() or 0.0
         batch = self._mark_duplicates(batch)
         is_bad = pc.is_valid(batch[S.REASON_CODE])
+        unchanged = pc.and_(pc.invert(is_bad), batch[S.UNCHANGED]) if S.UNCHANGED in batch.column_names else None
+        if unchanged is not None:  # already in passages as they are: counted, not rewritten
+            self.rows_unchanged += pc.sum(unchanged).as_py() or 0
+            batch, is_bad = batch.filter(pc.invert(unchanged)).drop_columns([S.UNCHANGED]), \
+                is_bad.filter(pc.invert(unchanged))
         good, bad = batch.filter(pc.invert(is_bad)), batch.filter(is_bad)
         if good.num_rows:
             now = pa.array([utcnow()] * good.num_rows, S.TIMESTAMP)
@@ -286,7 +296,9 @@ def summary(report: dict[str, Any]) -> str:
                 f"  rows: {r}\n  the previous table version is intact; report: {report.get('report_path')}")
     lines = [
         f"index run {report['run_id']}: {report['status']}" + (f" ({report['error']})" if "error" in report else ""),
-        f"  rows: {r['read']:,} read = {r['written']:,} written + {r['quarantined']:,} quarantined"
+        f"  rows: {r['read']:,} read = {r['written']:,} written + "
+        + (f"{r['unchanged']:,} unchanged (not embedded) + " if r.get("unchanged") else "")
+        + f"{r['quarantined']:,} quarantined"
         + ("" if r["reconciled"] else "  (DOES NOT RECONCILE)"),
     ]
     if report["quarantine_reasons"]:

@@ -60,6 +60,7 @@ RANKED_AT = "ranked_at"
 # in-flight only (never stored)
 EMBED_INPUT = "_embed_input"
 SECONDS = "_seconds"  # per-row share of the stage time, summed by the sink for the report
+UNCHANGED = "_unchanged"  # already in passages with the same content hash: not embedded, not rewritten
 CAND_IDS = "_cand_ids"  # retrieve → score: the candidates of each query, best retrieval first
 CAND_TEXTS = "_cand_texts"
 CAND_SCORES = "_cand_scores"

@@ -142,6 +142,14 @@ class Store:
         rows = table.search().select([S.MODEL]).limit(1).to_arrow()
         return rows[S.MODEL][0].as_py()
 
+    def content_hashes(self) -> dict[str, str]:
+        """{id: content hash} of every passage (empty when there is no table): what a rerun need not embed."""
+        table = self.open(self.cfg.passages_table)
+        if table is None:
+            return {}
+        rows = table.search().select([S.ID, S.CONTENT_HASH]).limit(None).to_arrow()
+        return dict(zip(rows[S.ID].to_pylist(), rows[S.CONTENT_HASH].to_pylist()))
+
     # -- writing --------------------------------------------------------------------------
     def stage(self, table: str, run_id: str, schema: pa.Schema) -> StagedTable:
         return StagedTable(self, f"_staging-{table}-{run_id}", schema)

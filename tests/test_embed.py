@@ -26,6 +26,21 @@ def test_embedder_maps_batch_to_batch(tiny_model):
     np.testing.assert_allclose(good, plain, atol=1e-5)  # same vectors as plain encode
 
 
+def test_rows_already_in_passages_are_not_embedded(tiny_model):
+    spec = RowSpec(model=tiny_model)
+    batch = validate_records([(1, {"_id": "a", "text": "cell protein"}), (2, {"_id": "b", "text": "gene model"}),
+                              (3, {"_id": "c", "text": "brain data"})], spec, source="s")
+    hashes = dict(zip(batch["id"].to_pylist(), batch["content_hash"].to_pylist()))
+    stage = Embedder(tiny_model, known={"a": hashes["a"], "b": "an older hash"})  # a unchanged, b changed, c new
+    seen: list[str] = []
+    real = stage.encode
+    stage.encode = lambda texts: seen.extend(texts) or real(texts)
+    out = stage(batch)
+    assert seen == ["gene model", "brain data"]  # the unchanged row never reaches the model
+    assert out["_unchanged"].to_pylist() == [True, False, False]
+    assert out["vector"].to_pylist()[0] is None and None not in out["vector"].to_pylist()[1:]
+
+
 def test_embedder_all_bad_batch(tiny_model):
     batch = validate_records([(1, Malformed("bad_json", "x", "{"))], RowSpec(), source="s")
     out = Embedder(tiny_model)(batch)
