@@ -98,7 +98,7 @@ def _evaluate(cfg, report: dict[str, Any], timer: Timer) -> None:
         columns = (S.TITLE, S.TEXT) if source in reranked else ()  # texts only where the cross-encoder reads them
         search = CandidateSearch(store, table, cfg.index, k=k, source=source, rrf_k=rt.rrf_k, exact=rt.exact,
                                  columns=columns, threads=rt.search_threads)
-        with timer(f"retrieve_{source}"):
+        with timer(f"retrieve_{source}"), search:
             start = time.perf_counter()
             hits = search(vectors, query_texts)
             search_s = time.perf_counter() - start

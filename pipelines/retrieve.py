@@ -54,6 +54,12 @@ class CandidateSearch:
         self.columns = list(dict.fromkeys([S.ID, *columns]))
         self.pool = ThreadPoolExecutor(max_workers=threads, thread_name_prefix="search")
 
+    def __enter__(self) -> CandidateSearch:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.pool.shutdown()  # one-off users (eval, training, the search command) free the search threads
+
     def __call__(self, vectors: np.ndarray | None, texts: list[str]) -> list[pa.Table]:
         if self.source == "vector":
             return self.vector(vectors)

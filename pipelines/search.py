@@ -36,6 +36,6 @@ def search(cfg, query: str, *, k: int = 10, source: str = "vector", exact: bool 
         e = cfg.embed
         model = _encoder(e.model, e.device, e.dtype, e.max_seq_length, e.trust_remote_code)
         vectors = model.encode([query], normalize_embeddings=e.normalize, convert_to_numpy=True).astype("float32")
-    candidates = CandidateSearch(store, table, cfg.index, k=k, source=source, rrf_k=cfg.retrieve.rrf_k, exact=exact,
-                                 columns=(S.TITLE, S.TEXT), threads=1)
-    return candidates(vectors, [query])[0].to_pylist()
+    with CandidateSearch(store, table, cfg.index, k=k, source=source, rrf_k=cfg.retrieve.rrf_k, exact=exact,
+                         columns=(S.TITLE, S.TEXT), threads=1) as candidates:
+        return candidates(vectors, [query])[0].to_pylist()

@@ -83,15 +83,13 @@ class Data:
             self.encoder = load_bi_encoder(e.model, device=e.device, dtype=e.dtype, max_seq_length=e.max_seq_length,
                                            trust_remote_code=e.trust_remote_code)
         out, step = [], cfg.retrieve.queries_per_call
-        try:
+        with search:
             for start in range(0, len(texts), step):
                 chunk = texts[start:start + step]
                 vectors = None if source == "fts" else self.encoder.encode(
                     chunk, batch_size=e.batch_size, normalize_embeddings=e.normalize, convert_to_numpy=True,
                     show_progress_bar=False).astype("float32")
                 out += [hits.to_pylist() for hits in search(vectors, chunk)]
-        finally:
-            search.pool.shutdown()
         return out
 
 
