@@ -60,7 +60,8 @@ def main() -> None:
         "query_log": {"path": str(work / "test-claims-log.jsonl")},
         "retrieve": {"k": args.k},
         "rerank": {"model": str(work / "reranker"), "top_n": args.top_n, "max_length": args.max_length,
-                   "batch_size": args.batch_size, "actors": args.actors},
+                   "batch_size": args.batch_size, "actors": args.actors,
+                   "cache": False},  # every pair scored by the model: the comparison is model against model
         "train": {"queries": str(data / "queries.jsonl"), "qrels": str(data / "qrels/train.tsv"),
                   "output": str(work / "reranker"), "max_queries": args.train_queries,
                   "negatives": {"per_query": 3, "range_max": 30}, "max_length": args.max_length},

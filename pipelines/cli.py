@@ -41,7 +41,7 @@ def _load(config: Path):
 def run_job(job: str, config: Path, verbose: bool = False, **options) -> int:
     """Shared by the CLI and ``python -m jobs.<job>``: run one job, print its summary; exit code 0 on success.
 
-    ``job`` is ``index``, ``rerank`` or ``train``. Config errors exit 2; failed runs exit 1, after which
+    ``job`` is ``index``, ``rerank``, ``nightly``, ``train``, ``train-biencoder`` or ``eval``. Config errors exit 2; failed runs exit 1, after which
     the previous table versions are intact.
     """
     import importlib
@@ -52,7 +52,8 @@ def run_job(job: str, config: Path, verbose: bool = False, **options) -> int:
     cfg = _load(config)
     module = importlib.import_module({"index": "pipelines.index", "rerank": "pipelines.rerank",
                                       "train": "pipelines.train", "eval": "pipelines.evaluate",
-                                      "train-biencoder": "pipelines.train_biencoder"}[job])
+                                      "train-biencoder": "pipelines.train_biencoder",
+                                      "nightly": "pipelines.nightly"}[job])
     try:
         report = module.run(cfg, **options)
     except ConfigError as exc:
@@ -78,7 +79,7 @@ def job_main(job: str, argv: list[str] | None = None) -> int:
     import argparse
 
     module = {"index": "jobs.index", "rerank": "jobs.rerank", "train": "jobs.train_reranker", "eval": "jobs.eval",
-              "train-biencoder": "jobs.train_biencoder"}[job]
+              "train-biencoder": "jobs.train_biencoder", "nightly": "jobs.nightly"}[job]
     parser = argparse.ArgumentParser(prog=f"python -m {module}")
     parser.add_argument("--config", "-c", required=True, type=Path, help="YAML config of the job")
     parser.add_argument("--verbose", "-v", action="store_true")
@@ -103,6 +104,13 @@ def index(config: ConfigOpt, verbose: Verbose = False) -> None:
 def rerank(config: ConfigOpt, verbose: Verbose = False) -> None:
     """Rerank the query log: retrieve candidates, score them with the cross-encoder, publish a rankings version."""
     raise typer.Exit(run_job("rerank", config, verbose))
+
+
+@app.command()
+def nightly(config: ConfigOpt, verbose: Verbose = False) -> None:
+    """One night: incremental reindex (only new, changed and deleted documents), table upkeep, then rerank of the
+    query log with cached pair scores reused; one report, both tables tagged with the run id."""
+    raise typer.Exit(run_job("nightly", config, verbose))
 
 
 @app.command("train-reranker")

@@ -38,8 +38,10 @@ class StorageConfig(_Section):
     passages_table: str = "passages"
     quarantine_table: str = "quarantine"
     rankings_table: str = "rankings"
+    pair_scores_table: str = Field("pair_scores", description="cross-encoder scores cached by (normalised query, "
+                                                              "document text hash, cross-encoder)")
 
-    @field_validator("passages_table", "quarantine_table", "rankings_table")
+    @field_validator("passages_table", "quarantine_table", "rankings_table", "pair_scores_table")
     @classmethod
     def _table_name(cls, v: str) -> str:
         if not v or not all(c.isalnum() or c in "_-" for c in v):
@@ -56,6 +58,13 @@ class CorpusConfig(_Section):
     metadata_fields: dict[str, MetadataType] = Field(default_factory=dict)
     max_text_chars: int = Field(100_000, gt=0)
     rows_per_block: int = Field(128, gt=0)
+    mode: Literal["snapshot", "changes"] = Field(
+        "snapshot", description="snapshot: the corpus is the whole collection, and passages whose id is absent "
+                                "are deleted; changes: a change feed of new, changed and deleted documents")
+    deleted_field: str = Field("deleted", description="changes mode: a row whose field is true deletes its id")
+    max_delete_fraction: float = Field(0.5, ge=0, le=1, description="snapshot mode: refuse a run that would delete "
+                                                                    "more than this share of passages (a truncated "
+                                                                    "snapshot); 1 allows any")
 
 
 class EmbedConfig(_Section):
@@ -64,6 +73,9 @@ class EmbedConfig(_Section):
     separator: str = " "
     batch_size: int = Field(16, gt=0)
     rows_per_call: int = Field(64, gt=0)
+    local_max_rows: int = Field(500, ge=0, description="an incremental run with at most this many new or changed "
+                                                       "documents embeds them on the driver (starting the actor "
+                                                       "pool would cost more); 0: always the actors")
     actors: int = Field(2, gt=0)
     cpus_per_actor: float = Field(1.0, gt=0)
     gpus_per_actor: float = Field(0.0, ge=0)
@@ -102,6 +114,9 @@ class AnnConfig(_Section):
     nprobes: int = Field(20, gt=0)
     refine_factor: int | None = Field(None, gt=0)
     ef: int | None = Field(None, gt=0)
+    retrain_fraction: float = Field(0.2, gt=0, description="retrain the ANN index once the rows added or changed "
+                                                           "since its training pass this share of the table; below "
+                                                           "it, new rows are added to the trained index")
 
 
 class FtsConfig(_Section):
@@ -114,6 +129,23 @@ class IndexConfig(_Section):
     metric: Literal["cosine", "dot", "l2"] = "cosine"
     ann: AnnConfig = Field(default_factory=AnnConfig)
     fts: FtsConfig = Field(default_factory=FtsConfig)
+
+
+class MaintenanceConfig(_Section):
+    """Table upkeep after each commit: compaction, old-version cleanup, expiry of batchrank's own tags."""
+
+    max_fragments: int = Field(32, gt=0, description="compact a table whose data files exceed this count")
+    version_retention_days: float = Field(7.0, ge=0, description="delete untagged versions older than this "
+                                                                 "(never the latest, a tagged one, or one a run "
+                                                                 "in progress reads)")
+    run_tag_retention_days: float | None = Field(30.0, gt=0, description="drop run tags (run ids that batchrank "
+                                                                         "wrote) older than this, so their versions "
+                                                                         "can be cleaned; null keeps them; tags "
+                                                                         "you create are never dropped")
+    lease_hours: float = Field(24.0, gt=0, description="a run's read lease on a version expires after this (a run "
+                                                       "killed without releasing it)")
+    pair_cache_days: float | None = Field(30.0, gt=0, description="drop cached pair scores older than this; null "
+                                                                  "keeps them")
 
 
 class RayConfig(_Section):
@@ -196,6 +228,8 @@ class RerankConfig(_Section):
     device: Literal["auto", "cpu", "cuda", "mps"] = "auto"
     dtype: Literal["auto", "float32", "float16", "bfloat16"] = "auto"
     trust_remote_code: bool = False
+    cache: bool = Field(True, description="reuse cross-encoder scores of pairs scored before (same normalised query, "
+                                          "document text and cross-encoder); rankings are the same either way")
     fusion: Literal["auto", "none"] | FusionConfig = Field(
         "auto", description="final score: auto (the weight fitted on training judgments and saved with the "
                             "reranker, else the cross-encoder's score alone), none, or {cross_encoder: w}")
@@ -296,6 +330,7 @@ class Config(_Section):
     corpus: CorpusConfig | None = None
     embed: EmbedConfig = Field(default_factory=EmbedConfig)
     index: IndexConfig = Field(default_factory=IndexConfig)
+    maintenance: MaintenanceConfig = Field(default_factory=MaintenanceConfig)
     query_log: QueryLogConfig | None = None
     retrieve: RetrieveConfig = Field(default_factory=RetrieveConfig)
     rerank: RerankConfig | None = None

@@ -2,9 +2,9 @@
 
 ``__call__`` maps a validated Arrow batch to the same batch plus a ``vector`` column
 (fixed-size list of float32, unit length when ``normalize``). Rows already marked bad
-pass through with a null vector so that the sink can quarantine them. Rows whose id and
-content hash are already in ``passages`` (``known``) are not embedded at all: they pass
-through with a null vector and ``_unchanged`` set, so that a rerun embeds only what changed.
+pass through with a null vector so that the sink can quarantine them, and so do a change
+feed's delete markers. (Unchanged documents never get here: the index job plans first and
+sends only new and changed rows.) The same class embeds small deltas on the driver.
 
 Example (no Ray needed)::
 
@@ -28,7 +28,7 @@ class Embedder:
 
     def __init__(self, model: str, *, batch_size: int = 16, device: str = "auto", dtype: str = "auto",
                  max_seq_length: int | None = None, normalize: bool = True, trust_remote_code: bool = False,
-                 num_threads: float | None = None, known: dict[str, str] | None = None):
+                 num_threads: float | None = None):
         from pipelines.models import configure_threads, load_bi_encoder
 
         configure_threads(num_threads)
@@ -37,7 +37,6 @@ class Embedder:
         self.batch_size = batch_size
         self.normalize = normalize
         self.dim = self.model.get_embedding_dimension()
-        self.known = known or {}
 
     def encode(self, texts: list[str]) -> np.ndarray:
         import torch
@@ -50,9 +49,7 @@ class Embedder:
     def __call__(self, batch: pa.Table) -> pa.Table:
         start = time.perf_counter()
         valid = pc.is_null(batch[S.REASON_CODE]).to_numpy(zero_copy_only=False)
-        unchanged = np.array([bool(v) and self.known.get(i) == h for v, i, h in zip(
-            valid, batch[S.ID].to_pylist(), batch[S.CONTENT_HASH].to_pylist())], dtype=bool)
-        todo = valid & ~unchanged
+        todo = valid & ~pc.fill_null(batch[S.DELETED], False).to_numpy(zero_copy_only=False)
         texts = batch[S.EMBED_INPUT].filter(pa.array(todo)).to_pylist()
         flat = np.zeros((len(batch), self.dim), dtype=np.float32)
         if texts:
@@ -60,5 +57,5 @@ class Embedder:
         vectors = pa.FixedSizeListArray.from_arrays(pa.array(flat.ravel()), self.dim, mask=pa.array(~todo))
         seconds = (time.perf_counter() - start) / max(len(batch), 1)
         out = batch.drop_columns([S.EMBED_INPUT, S.SECONDS])
-        out = out.append_column(S.VECTOR, vectors).append_column(S.UNCHANGED, pa.array(unchanged))
+        out = out.append_column(S.VECTOR, vectors)
         return out.append_column(S.SECONDS, pa.array(batch[S.SECONDS].to_numpy() + seconds))

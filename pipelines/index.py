@@ -16,6 +16,7 @@ Example::
 from __future__ import annotations
 
 import logging
+import os
 import time
 from typing import Any
 
@@ -33,8 +34,9 @@ FLUSH_ROWS = 4096  # rows buffered on the driver before a staging append
 BLOCK_BYTES = 256 * 1024
 
 
-def run(cfg, *, run_id: str | None = None) -> dict[str, Any]:
-    """Index the configured corpus; return the run report (also written as JSON).
+def run(cfg, *, run_id: str | None = None, save: bool = True) -> dict[str, Any]:
+    """Index the configured corpus; return the run report (also written as JSON unless ``save`` is False: the
+    nightly job writes one report for all its stages).
 
     On failure the report is written with ``status: failed`` and the error, then the error is
     raised again; the previous ``passages`` version is untouched.
@@ -46,9 +48,9 @@ def run(cfg, *, run_id: str | None = None) -> dict[str, Any]:
         _index(cfg, state)
     except BaseException as exc:
         state.report.update(status="failed", error=f"{type(exc).__name__}: {exc}")
-        exc.batchrank_report = _finish(cfg, state)  # the CLI prints its summary
+        exc.batchrank_report = _finish(cfg, state, save)  # the CLI prints its summary
         raise
-    return _finish(cfg, state)
+    return _finish(cfg, state, save)
 
 
 class _RunState:
@@ -57,6 +59,8 @@ class _RunState:
     def __init__(self, run_id: str, model: str):
         self.run_id = run_id
         self.sink = _Sink(run_id, model)
+        self.known: dict[str, str] = {}  # {id: content hash} in passages when the run started
+        self.cluster = None
         self.timer, self.t0 = Timer(), time.perf_counter()
         self.report: dict[str, Any] = {"job": "index", "run_id": run_id, "status": "running",
                                        "started_at": utcnow().isoformat()}
@@ -65,22 +69,13 @@ class _RunState:
 def _index(cfg, state: _RunState) -> None:
     import ray.data
 
-    from pipelines.corpus import expand_paths, read_corpus
-    from pipelines.embed import Embedder
-    from pipelines.runtime import (
-        READ_CPUS,
-        actor_device,
-        actor_resources,
-        check_not_in_job_package,
-        init_ray,
-        worker_env,
-    )
+    from pipelines.corpus import expand_paths
+    from pipelines.runtime import check_not_in_job_package, init_ray
     from pipelines.store import Store, StoreError
-    from pipelines.validate import RowSpec
 
     run_id, sink, timer, report = state.run_id, state.sink, state.timer, state.report
     store = Store(cfg.storage)
-    e = cfg.embed
+    e, name = cfg.embed, cfg.storage.passages_table
 
     with timer("startup"):
         expand_paths(cfg.corpus.path)  # fail fast on a missing corpus, before Ray starts
@@ -89,88 +84,223 @@ def _index(cfg, state: _RunState) -> None:
         ctx.execution_options.preserve_order = True  # deterministic: the first row of a duplicated id wins
         ctx.enable_progress_bars = False  # our own progress line below, readable in job logs too
         ctx.target_max_block_size = BLOCK_BYTES
-        cluster = init_ray(cfg.ray)  # before LanceDB loads: Ray forks processes, LanceDB's runtime dislikes forks
+        cluster = state.cluster = init_ray(cfg.ray)  # before LanceDB loads: Ray forks processes, LanceDB's runtime dislikes forks
         built_with = store.passages_model()
-        if built_with is not None and built_with != e.model:
+        rebuild = built_with is not None and built_with != e.model
+        if rebuild and cfg.corpus.mode == "changes":
             raise StoreError(
-                f"'{cfg.storage.passages_table}' was built with model '{built_with}', but embed.model is "
-                f"'{e.model}'; vectors of two models must not mix: set embed.model back, or index into a new "
-                "storage.passages_table"
-            )
-        known = store.content_hashes() if built_with is not None else {}  # rows a rerun need not embed
-        cpus, gpus = actor_resources(cluster, e.actors, e.cpus_per_actor, e.gpus_per_actor)
+                f"'{name}' was built with '{built_with}' and embed.model is now '{e.model}': a model change "
+                "re-embeds every document, and a change feed does not hold them all; run this once with "
+                "corpus.mode: snapshot on the full corpus (or set embed.model back)")
+        known = {} if rebuild else store.content_hashes()
+        state.known = known
+        report["mode"] = "rebuild" if rebuild else "incremental" if known else "full"
+        if rebuild:
+            report["model_change"] = {"from": built_with, "to": e.model}
         report["cluster"] = {"address": cluster.address, "nodes": cluster.nodes, "cpus": cluster.cpus,
-                             "gpus": cluster.gpus, "actors": e.actors, "cpus_per_actor": cpus, "gpus_per_actor": gpus}
-        ds = read_corpus(cfg.corpus, RowSpec.from_config(cfg), read_cpus=READ_CPUS).map_batches(
-            Embedder,
-            fn_constructor_kwargs=dict(
-                model=e.model, batch_size=e.batch_size, device=actor_device(e.device, gpus), dtype=e.dtype,
-                max_seq_length=e.max_seq_length, normalize=e.normalize, trust_remote_code=e.trust_remote_code,
-                num_threads=e.cpus_per_actor, known=known,
-            ),
-            # Two tasks in flight per actor keep it fed without letting the first actor up hoard the queue.
-            compute=ray.data.ActorPoolStrategy(size=e.actors, max_tasks_in_flight_per_actor=2),
-            num_cpus=cpus,
-            num_gpus=gpus,
-            batch_size=e.rows_per_call,
-            batch_format="pyarrow",
-            runtime_env={"env_vars": worker_env()},
-        )
+                             "gpus": cluster.gpus}
+        # A small delta is embedded right here: the model loads while the corpus is compared.
+        preload = _Preload(cfg) if known and e.local_max_rows else None
 
-    log.info("run %s: indexing %s into %s/%s", run_id, cfg.corpus.path, redact_uri(cfg.storage.uri),
-             cfg.storage.passages_table)
-    staged = None
+    log.info("run %s: indexing %s into %s/%s (%s)", run_id, cfg.corpus.path, redact_uri(cfg.storage.uri), name,
+             report["mode"])
+    staged, deletes = None, []
     try:
-        with timer("pipeline"):
-            with Progress("index", unit="docs") as progress:
-                for batch in ds.iter_batches(batch_format="pyarrow", batch_size=None, prefetch_batches=2):
-                    unchanged_before = sink.rows_unchanged
-                    good, bad = sink.split(batch)
-                    if staged is None and good.num_rows:
-                        dim = good.schema.field(S.VECTOR).type.list_size
-                        staged = store.stage(cfg.storage.passages_table, run_id,
-                                             S.passages_schema(dict(cfg.corpus.metadata_fields), dim))
-                    if sink.pending_rows >= FLUSH_ROWS:
-                        with timer("stage_writes"):
-                            staged.add(sink.take_pending())
-                    progress.update(good.num_rows, unchanged=sink.rows_unchanged - unchanged_before,
-                                    quarantined=bad.num_rows)
-            if staged is not None and sink.pending_rows:
-                with timer("stage_writes"):
-                    staged.add(sink.take_pending())
+        if known:
+            with timer("plan"), Progress("compare", unit="docs") as progress:
+                todo = _plan(cfg, sink, known, progress)
+            deletes = _deletions(cfg, sink, known)
+            report["plan"] = {"embed": len(todo), "unchanged": sink.rows_unchanged, "delete": len(deletes)}
+            if todo:
+                local = len(todo) <= e.local_max_rows
+                report["plan"]["embedded_on"] = "driver" if local else "actors"
+                ds = _read(cfg).map_batches(_keep_planned, fn_kwargs={"todo": todo}, batch_format="pyarrow",
+                                            batch_size=None, num_cpus=_read_cpus())
+                embedder = preload.get() if local else None
+                if not local:
+                    ds = _embed_with_actors(cfg, ds, state)
+                staged = _stream(cfg, state, ds, store, embedder=embedder, planned=todo)
+        else:
+            staged = _stream(cfg, state, _embed_with_actors(cfg, _read(cfg), state), store)
+            if rebuild:
+                deletes = sorted(set(store.content_hashes()) - sink.written_ids)
+        report["deleted_ids_sample"] = deletes[:20]
 
         with timer("quarantine_write"):
             store.append_quarantine(sink.quarantine_table())
         maybe_fail("before_commit")
         with timer("commit"):
-            if staged is not None:
-                version = store.commit_passages(staged, run_id)
+            before = store.open(name)
+            report["passages_before"] = before.count_rows() if before is not None else 0
+            if staged is not None or (deletes and not rebuild):
+                version = store.commit_passages(staged, run_id, deletes=[] if rebuild else deletes,
+                                                replace=rebuild)
                 report["table_tag"] = run_id
-            else:  # nothing good to write: the table stays as it was
-                existing = store.open(cfg.storage.passages_table)
-                version = existing.version if existing is not None else None
+            else:  # nothing new, changed or deleted: no new version
+                version = before.version if before is not None else None
+        sink.rows_deleted = len(deletes)
         maybe_fail("after_commit")
-        with timer("index"):
-            report["indexes"] = store.ensure_indexes(cfg.index) if version is not None else {}
+        report["committed_version"] = version
+        with timer("upkeep"):
+            report["upkeep"] = store.upkeep(name, index_cfg=cfg.index, maint=cfg.maintenance,
+                                            tag=report.get("table_tag")) if version is not None else {}
+        report["indexes"] = report["upkeep"].get("indexes", {})
         report["status"] = "succeeded"
     finally:
         if staged is not None:
             staged.drop()
+        if preload is not None:
+            preload.discard()
+
+
+def _read_cpus() -> float:
+    from pipelines.runtime import READ_CPUS
+
+    return READ_CPUS
+
+
+def _read(cfg):
+    from pipelines.corpus import read_corpus
+    from pipelines.validate import RowSpec
+
+    return read_corpus(cfg.corpus, RowSpec.from_config(cfg), read_cpus=_read_cpus())
+
+
+def _embed_with_actors(cfg, ds, state: _RunState):
+    """The embedding actor pool (one model per actor; GPUs when configured)."""
+    import ray.data
+
+    from pipelines.embed import Embedder
+    from pipelines.runtime import actor_device, actor_resources, worker_env
+
+    e = cfg.embed
+    cpus, gpus = actor_resources(state.cluster, e.actors, e.cpus_per_actor, e.gpus_per_actor)
+    state.report["cluster"].update(actors=e.actors, cpus_per_actor=cpus, gpus_per_actor=gpus)
+    return ds.map_batches(
+        Embedder,
+        fn_constructor_kwargs=dict(
+            model=e.model, batch_size=e.batch_size, device=actor_device(e.device, gpus), dtype=e.dtype,
+            max_seq_length=e.max_seq_length, normalize=e.normalize, trust_remote_code=e.trust_remote_code,
+            num_threads=e.cpus_per_actor,
+        ),
+        # Two tasks in flight per actor keep it fed without letting the first actor up hoard the queue.
+        compute=ray.data.ActorPoolStrategy(size=e.actors, max_tasks_in_flight_per_actor=2),
+        num_cpus=cpus,
+        num_gpus=gpus,
+        batch_size=e.rows_per_call,
+        batch_format="pyarrow",
+        runtime_env={"env_vars": worker_env()},
+    )
+
+
+def _stream(cfg, state: _RunState, ds, store, *, embedder=None, planned: dict[str, str] | None = None):
+    """Drain the embedded stream into a staging table; return it (None when no row was good)."""
+    sink, timer = state.sink, state.timer
+    staged = None
+    with timer("pipeline"), Progress("index", unit="docs") as progress:
+        for batch in ds.iter_batches(batch_format="pyarrow", batch_size=None, prefetch_batches=2):
+            if embedder is not None:
+                with timer("embed_on_driver"):
+                    batch = embedder(batch)
+            if planned is None:
+                good, bad = sink.split(batch)
+            else:
+                good, bad = sink.embedded(batch, planned), batch.slice(0, 0)
+            if staged is None and good.num_rows:
+                dim = good.schema.field(S.VECTOR).type.list_size
+                staged = store.stage(cfg.storage.passages_table, state.run_id,
+                                     S.passages_schema(dict(cfg.corpus.metadata_fields), dim))
+            if sink.pending_rows >= FLUSH_ROWS:
+                with timer("stage_writes"):
+                    staged.add(sink.take_pending())
+            progress.update(good.num_rows, quarantined=bad.num_rows)
+        if staged is not None and sink.pending_rows:
+            with timer("stage_writes"):
+                staged.add(sink.take_pending())
+    return staged
+
+
+def _plan(cfg, sink: _Sink, known: dict[str, str], progress) -> dict[str, str]:
+    """First pass of an incremental run: compare every corpus row with ``passages`` by id and content hash,
+    without embedding anything. Counts and quarantines as it goes; returns {row key: content hash} of the rows
+    to embed (new or changed)."""
+    todo: dict[str, str] = {}
+    for batch in _read(cfg).drop_columns([S.EMBED_INPUT]).iter_batches(batch_format="pyarrow", batch_size=None,
+                                                              prefetch_batches=2):
+        todo.update(sink.plan(batch, known))
+        progress.update(batch.num_rows)
+    return todo
+
+
+def _deletions(cfg, sink: _Sink, known: dict[str, str]) -> list[str]:
+    """Ids to remove from passages: those a snapshot no longer holds, or those a change feed marks deleted.
+    A snapshot missing more than ``corpus.max_delete_fraction`` of the table is refused (a truncated file)."""
+    from pipelines.store import StoreError
+
+    c = cfg.corpus
+    if c.mode == "changes":
+        return sorted(i for i in sink.delete_markers if i in known)
+    gone = sorted(set(known) - sink.seen_ids)
+    if known and len(gone) > c.max_delete_fraction * len(known):
+        raise StoreError(
+            f"the corpus snapshot lacks {len(gone):,} of the {len(known):,} documents in "
+            f"'{cfg.storage.passages_table}' ({len(gone) / len(known):.0%}), over corpus.max_delete_fraction="
+            f"{c.max_delete_fraction}; if the corpus really shrank, raise it (1 allows any deletion); if the input "
+            "holds only changes, set corpus.mode: changes. Nothing was written")
+    return gone
+
+
+def _keep_planned(batch: pa.Table, todo: dict[str, str]) -> pa.Table:
+    """Second pass of an incremental run, inside the read tasks: keep the rows the plan embeds."""
+    keys = [f"{s}\x1f{r}" for s, r in zip(batch[S.SOURCE].to_pylist(), batch[S.ROW].to_pylist())]
+    return batch.filter(pa.array([k in todo for k in keys]))
+
+
+class _Preload:
+    """Loads the bi-encoder on the driver in a background thread, for deltas small enough to embed here."""
+
+    def __init__(self, cfg):
+        import threading
+
+        self._cfg, self._result, self._error = cfg, None, None
+        self._thread = threading.Thread(target=self._load, name="batchrank-preload", daemon=True)
+        self._thread.start()
+
+    def _load(self) -> None:
+        from pipelines.embed import Embedder
+
+        e = self._cfg.embed
+        try:
+            self._result = Embedder(e.model, batch_size=e.batch_size, device=e.device, dtype=e.dtype,
+                                    max_seq_length=e.max_seq_length, normalize=e.normalize,
+                                    trust_remote_code=e.trust_remote_code, num_threads=os.cpu_count())
+        except BaseException as exc:  # surfaced by get()
+            self._error = exc
+
+    def get(self):
+        self._thread.join()
+        if self._error is not None:
+            raise self._error
+        return self._result
+
+    def discard(self) -> None:
+        self._result = None
 
 
 def _rows(sink: _Sink, *, failed: bool) -> dict[str, Any]:
-    """Row accounting: read = written + unchanged (already in passages, not embedded) + quarantined
-    (+ staged but not published, when the run failed)."""
+    """Row accounting: read = written + unchanged (already in passages, not embedded) + delete markers (a change
+    feed's) + quarantined (+ staged but not published, when the run failed)."""
     written, unpublished = (0, sink.rows_written) if failed else (sink.rows_written, 0)
     rows = {"read": sink.rows_read, "written": written, "unchanged": sink.rows_unchanged,
-            "quarantined": sink.rows_quarantined}
+            "delete_markers": sink.rows_delete_markers, "quarantined": sink.rows_quarantined}
     if failed:
         rows["not_published_run_failed"] = unpublished
-    rows["reconciled"] = sink.rows_read == written + sink.rows_unchanged + sink.rows_quarantined + unpublished
+    rows["reconciled"] = sink.rows_read == (written + sink.rows_unchanged + sink.rows_delete_markers
+                                            + sink.rows_quarantined + unpublished)
     return rows
 
 
-def _finish(cfg, state: _RunState) -> dict[str, Any]:
+def _finish(cfg, state: _RunState, save: bool = True) -> dict[str, Any]:
     """Complete the report from the run's counters, write it as JSON, return it."""
     from pipelines.store import Store
 
@@ -183,21 +313,27 @@ def _finish(cfg, state: _RunState) -> dict[str, Any]:
     except Exception as exc:  # the report must still be written when storage is what failed
         version, rows = None, f"unreadable: {exc}"
     pipeline_s = timer.seconds.get("pipeline")
+    succeeded = report["status"] == "succeeded"
+    updated = sum(1 for i in sink.written_ids if i in state.known) if succeeded else 0
     report.update({
         "finished_at": utcnow().isoformat(),
         "corpus": cfg.corpus.path,
+        "corpus_mode": cfg.corpus.mode,
         "storage": redact_uri(cfg.storage.uri),
         "model": cfg.embed.model,
-        "rows": _rows(sink, failed=report["status"] != "succeeded"),
+        "rows": _rows(sink, failed=not succeeded),
+        "passages": {"before": report.pop("passages_before", None),
+                     "added": (sink.rows_written - updated) if succeeded else 0, "updated": updated,
+                     "deleted": sink.rows_deleted if succeeded else 0, "after": rows},
         "quarantine_reasons": dict(sorted(sink.reasons.items())),
         "docs_per_second": round(sink.rows_written / pipeline_s, 2) if pipeline_s else None,
         "docs_per_second_end_to_end": round(sink.rows_written / seconds["total"], 2) if seconds["total"] else None,
         "seconds": seconds,
         "table": {"name": cfg.storage.passages_table, "version": version, "rows": rows,
-                  "tag": report.pop("table_tag", None)},
+                  "tag": report.pop("table_tag", None), "committed_version": report.pop("committed_version", None)},
     })
     report.setdefault("indexes", {})
-    return save_report(report, cfg)
+    return save_report(report, cfg) if save else report
 
 
 class _Sink:
@@ -205,25 +341,69 @@ class _Sink:
 
     def __init__(self, run_id: str, model: str):
         self.run_id, self.model = run_id, model
-        self.seen: dict[str, str] = {}
+        self.seen: dict[str, str] = {}  # id -> where its first good row was
+        self.seen_ids: set[str] = set()  # every id the input holds, good or bad (a snapshot keeps them)
+        self.delete_markers: set[str] = set()
+        self.written_ids: set[str] = set()
         self.rows_read = self.rows_written = self.rows_unchanged = self.rows_quarantined = 0
+        self.rows_delete_markers = self.rows_deleted = 0
         self.embed_seconds = 0.0
         self.reasons: dict[str, int] = {}
         self._pending: list[pa.Table] = []
         self.pending_rows = 0
         self._bad: list[pa.Table] = []
 
-    def split(self, batch: pa.Table) -> tuple[pa.Table, pa.Table]:
+    def _take_in(self, batch: pa.Table) -> tuple[pa.Table, pa.Table, pa.Table]:
+        """Count a batch of input rows; return (good rows, delete markers, bad rows), bad ones quarantined."""
         self.rows_read += batch.num_rows
-        self.embed_seconds += pc.sum(batch[S.SECONDS]).as_py() or 0.0
         batch = self._mark_duplicates(batch)
+        self.seen_ids.update(i for i in batch[S.ID].to_pylist() if i is not None)
         is_bad = pc.is_valid(batch[S.REASON_CODE])
-        unchanged = pc.and_(pc.invert(is_bad), batch[S.UNCHANGED]) if S.UNCHANGED in batch.column_names else None
-        if unchanged is not None:  # already in passages as they are: counted, not rewritten
-            self.rows_unchanged += pc.sum(unchanged).as_py() or 0
-            batch, is_bad = batch.filter(pc.invert(unchanged)).drop_columns([S.UNCHANGED]), \
-                is_bad.filter(pc.invert(unchanged))
-        good, bad = batch.filter(pc.invert(is_bad)), batch.filter(is_bad)
+        marker = pc.and_(pc.invert(is_bad), pc.fill_null(batch[S.DELETED], False))
+        markers = batch.filter(marker)
+        if markers.num_rows:
+            self.rows_delete_markers += markers.num_rows
+            self.delete_markers.update(markers[S.ID].to_pylist())
+        bad = batch.filter(is_bad)
+        if bad.num_rows:
+            self._bad.append(bad.select([S.SOURCE, S.ROW, S.ID, S.REASON_CODE, S.REASON, S.RAW]))
+            self.rows_quarantined += bad.num_rows
+            for code in bad[S.REASON_CODE].to_pylist():
+                self.reasons[code] = self.reasons.get(code, 0) + 1
+        good = batch.filter(pc.and_(pc.invert(is_bad), pc.invert(marker)))
+        return good, markers, bad
+
+    def plan(self, batch: pa.Table, known: dict[str, str]) -> dict[str, str]:
+        """First pass: {row key: content hash} of the good rows that are new or changed; the rest is counted."""
+        good, _, _ = self._take_in(batch)
+        todo = {}
+        for i, h, src, row in zip(good[S.ID].to_pylist(), good[S.CONTENT_HASH].to_pylist(),
+                                  good[S.SOURCE].to_pylist(), good[S.ROW].to_pylist()):
+            if known.get(i) == h:
+                self.rows_unchanged += 1
+            else:
+                todo[f"{src}\x1f{row}"] = h
+        return todo
+
+    def split(self, batch: pa.Table) -> tuple[pa.Table, pa.Table]:
+        """Single pass (a new table, or a rebuild): every good row was embedded."""
+        self.embed_seconds += pc.sum(batch[S.SECONDS]).as_py() or 0.0
+        good, _, bad = self._take_in(batch)
+        return self._keep(good), bad
+
+    def embedded(self, batch: pa.Table, planned: dict[str, str]) -> pa.Table:
+        """Second pass of an incremental run: rows the plan chose, now with vectors (already counted as read)."""
+        from pipelines.store import StoreError
+
+        self.embed_seconds += pc.sum(batch[S.SECONDS]).as_py() or 0.0
+        for src, row, h in zip(batch[S.SOURCE].to_pylist(), batch[S.ROW].to_pylist(),
+                               batch[S.CONTENT_HASH].to_pylist()):
+            if planned.get(f"{src}\x1f{row}") != h:
+                raise StoreError(f"{src} row {row} changed while this run was indexing it; nothing was written: "
+                                 "run the index job again once the corpus is no longer being written")
+        return self._keep(batch)
+
+    def _keep(self, good: pa.Table) -> pa.Table:
         if good.num_rows:
             now = pa.array([utcnow()] * good.num_rows, S.TIMESTAMP)
             good = (good.append_column(S.MODEL, pa.array([self.model] * good.num_rows))
@@ -232,12 +412,8 @@ class _Sink:
             self._pending.append(good)
             self.pending_rows += good.num_rows
             self.rows_written += good.num_rows
-        if bad.num_rows:
-            self._bad.append(bad.select([S.SOURCE, S.ROW, S.ID, S.REASON_CODE, S.REASON, S.RAW]))
-            self.rows_quarantined += bad.num_rows
-            for code in bad[S.REASON_CODE].to_pylist():
-                self.reasons[code] = self.reasons.get(code, 0) + 1
-        return good, bad
+            self.written_ids.update(good[S.ID].to_pylist())
+        return good
 
     def _mark_duplicates(self, batch: pa.Table) -> pa.Table:
         ids = batch[S.ID].to_pylist()
@@ -294,23 +470,43 @@ def summary(report: dict[str, Any]) -> str:
     if report["status"] != "succeeded":
         return (f"index run {report['run_id']}: {report['status']} ({report.get('error')})\n"
                 f"  rows: {r}\n  the previous table version is intact; report: {report.get('report_path')}")
+    p = report["passages"]
     lines = [
-        f"index run {report['run_id']}: {report['status']}" + (f" ({report['error']})" if "error" in report else ""),
+        f"index run {report['run_id']}: {report['status']} ({report.get('mode')}"
+        + (f", model {report['model_change']['from']} -> {report['model_change']['to']}"
+           if report.get("model_change") else "") + ")",
         f"  rows: {r['read']:,} read = {r['written']:,} written + "
         + (f"{r['unchanged']:,} unchanged (not embedded) + " if r.get("unchanged") else "")
+        + (f"{r['delete_markers']:,} delete markers + " if r.get("delete_markers") else "")
         + f"{r['quarantined']:,} quarantined"
         + ("" if r["reconciled"] else "  (DOES NOT RECONCILE)"),
+        f"  passages: {p['before'] or 0:,} before, {p['added']:,} added, {p['updated']:,} updated, "
+        f"{p['deleted']:,} deleted, {p['after'] if isinstance(p['after'], str) else format(p['after'], ',')} after",
     ]
     if report["quarantine_reasons"]:
         lines.append("  quarantined: " + ", ".join(f"{k} {v}" for k, v in report["quarantine_reasons"].items()))
+    if r["written"]:
+        lines.append(f"  speed: {report['docs_per_second']} docs/s in the pipeline, "
+                     f"{report['docs_per_second_end_to_end']} docs/s end to end"
+                     + (f" (embedded on the {report['plan']['embedded_on']})" if report.get("plan", {}).get(
+                         "embedded_on") else ""))
+    ix, up = report["indexes"], report.get("upkeep", {})
+    ann = ix.get("ann", {})
+    ann_state = ("exact search" if ann.get("type") == "exact" else
+                 f"{ann.get('type')} trained ({ann.get('reason')})" if ann.get("built") else
+                 f"{ann.get('type')} +{ann['rows_added_to_index']:,} rows" if ann.get("rows_added_to_index") else
+                 f"{ann.get('type')} up to date")
     lines += [
-        f"  speed: {report['docs_per_second']} docs/s in the pipeline, {report['docs_per_second_end_to_end']} docs/s end to end",
         "  time: " + ", ".join(f"{k} {v:.1f}s" for k, v in s.items()),
         f"  table: {report['table']['name']} v{report['table']['version']}, {report['table']['rows']:,} rows"
+        + (f" (tag {report['table']['tag']})" if report["table"].get("tag") else " (no change: no new version)")
         if report["table"]["version"] is not None else f"  table: {report['table']['name']} not created (no good rows)",
-        f"  indexes: ann={report['indexes'].get('ann', {}).get('type')}, "
-        f"fts={'on' if 'fts' in report['indexes'] else 'off'}",
+        f"  indexes: ann {ann_state}; fts {'on' if 'fts' in ix else 'off'}"
+        + (f"; compacted {up['compaction']['fragments_before']} -> {up['compaction']['fragments']} files"
+           if up.get("compaction", {}).get("compacted") else "")
+        + (f"; {up['cleanup']['versions_removed']} old versions removed" if up.get("cleanup", {}).get(
+            "versions_removed") else "")
+        + (f"; expired tags {', '.join(up['tags_expired'])}" if up.get("tags_expired") else ""),
         f"  report: {report['report_path']}",
     ]
     return "\n".join(lines)
-

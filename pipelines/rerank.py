@@ -5,13 +5,17 @@ Reads top to bottom::
     read_query_log (driver: normalise, window, count, select; bad lines → quarantine)
     → from_arrow(selected queries, several blocks)
     → map_batches(Retriever, actor pool)   top-k candidates from passages pinned at one version
-    → map_batches(Scorer, actor pool)      cross-encoder scores, candidates re-ordered, top-n kept
-    → sink on the driver: rows → staging table (durable, invisible)
+    → map_batches(Scorer, actor pool)      cross-encoder scores (cached pairs looked up, the rest scored),
+                                           candidates re-ordered, top-n kept
+    → sink on the driver: rows → staging table (durable, invisible); newly scored pairs → pair cache
     → check: queries ranked = queries selected → one overwrite commit of rankings (tagged run id)
-    → report: lines read = counted + outside window + quarantined; pairs scored, pairs/s
+    → report: lines read = counted + outside window + quarantined; pairs total = scored + from cache, pairs/s
 
 A run that fails at any point leaves the previous rankings version in place: nothing is
-written to ``rankings`` until the complete set is staged.
+written to ``rankings`` until the complete set is staged. The pair cache (``rerank.cache``,
+``pipelines.pair_cache``) is read as it was at the start of the run and written at each
+staging flush, so a rerun of a killed run re-uses what that run scored. The passages version
+(and the cache version) that the actors read is leased for the run, so upkeep never cleans it away.
 
 Example::
 
@@ -30,6 +34,7 @@ from typing import Any
 import pyarrow as pa
 import pyarrow.compute as pc
 
+from pipelines import pair_cache as P
 from pipelines import schema as S
 from pipelines.faults import maybe_fail
 from pipelines.fusion import resolve_weight
@@ -44,8 +49,9 @@ class RerankError(RuntimeError):
     """A run that must not publish; the message says why and what to do."""
 
 
-def run(cfg, *, run_id: str | None = None, now=None) -> dict[str, Any]:
-    """Rerank the configured query log into a new version of the rankings table; return the run report.
+def run(cfg, *, run_id: str | None = None, now=None, save: bool = True) -> dict[str, Any]:
+    """Rerank the configured query log into a new version of the rankings table; return the run report (also
+    written as JSON unless ``save`` is False: the nightly job writes one report for all its stages).
 
     On failure the report is written with ``status: failed`` and the error is raised again; the
     previous rankings version stays the current one.
@@ -56,9 +62,27 @@ def run(cfg, *, run_id: str | None = None, now=None) -> dict[str, Any]:
         _rerank(cfg, state, now)
     except BaseException as exc:
         state.report.update(status="failed", error=f"{type(exc).__name__}: {exc}")
-        exc.batchrank_report = _finish(cfg, state)
+        exc.batchrank_report = _finish(cfg, state, save)
         raise
-    return _finish(cfg, state)
+    finally:
+        _release_leases(cfg, state)
+    with state.timer("upkeep"):
+        state.report["upkeep"] = _upkeep(cfg)
+    return _finish(cfg, state, save)
+
+
+def _upkeep(cfg) -> dict[str, Any]:
+    """After a published run (and its leases released): expire old cached scores, then compact and clean up
+    old versions of rankings and of the cache (tagged and leased versions are kept)."""
+    from pipelines import pair_cache
+    from pipelines.store import Store
+
+    store, m = Store(cfg.storage), cfg.maintenance
+    done = {"rankings": store.upkeep(cfg.storage.rankings_table, maint=m)}
+    if m.pair_cache_days is not None:
+        done["pair_scores_evicted"] = pair_cache.evict(store, older_than_days=m.pair_cache_days)
+    done["pair_scores"] = store.upkeep(cfg.storage.pair_scores_table, maint=m)
+    return done
 
 
 class _RunState:
@@ -67,6 +91,8 @@ class _RunState:
         self.timer, self.t0 = Timer(), time.perf_counter()
         self.log = None  # the QueryLog once read
         self.sink = _Sink(run_id, cfg)
+        self.leases: list[tuple[str, str | None]] = []  # (table, lease tag) pinned for this run's readers
+        self.cache_version: int | None = None
         self.report: dict[str, Any] = {"job": "rerank", "run_id": run_id, "status": "running",
                                        "started_at": utcnow().isoformat()}
 
@@ -98,6 +124,8 @@ def _rerank(cfg, state: _RunState, now) -> None:
         ctx.target_max_block_size = BLOCK_BYTES
         cluster = init_ray(cfg.ray)  # before LanceDB loads (fork safety)
         passages_version = store.passages_for_queries(e.model).version
+        state.leases.append((cfg.storage.passages_table,
+                             store.lease(cfg.storage.passages_table, passages_version, run_id)))
         if rt.source != "vector" and not store.has_fts_index(cfg.index.fts.columns, passages_version):
             raise StoreError(f"retrieve.source: {rt.source} needs the full-text index on passages "
                              f"({', '.join(cfg.index.fts.columns)}); set index.fts.enabled: true and run "
@@ -106,6 +134,11 @@ def _rerank(cfg, state: _RunState, now) -> None:
         fusion_weight, fusion_origin = resolve_weight(rr)
         report["fusion"] = {"cross_encoder_weight": fusion_weight, "origin": fusion_origin}
         report["tables"] = {"passages": {"name": cfg.storage.passages_table, "version": passages_version}}
+        if rr.cache:  # read as it is now by every actor; pairs this run adds go to later versions
+            state.cache_version = P.current_version(store)
+            if state.cache_version is not None:
+                state.leases.append((cfg.storage.pair_scores_table,
+                                     store.lease(cfg.storage.pair_scores_table, state.cache_version, run_id)))
 
     with timer("read_log"), Progress("query log", unit="lines") as progress:
         qlog = state.log = read_query_log(cfg.query_log, now=now, progress=progress)
@@ -120,6 +153,9 @@ def _rerank(cfg, state: _RunState, now) -> None:
     resources = pool_resources(cluster, {"retrieve": (rt.actors, rt.cpus_per_actor, rt.gpus_per_actor),
                                          "rerank": (rr.actors, rr.cpus_per_actor, rr.gpus_per_actor)})
     (r_cpus, r_gpus), (s_cpus, s_gpus) = resources["retrieve"], resources["rerank"]
+    s_device = actor_device(rr.device, s_gpus)
+    with timer("startup"):  # hashes the model's weights: the cache key must change when they do
+        sink.cross_encoder_id = P.cross_encoder_id(rr.model, rr.max_length, precision=f"{s_device}/{rr.dtype}")
     report["cluster"] = {"address": cluster.address, "nodes": cluster.nodes, "cpus": cluster.cpus,
                          "gpus": cluster.gpus,
                          "retrieve": {"actors": rt.actors, "cpus_per_actor": r_cpus, "gpus_per_actor": r_gpus},
@@ -147,8 +183,10 @@ def _rerank(cfg, state: _RunState, now) -> None:
             Scorer,
             fn_constructor_kwargs=dict(
                 model=rr.model, top_n=rr.top_n, batch_size=rr.batch_size, max_length=rr.max_length,
-                device=actor_device(rr.device, s_gpus), dtype=rr.dtype, trust_remote_code=rr.trust_remote_code,
-                num_threads=rr.cpus_per_actor, fusion_weight=fusion_weight),
+                device=s_device, dtype=rr.dtype, trust_remote_code=rr.trust_remote_code,
+                num_threads=rr.cpus_per_actor, fusion_weight=fusion_weight,
+                cache_storage=cfg.storage if rr.cache else None, cache_version=state.cache_version,
+                cross_encoder_id=sink.cross_encoder_id),
             compute=ray.data.ActorPoolStrategy(size=rr.actors, max_tasks_in_flight_per_actor=2),
             num_cpus=s_cpus, num_gpus=s_gpus, batch_size=rr.queries_per_call, batch_format="pyarrow",
             runtime_env=env,
@@ -165,10 +203,15 @@ def _rerank(cfg, state: _RunState, now) -> None:
                 if sink.pending_rows >= FLUSH_ROWS or staged.rows == 0:  # the first rows at once, then in bulk
                     with timer("stage_writes"):
                         staged.add(sink.take_pending())
+                    with timer("cache_writes"):
+                        sink.write_pairs(store)
                     maybe_fail("mid_run")
-                progress.update(batch.num_rows, pairs=int(pc.sum(batch[S.CANDIDATES]).as_py() or 0))
+                progress.update(batch.num_rows, pairs=int(pc.sum(batch[S.CANDIDATES]).as_py() or 0),
+                                scored=int(pc.sum(batch[P.PAIRS_SCORED]).as_py() or 0))
             with timer("stage_writes"):
                 staged.add(sink.take_pending())
+            with timer("cache_writes"):  # before the commit: whatever happens next, the scores are kept
+                sink.write_pairs(store)
         if staged.rows != selected.num_rows or sink.ranked != selected.num_rows:
             raise RerankError(f"ranked {sink.ranked:,} queries (staged {staged.rows:,}) but selected "
                               f"{selected.num_rows:,}; not publishing an incomplete set")
@@ -183,6 +226,14 @@ def _rerank(cfg, state: _RunState, now) -> None:
         report["status"] = "succeeded"
     finally:
         staged.drop()
+
+
+def _release_leases(cfg, state: _RunState) -> None:
+    from pipelines.store import Store
+
+    store = Store(cfg.storage)
+    for table, lease in state.leases:
+        store.release(table, lease)
 
 
 def _check_model_path(model: str) -> None:
@@ -203,15 +254,19 @@ def _quarantine_rows(rows: list[dict[str, Any]], run_id: str) -> pa.Table:
 
 
 class _Sink:
-    """Driver-side end of the stream: adds the run's columns, counts queries, pairs and stage time."""
+    """Driver-side end of the stream: adds the run's columns, counts queries, pairs and stage time, and keeps
+    the pairs the model scored until they are written to the pair cache."""
 
     def __init__(self, run_id: str, cfg):
         self.run_id, self.cfg = run_id, cfg
         self.passages_version: int | None = None
+        self.cross_encoder_id: str | None = None
         self.normalizer = ""
-        self.ranked = self.pairs = self.without_candidates = self.short_lists = 0
+        self.ranked = self.pairs = self.scored = self.cached = self.without_candidates = self.short_lists = 0
+        self.pairs_written = 0
         self.retrieve_seconds = self.score_seconds = 0.0
         self._pending: list[pa.Table] = []
+        self._new_pairs: list[pa.Table] = []
         self.pending_rows = 0
 
     def add(self, batch: pa.Table) -> None:
@@ -219,6 +274,10 @@ class _Sink:
         cands = batch[S.CANDIDATES].to_numpy()
         self.ranked += n
         self.pairs += int(cands.sum())
+        self.scored += int(pc.sum(batch[P.PAIRS_SCORED]).as_py() or 0)
+        self.cached += int(pc.sum(batch[P.PAIRS_CACHED]).as_py() or 0)
+        if self.cfg.rerank.cache:
+            self._new_pairs.append(P.new_pairs(batch, self.cross_encoder_id, self.run_id, utcnow()))
         self.without_candidates += int((cands == 0).sum())
         self.short_lists += int((cands < self.cfg.retrieve.k).sum())
         self.retrieve_seconds += float(pc.sum(batch[S.RETRIEVE_SECONDS]).as_py() or 0.0)
@@ -241,8 +300,14 @@ class _Sink:
         self._pending, self.pending_rows = [], 0
         return out
 
+    def write_pairs(self, store) -> None:
+        """Add the pairs scored since the last call to the pair cache."""
+        if self._new_pairs:
+            rows, self._new_pairs = pa.concat_tables(self._new_pairs), []
+            self.pairs_written += P.write(store, rows)
 
-def _finish(cfg, state: _RunState) -> dict[str, Any]:
+
+def _finish(cfg, state: _RunState, save: bool = True) -> dict[str, Any]:
     """Complete the report from the run's counters, write it as JSON, return it."""
     from pipelines.store import Store
 
@@ -270,19 +335,22 @@ def _finish(cfg, state: _RunState) -> dict[str, Any]:
                     "scored_not_published": 0 if succeeded else sink.ranked,
                     "without_candidates": sink.without_candidates, "fewer_than_k_candidates": sink.short_lists,
                     "reconciled": (sink.ranked == selected) if succeeded else None},
-        "pairs": {"scored": sink.pairs,
-                  "per_second": round(sink.pairs / pipeline_s, 2) if pipeline_s else None,
-                  "per_second_end_to_end": round(sink.pairs / seconds["total"], 2) if seconds["total"] else None},
+        "pairs": {"total": sink.pairs, "scored": sink.scored, "cached": sink.cached,
+                  "per_second": round(sink.scored / pipeline_s, 2) if pipeline_s else None,
+                  "per_second_end_to_end": round(sink.scored / seconds["total"], 2) if seconds["total"] else None},
+        "cache": {"enabled": cfg.rerank.cache, "table": cfg.storage.pair_scores_table,
+                  "version_read": state.cache_version, "pairs_written": sink.pairs_written},
         "retrieve": {"k": cfg.retrieve.k, "source": cfg.retrieve.source, "exact": cfg.retrieve.exact},
-        "models": {"bi_encoder": cfg.embed.model, "cross_encoder": cfg.rerank.model, "top_n": cfg.rerank.top_n},
+        "models": {"bi_encoder": cfg.embed.model, "cross_encoder": cfg.rerank.model,
+                   "cross_encoder_id": sink.cross_encoder_id, "top_n": cfg.rerank.top_n},
         "seconds": seconds,
     })
-    return save_report(report, cfg)
+    return save_report(report, cfg) if save else report
 
 
 def summary(report: dict[str, Any]) -> str:
     """A few lines for humans at the end of a run."""
-    q, ql, p, s = report["queries"], report["query_log"], report["pairs"], report["seconds"]
+    q, ql, p, s, c = report["queries"], report["query_log"], report["pairs"], report["seconds"], report["cache"]
     head = f"rerank run {report['run_id']}: {report['status']}"
     lines = [head + (f" ({report['error']})" if report.get("error") else "")]
     if ql.get("lines_read") is not None:
@@ -293,8 +361,9 @@ def summary(report: dict[str, Any]) -> str:
             lines.append("  quarantined: " + ", ".join(f"{k} {v}" for k, v in ql["quarantine_reasons"].items()))
         lines.append(f"  queries: {ql['distinct_queries']:,} distinct, {ql['below_min_count']:,} below min_count, "
                      f"{ql['beyond_head']:,} beyond head, {q['selected']:,} selected, {q['ranked']:,} ranked")
-    lines.append(f"  pairs: {p['scored']:,} scored, {p['per_second']} pairs/s in the pipeline, "
-                 f"{p['per_second_end_to_end']} end to end")
+    lines.append(f"  pairs: {p['total']:,} total = {p['scored']:,} scored + {p['cached']:,} from cache"
+                 + ("" if c["enabled"] else " (rerank.cache off)")
+                 + f"; {p['per_second']} scored/s in the pipeline, {p['per_second_end_to_end']} end to end")
     if report.get("fusion"):
         w = report["fusion"]["cross_encoder_weight"]
         lines.append(f"  candidates: {report['retrieve']['source']} top {report['retrieve']['k']}; final score: "

@@ -60,7 +60,7 @@ RANKED_AT = "ranked_at"
 # in-flight only (never stored)
 EMBED_INPUT = "_embed_input"
 SECONDS = "_seconds"  # per-row share of the stage time, summed by the sink for the report
-UNCHANGED = "_unchanged"  # already in passages with the same content hash: not embedded, not rewritten
+DELETED = "_deleted"  # a change feed's delete marker for its id (corpus.mode: changes)
 CAND_IDS = "_cand_ids"  # retrieve → score: the candidates of each query, best retrieval first
 CAND_TEXTS = "_cand_texts"
 CAND_SCORES = "_cand_scores"
@@ -91,6 +91,7 @@ def validated_schema(metadata: dict[str, str]) -> pa.Schema:
             pa.field(REASON_CODE, pa.string()),
             pa.field(REASON, pa.string()),
             pa.field(RAW, pa.string()),
+            pa.field(DELETED, pa.bool_()),
             pa.field(SECONDS, pa.float64()),
         ]
     )

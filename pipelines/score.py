@@ -7,6 +7,12 @@ top ``top_n``: document ids, final scores, cross-encoder scores, retrieval score
 The final score is the cross-encoder's, or with ``fusion_weight`` w its blend with the first
 stage: w * z(cross-encoder) + (1 - w) * z(retrieval), z standardising each query's scores.
 
+With the pair cache (``cache_storage``), pairs scored by an earlier run are looked up instead,
+identical pairs of one call are scored once, and the model only loads when a pair misses (a
+night with nothing new never loads it). The pairs the model did score leave with each query
+(``pipelines.pair_cache.NEW_*`` columns) for the driver to add to the cache. Cached scores are
+the model's float32 scores, so rankings are the same with or without the cache.
+
 Example (no Ray needed)::
 
     stage = Scorer("path/to/cross-encoder", top_n=10)
@@ -21,6 +27,7 @@ from typing import Any
 import numpy as np
 import pyarrow as pa
 
+from pipelines import pair_cache as P
 from pipelines import schema as S
 from pipelines.fusion import blend
 
@@ -29,17 +36,41 @@ class Scorer:
     """Stateful Ray Data stage: ``map_batches(Scorer, compute=ActorPoolStrategy(size=n), num_gpus=...)``.
 
     ``model`` is a CrossEncoder name or path, or any object with ``predict(pairs, batch_size=...)``.
+    ``cache_storage`` (a ``StorageConfig``) turns the pair cache on, read at ``cache_version`` (None: no
+    cache table yet, every pair misses) under ``cross_encoder_id`` (``pipelines.pair_cache.cross_encoder_id``).
     """
 
     def __init__(self, model: Any, *, top_n: int = 20, batch_size: int = 32, max_length: int | None = None,
                  device: str = "auto", dtype: str = "auto", trust_remote_code: bool = False,
-                 num_threads: float | None = None, fusion_weight: float | None = None):
-        from pipelines.models import configure_threads, load_cross_encoder
+                 num_threads: float | None = None, fusion_weight: float | None = None, cache_storage=None,
+                 cache_version: int | None = None, cross_encoder_id: str | None = None):
+        from pipelines.models import configure_threads
 
         configure_threads(num_threads)
-        self.model = model if hasattr(model, "predict") else load_cross_encoder(
-            model, device=device, dtype=dtype, max_length=max_length, trust_remote_code=trust_remote_code)
         self.top_n, self.batch_size, self.fusion_weight = top_n, batch_size, fusion_weight
+        self._model = model if hasattr(model, "predict") else None
+        self._load_args = {"name": model, "device": device, "dtype": dtype, "max_length": max_length,
+                           "trust_remote_code": trust_remote_code}
+        self.cache, self.cross_encoder_id = None, cross_encoder_id
+        if cache_storage is not None:
+            if not cross_encoder_id:
+                raise ValueError("the pair cache needs cross_encoder_id (pipelines.pair_cache.cross_encoder_id of "
+                                 "the model), or pass cache_storage=None to score every pair")
+            self.cache = P.PairCache.open(cache_storage, cache_version)
+        else:
+            self.load()  # every pair needs the model: load it with the actor, not inside the first call
+
+    def load(self):
+        """The cross-encoder, loaded on first use."""
+        if self._model is None:
+            from pipelines.models import load_cross_encoder
+
+            self._model = load_cross_encoder(**self._load_args)
+        return self._model
+
+    @property
+    def model(self):
+        return self.load()
 
     def predict(self, pairs: list[tuple[str, str]]) -> np.ndarray:
         if not pairs:
@@ -52,8 +83,13 @@ class Scorer:
         queries = batch[S.QUERY].to_pylist()
         cand_ids, cand_texts = batch[S.CAND_IDS].to_pylist(), batch[S.CAND_TEXTS].to_pylist()
         cand_scores = batch[S.CAND_SCORES].to_pylist()
-        pairs = [(q, t) for q, texts in zip(queries, cand_texts) for t in texts]
-        flat = self.predict(pairs)
+        if self.cache is None:
+            flat = self.predict([(q, t) for q, texts in zip(queries, cand_texts) for t in texts])
+            fresh: list[list[tuple[str, str, str, float]]] = [[] for _ in queries]
+            scored = [len(ids) for ids in cand_ids]
+        else:
+            flat, fresh = self._cached_scores(queries, cand_ids, cand_texts)
+            scored = [len(f) for f in fresh]
         doc_ids, scores, ce_scores, r_scores, r_ranks = [], [], [], [], []
         offset = 0
         for ids, retrieval in zip(cand_ids, cand_scores):
@@ -68,8 +104,9 @@ class Scorer:
             r_ranks.append((keep + 1).tolist())
         seconds = (time.perf_counter() - start) / max(len(batch), 1)
         out = batch.drop_columns([S.CAND_IDS, S.CAND_TEXTS, S.CAND_SCORES])
+        strings = pa.list_(pa.string())
         columns = {
-            S.DOC_IDS: pa.array(doc_ids, pa.list_(pa.string())),
+            S.DOC_IDS: pa.array(doc_ids, strings),
             S.SCORES: pa.array(scores, pa.list_(pa.float32())),
             S.RETRIEVAL_SCORES: pa.array(r_scores, pa.list_(pa.float32())),
             S.RETRIEVAL_RANKS: pa.array(r_ranks, pa.list_(pa.int32())),
@@ -77,7 +114,31 @@ class Scorer:
             S.FUSION_WEIGHT: pa.array([self.fusion_weight] * len(batch), pa.float32()),
             S.CANDIDATES: pa.array([len(ids) for ids in cand_ids], pa.int32()),
             S.SCORE_SECONDS: pa.array([seconds] * len(batch), pa.float64()),
+            P.PAIRS_SCORED: pa.array(scored, pa.int32()),
+            P.PAIRS_CACHED: pa.array([len(ids) - n for ids, n in zip(cand_ids, scored)], pa.int32()),
+            P.NEW_KEYS: pa.array([[f[0] for f in row] for row in fresh], strings),
+            P.NEW_DOC_IDS: pa.array([[f[1] for f in row] for row in fresh], strings),
+            P.NEW_DOC_HASHES: pa.array([[f[2] for f in row] for row in fresh], strings),
+            P.NEW_SCORES: pa.array([[f[3] for f in row] for row in fresh], pa.list_(pa.float32())),
         }
         for name, values in columns.items():
             out = out.append_column(name, values)
         return out
+
+    def _cached_scores(self, queries: list[str], cand_ids: list[list[str]], cand_texts: list[list[str]]):
+        """Scores of every pair (flat, in candidate order) from the cache or, for misses, the model; and per
+        query the (key, doc id, doc hash, score) of the pairs the model scored (each distinct pair once)."""
+        keys = [[P.pair_key(self.cross_encoder_id, q, t) for t in texts] for q, texts in zip(queries, cand_texts)]
+        known = self.cache.lookup(list({k for row in keys for k in row}))
+        todo: dict[str, tuple[int, str, str]] = {}  # missing key → (row, doc id, doc text), first occurrence
+        for row, (ids, texts, ks) in enumerate(zip(cand_ids, cand_texts, keys)):
+            for doc, text, key in zip(ids, texts, ks):
+                if key not in known and key not in todo:
+                    todo[key] = (row, doc, text)
+        predicted = self.predict([(queries[row], text) for row, _, text in todo.values()]).tolist()
+        fresh: list[list[tuple[str, str, str, float]]] = [[] for _ in queries]
+        for (key, (row, doc, text)), score in zip(todo.items(), predicted):
+            known[key] = score
+            fresh[row].append((key, doc, P.doc_hash(text), score))
+        flat = np.array([known[k] for row in keys for k in row], dtype=np.float32)
+        return flat, fresh

@@ -17,6 +17,8 @@ from __future__ import annotations
 
 import logging
 import os
+import re
+from datetime import UTC, datetime
 from typing import Any
 
 for _var in ("LANCE_LOG", "LANCEDB_LOG"):  # lance logs "no existing dataset" at WARN on every create
@@ -27,6 +29,17 @@ import pyarrow as pa
 from pipelines import schema as S
 
 log = logging.getLogger(__name__)
+
+
+LEASE_PREFIX = "lease-"
+_ANN_MERGED = "batchrank.ann_rows_merged"  # table config: rows added to the ANN index since it was trained
+_RUN_TAG = re.compile(r"^(?:lease-)?[a-z][a-z_-]*-(\d{8}T\d{6}Z)-[0-9a-f]{6}$")
+
+
+def run_tag_time(tag: str) -> datetime | None:
+    """When batchrank made a run tag (``<job>-<UTC time>-<hex>`` or a lease on one); None for any other tag."""
+    m = _RUN_TAG.match(tag)
+    return datetime.strptime(m.group(1), "%Y%m%dT%H%M%SZ").replace(tzinfo=UTC) if m else None
 
 
 class StoreError(RuntimeError):
@@ -107,8 +120,7 @@ class Store:
         ids = sorted(set(ids))
         parts: list[pa.Table] = []
         for i in range(0, len(ids), chunk):
-            quoted = ", ".join("'" + x.replace("'", "''") + "'" for x in ids[i:i + chunk])
-            parts.append(table.search().where(f"{key} IN ({quoted})").select(columns).limit(None).to_arrow())
+            parts.append(table.search().where(f"{key} IN ({_sql_strings(ids[i:i + chunk])})").select(columns).limit(None).to_arrow())
         if not parts:
             return table.search().select(columns).limit(0).to_arrow()
         return pa.concat_tables(parts)
@@ -150,25 +162,67 @@ class Store:
         rows = table.search().select([S.ID, S.CONTENT_HASH]).limit(None).to_arrow()
         return dict(zip(rows[S.ID].to_pylist(), rows[S.CONTENT_HASH].to_pylist()))
 
+    def retag(self, name: str, tag: str) -> None:
+        """Move ``tag`` to the table's latest version (after upkeep: the same data, its indexes up to date)."""
+        table = self.open(name)
+        if tag in table.tags.list():
+            table.tags.update(tag, table.version)
+        else:
+            table.tags.create(tag, table.version)
+
+    # -- read leases ----------------------------------------------------------------------
+    def lease(self, table_name: str, version: int, run_id: str) -> str | None:
+        """Pin ``version`` of a table for a run that reads it: a tag ``lease-<run id>`` that version cleanup
+        respects (like any tag). Released by ``release``; a lease older than ``maintenance.lease_hours``
+        (a killed run's) is dropped by the next upkeep. Returns the tag name (None if the table is missing)."""
+        table = self.open(table_name)
+        if table is None:
+            return None
+        name = f"{LEASE_PREFIX}{run_id}"
+        if name not in table.tags.list():
+            table.tags.create(name, version)
+        return name
+
+    def release(self, table_name: str, lease: str | None) -> None:
+        if lease is None:
+            return
+        try:
+            table = self.open(table_name)
+            if table is not None and lease in table.tags.list():
+                table.tags.delete(lease)
+        except Exception as exc:  # an unreleased lease expires anyway; never fail a finished run for it
+            log.warning("could not release %s on %s: %s", lease, table_name, exc)
+
     # -- writing --------------------------------------------------------------------------
     def stage(self, table: str, run_id: str, schema: pa.Schema) -> StagedTable:
         return StagedTable(self, f"_staging-{table}-{run_id}", schema)
 
-    def commit_passages(self, staged: StagedTable, run_id: str) -> int:
-        """Publish staged rows to ``passages`` in one commit; return the new version (tagged ``run_id``)."""
+    def commit_passages(self, staged: StagedTable | None, run_id: str, *, deletes: list[str] = (),
+                        replace: bool = False) -> int:
+        """Publish a run's changes to ``passages`` in one commit; return the new version (tagged ``run_id``).
+
+        Staged rows are upserted by id and ``deletes`` removed in the same ``merge_insert``; with ``replace``
+        (a model change) the staged rows become the whole table, in one overwrite commit, so readers see the
+        old model's vectors or the new one's, never a mix, and older versions stay readable."""
         name = self.cfg.passages_table
         table = self.open(name)
+        source = staged.reader() if staged is not None else None
         if table is None:
-            table = self.db.create_table(name, data=staged.reader(), schema=staged.schema)
+            table = self.db.create_table(name, data=source, schema=staged.schema)
+        elif replace:
+            table.add(source, mode="overwrite")
         else:
-            self._check_compatible(table.schema, staged.schema)
-            (
-                table.merge_insert(S.ID)
-                .when_matched_update_all(where=f"target.{S.CONTENT_HASH} != source.{S.CONTENT_HASH} "
-                                        f"OR target.{S.CONTENT_HASH} IS NULL")
-                .when_not_matched_insert_all()
-                .execute(staged.reader())
-            )
+            if staged is not None:
+                self._check_compatible(table.schema, staged.schema)
+            else:  # deletions only: an empty source with the table's own schema
+                source = pa.RecordBatchReader.from_batches(table.schema, iter(()))
+            merge = (table.merge_insert(S.ID)
+                     .when_matched_update_all(where=f"target.{S.CONTENT_HASH} != source.{S.CONTENT_HASH} "
+                                                    f"OR target.{S.CONTENT_HASH} IS NULL")
+                     .when_not_matched_insert_all())
+            if deletes:
+                merge = merge.when_not_matched_by_source_delete(f"{S.ID} IN ({_sql_strings(deletes)})")
+            merge.execute(source)
         version = table.version
         table.tags.create(run_id, version)
         return version
@@ -227,9 +281,72 @@ class Store:
             query = query.where(f"{S.RUN_ID} = '{run_id.replace(chr(39), chr(39) * 2)}'")
         return query.limit(None).to_arrow()
 
+    # -- upkeep -----------------------------------------------------------------------------
+    def upkeep(self, name: str, *, maint, index_cfg=None, tag: str | None = None,
+               now: datetime | None = None) -> dict[str, Any]:
+        """After a commit: compact small files, bring indexes up to date (passages: ``index_cfg``), move the
+        run's ``tag`` to the result (the same data, indexes current: what readers get), drop expired run tags
+        and leases, clean up old versions. Returns what was done."""
+        table = self.open(name)
+        if table is None:
+            return {}
+        done: dict[str, Any] = {"compaction": self._compact(table, maint.max_fragments)}
+        if index_cfg is not None:
+            done["indexes"] = self.ensure_indexes(index_cfg)
+            table = self.open(name)  # at the version the index updates made: cleanup keeps the latest
+        if tag is not None:
+            self.retag(name, tag)
+        done["tags_expired"] = self.expire_tags(table, maint, now)
+        done["cleanup"] = self.cleanup(table, maint.version_retention_days)
+        return done
+
+    @staticmethod
+    def _compact(table, max_fragments: int) -> dict[str, Any]:
+        """Merge small data files once a table has more than ``max_fragments`` of them (each commit adds some)."""
+        before = table.stats()["fragment_stats"]["num_fragments"]
+        if before <= max_fragments:
+            return {"compacted": False, "fragments": before}
+        metrics = table.compact_files()
+        return {"compacted": True, "fragments_before": before,
+                "fragments": table.stats()["fragment_stats"]["num_fragments"],
+                "files_removed": getattr(metrics, "files_removed", None)}
+
+    @staticmethod
+    def expire_tags(table, maint, now: datetime | None = None) -> list[str]:
+        """Drop batchrank's own run tags older than ``run_tag_retention_days`` and read leases older than
+        ``lease_hours`` (a killed run's). Tags that do not look like a batchrank run id are never touched."""
+        now = now or datetime.now(UTC)
+        dropped = []
+        for tag in sorted(table.tags.list()):
+            made = run_tag_time(tag)
+            if made is None:
+                continue
+            age_h = (now - made).total_seconds() / 3600
+            limit = maint.lease_hours if tag.startswith(LEASE_PREFIX) else (
+                None if maint.run_tag_retention_days is None else maint.run_tag_retention_days * 24)
+            if limit is not None and age_h > limit:
+                table.tags.delete(tag)
+                dropped.append(tag)
+        return dropped
+
+    @staticmethod
+    def cleanup(table, retention_days: float) -> dict[str, Any]:
+        """Delete versions older than ``retention_days``, except the latest and every tagged one (run tags,
+        leases of runs in progress, your own tags)."""
+        from datetime import timedelta
+
+        stats = table.to_lance().cleanup_old_versions(older_than=timedelta(days=retention_days),
+                                                      error_if_tagged_old_versions=False)
+        return {"versions_removed": stats.old_versions, "bytes_removed": stats.bytes_removed}
+
     # -- indexes --------------------------------------------------------------------------
     def ensure_indexes(self, index_cfg) -> dict[str, Any]:
-        """Build the ANN index when the table is large enough, and the full-text index; return what was done."""
+        """Bring passages' indexes up to date, the cheap way when possible.
+
+        ANN: built once the table reaches ``ann.min_rows``; after that, new and changed rows are added to the
+        trained index (its partitions stay), until the rows added or changed since training pass
+        ``ann.retrain_fraction`` of the table: then it is trained again. Full-text and id indexes take new
+        rows incrementally. Returns what was done."""
         table = self.passages()
         n = table.count_rows()
         existing = {ix.name: ix for ix in table.list_indices()}
@@ -237,34 +354,58 @@ class Store:
         ann = index_cfg.ann
         kind = ann.type if ann.type != "auto" else "ivf_hnsw_sq"
         vec_ix = existing.get(f"{S.VECTOR}_idx")
+        increments: list[str] = []
         if ann.type == "none" or n < max(ann.min_rows, 256):
             why = ("index.ann.type=none" if ann.type == "none"
                    else f"{n} rows < {max(ann.min_rows, 256)} (index.ann.min_rows, and an index needs 256 rows)")
             done["ann"] = {"type": "exact", "reason": why}
             if vec_ix is not None:
                 table.drop_index(vec_ix.name)
-        elif vec_ix is None or self._stale(table, vec_ix.name, kind, index_cfg.metric):
-            config, params = _ann_config(kind, index_cfg.metric, ann, n, table.schema.field(S.VECTOR).type.list_size)
-            table.create_index(S.VECTOR, config=config, replace=True)
-            done["ann"] = {"type": kind, "built": True, **params}
         else:
-            done["ann"] = {"type": kind, "built": False, "reason": "up to date"}
+            stats = table.index_stats(vec_ix.name) if vec_ix is not None else None
+            merged = int(table.to_lance().config().get(_ANN_MERGED, 0)) if stats is not None else 0
+            changed = merged + (stats.num_unindexed_rows if stats is not None else n)
+            if stats is None or not self._same_index(stats, kind, index_cfg.metric) \
+                    or changed > ann.retrain_fraction * n:
+                reason = ("no index yet" if stats is None else
+                          "index type or metric changed" if not self._same_index(stats, kind, index_cfg.metric) else
+                          f"{changed:,} of {n:,} rows added or changed since training > ann.retrain_fraction "
+                          f"{ann.retrain_fraction}")
+                config, params = _ann_config(kind, index_cfg.metric, ann, n, table.schema.field(S.VECTOR).type.list_size)
+                table.create_index(S.VECTOR, config=config, replace=True)
+                table.to_lance().update_config({_ANN_MERGED: "0"})
+                done["ann"] = {"type": kind, "built": True, "reason": reason, **params}
+            elif stats.num_unindexed_rows:
+                increments.append(vec_ix.name)
+                done["ann"] = {"type": kind, "built": False, "rows_added_to_index": stats.num_unindexed_rows,
+                               "changed_since_training": changed}
+                table.to_lance().update_config({_ANN_MERGED: str(changed)})
+            else:
+                done["ann"] = {"type": kind, "built": False, "reason": "up to date"}
         id_ix = existing.get(f"{S.ID}_idx")
-        if id_ix is None or self._unindexed(table, id_ix.name):  # lookups join documents by id
+        if id_ix is None:  # lookups join documents by id
             from lancedb.index import BTree
 
             table.create_index(S.ID, config=BTree(), replace=True)
+        elif self._unindexed(table, id_ix.name):
+            increments.append(id_ix.name)
         if index_cfg.fts.enabled:
             from lancedb.index import FTS
 
             done["fts"] = {}
             for col in index_cfg.fts.columns:  # one BM25 index per field; queries match them all
                 fts_ix = existing.get(f"{col}_idx")
-                if fts_ix is None or self._unindexed(table, fts_ix.name):
+                if fts_ix is None:
                     table.create_index(col, config=FTS(), replace=True)
                     done["fts"][col] = {"built": True}
+                elif self._unindexed(table, fts_ix.name):
+                    increments.append(fts_ix.name)
+                    done["fts"][col] = {"built": False, "rows_added_to_index": True}
                 else:
                     done["fts"][col] = {"built": False, "reason": "up to date"}
+        if increments:  # one pass adds the new rows to every stale index
+            table.to_lance().optimize.optimize_indices(index_names=increments)
+            table.checkout_latest()
         done["version"] = table.version
         return done
 
@@ -274,14 +415,10 @@ class Store:
         indexed = {c for ix in table.list_indices() if ix.index_type == "FTS" for c in ix.columns}
         return set([columns] if isinstance(columns, str) else columns) <= indexed
 
-    @classmethod
-    def _stale(cls, table, index_name: str, kind: str, metric: str) -> bool:
-        """Rebuild when rows are unindexed, or when the configured index type or metric changed."""
-        if cls._unindexed(table, index_name):
-            return True
-        stats = table.index_stats(index_name)
+    @staticmethod
+    def _same_index(stats, kind: str, metric: str) -> bool:
         same_kind = stats.index_type.replace("_", "").lower() == kind.replace("_", "").lower()
-        return not same_kind or str(stats.distance_type).lower() != metric
+        return same_kind and str(stats.distance_type).lower() == metric
 
     @staticmethod
     def _unindexed(table, index_name: str) -> bool:
@@ -336,6 +473,10 @@ class Store:
             if ann.ef:
                 query = query.ef(ann.ef)
         return query
+
+
+def _sql_strings(values) -> str:
+    return ", ".join("'" + v.replace("'", "''") + "'" for v in values)
 
 
 def distance_to_score(distance, metric: str):

@@ -47,6 +47,7 @@ class RowSpec:
     input_fields: tuple[str, ...] = ("title", "text")
     separator: str = " "
     model: str = ""
+    deleted_field: str | None = None  # a change feed: a row whose field is true deletes its id
 
     @classmethod
     def from_config(cls, cfg) -> RowSpec:
@@ -60,6 +61,7 @@ class RowSpec:
             input_fields=tuple(e.input_fields),
             separator=e.separator,
             model=e.model,
+            deleted_field=c.deleted_field if c.mode == "changes" else None,
         )
 
     @property
@@ -148,6 +150,13 @@ def check_record(rec: Any, spec: RowSpec, *, coerce: bool = False) -> dict:
         raise BadRow("bad_id_type", f"id must be a string (got {_typename(doc_id)} {doc_id!r:.60}); quote ids in the source")
     if not doc_id.strip():
         raise BadRow("empty_id", "id is empty")
+    if spec.deleted_field and rec.get(spec.deleted_field) is not None:
+        flag = rec[spec.deleted_field]
+        if not isinstance(flag, bool):
+            raise BadRow("bad_deleted_flag", f"'{spec.deleted_field}' must be true or false (got {_typename(flag)} "
+                                             f"{flag!r:.40}); a change feed marks deletions with a JSON boolean")
+        if flag:
+            return {S.ID: _encodable("id", doc_id), S.DELETED: True}
     if spec.text_field not in rec or rec[spec.text_field] is None:
         raise BadRow("missing_text", f"text field '{spec.text_field}' is missing or null")
     text = rec[spec.text_field]
@@ -202,9 +211,10 @@ def validate_records(
         except BadRow as bad:
             row = {S.ID: _raw_id(rec, spec), S.REASON_CODE: bad.code, S.REASON: bad.reason, S.RAW: _raw_text(rec)}
         else:
-            embed_input = spec.embed_input(row[S.TITLE], row[S.TEXT])
-            row[S.EMBED_INPUT] = embed_input
-            row[S.CONTENT_HASH] = spec.content_hash(embed_input)
+            if not row.get(S.DELETED):
+                embed_input = spec.embed_input(row[S.TITLE], row[S.TEXT])
+                row[S.EMBED_INPUT] = embed_input
+                row[S.CONTENT_HASH] = spec.content_hash(embed_input)
         row[S.SOURCE] = source
         row[S.ROW] = row_no
         for name in cols:

@@ -26,19 +26,21 @@ def test_embedder_maps_batch_to_batch(tiny_model):
     np.testing.assert_allclose(good, plain, atol=1e-5)  # same vectors as plain encode
 
 
-def test_rows_already_in_passages_are_not_embedded(tiny_model):
-    spec = RowSpec(model=tiny_model)
-    batch = validate_records([(1, {"_id": "a", "text": "cell protein"}), (2, {"_id": "b", "text": "gene model"}),
-                              (3, {"_id": "c", "text": "brain data"})], spec, source="s")
-    hashes = dict(zip(batch["id"].to_pylist(), batch["content_hash"].to_pylist()))
-    stage = Embedder(tiny_model, known={"a": hashes["a"], "b": "an older hash"})  # a unchanged, b changed, c new
+def test_delete_markers_pass_through_without_a_vector(tiny_model):
+    spec = RowSpec(model=tiny_model, deleted_field="deleted")
+    batch = validate_records([(1, {"_id": "a", "text": "cell protein"}), (2, {"_id": "b", "deleted": True}),
+                              (3, {"_id": "c", "text": "brain data", "deleted": False}),
+                              (4, {"_id": "d", "deleted": "yes"})], spec, source="s")
+    assert batch["_deleted"].to_pylist() == [None, True, None, None]
+    assert batch["reason_code"].to_pylist() == [None, None, None, "bad_deleted_flag"]
+    stage = Embedder(tiny_model)
     seen: list[str] = []
     real = stage.encode
     stage.encode = lambda texts: seen.extend(texts) or real(texts)
     out = stage(batch)
-    assert seen == ["gene model", "brain data"]  # the unchanged row never reaches the model
-    assert out["_unchanged"].to_pylist() == [True, False, False]
-    assert out["vector"].to_pylist()[0] is None and None not in out["vector"].to_pylist()[1:]
+    assert seen == ["cell protein", "brain data"]  # the marker and the bad row never reach the model
+    vectors = out["vector"].to_pylist()
+    assert vectors[1] is None and vectors[3] is None and vectors[0] is not None and vectors[2] is not None
 
 
 def test_embedder_all_bad_batch(tiny_model):

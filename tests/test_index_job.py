@@ -70,7 +70,7 @@ def test_bad_rows_are_quarantined_and_counts_reconcile(tmp_path, make_config):
     cfg = make_config(shipped, corpus={"metadata_fields": {"year": "int"}, "max_text_chars": 1000})
     report = run(cfg)
     rows = report["rows"]
-    assert rows == {"read": 40 + len(BAD_LINES), "written": 40, "unchanged": 0, "quarantined": len(BAD_LINES), "reconciled": True}
+    assert rows == {"read": 40 + len(BAD_LINES), "written": 40, "unchanged": 0, "delete_markers": 0, "quarantined": len(BAD_LINES), "reconciled": True}
     expected = {}
     for code, _ in BAD_LINES:
         expected[code] = expected.get(code, 0) + 1
@@ -100,7 +100,7 @@ def test_rerun_is_idempotent(tmp_path, make_config):
     assert len(ids) == len(set(ids)) == 30
     assert set(table["run_id"].to_pylist()) == {first["run_id"]}  # unchanged rows were not rewritten
     # nothing changed: nothing embedded, no new version
-    assert second["rows"] == {"read": 30, "written": 0, "unchanged": 30, "quarantined": 0, "reconciled": True}
+    assert second["rows"] == {"read": 30, "written": 0, "unchanged": 30, "delete_markers": 0, "quarantined": 0, "reconciled": True}
     assert second["table"]["rows"] == 30 and second["table"]["version"] == first["table"]["version"]
     assert "0 written + 30 unchanged (not embedded) + 0 quarantined" in summary(second)
 
@@ -108,7 +108,7 @@ def test_rerun_is_idempotent(tmp_path, make_config):
     docs[4]["text"] = "a changed abstract"
     write_jsonl(tmp_path / "c.jsonl", docs)
     third = run(cfg)  # one changed, one new: two embedded, the rest left as they were
-    assert third["rows"] == {"read": 31, "written": 2, "unchanged": 29, "quarantined": 0, "reconciled": True}
+    assert third["rows"] == {"read": 31, "written": 2, "unchanged": 29, "delete_markers": 0, "quarantined": 0, "reconciled": True}
     table = Store(cfg.storage).passages().to_arrow().to_pylist()
     assert {r["id"] for r in table if r["run_id"] == third["run_id"]} == {"d4", "d30"}
     assert next(r["text"] for r in table if r["id"] == "d4") == "a changed abstract"
@@ -126,7 +126,7 @@ def test_failure_before_commit_leaves_previous_version(tmp_path, make_config, mo
         run(make_config(tmp_path / "v2.jsonl"))
     failed = info.value.batchrank_report
     assert failed["status"] == "failed" and "before_commit" in failed["error"]
-    assert failed["rows"] == {"read": 50, "written": 0, "unchanged": 20, "quarantined": 0,
+    assert failed["rows"] == {"read": 50, "written": 0, "unchanged": 20, "delete_markers": 0, "quarantined": 0,
                               "not_published_run_failed": 30, "reconciled": True}
     assert json.loads(open(failed["report_path"]).read())["status"] == "failed"
     table = store.passages()
@@ -147,13 +147,13 @@ def test_parquet_and_csv_corpora(tmp_path, make_config):
     cfg = make_config(tmp_path / "c.parquet", corpus={"id_field": "doc_id", "text_field": "body", "title_field": None,
                                                       "metadata_fields": {"year": "int"}})
     report = run(cfg)
-    assert report["rows"] == {"read": 20, "written": 20, "unchanged": 0, "quarantined": 0, "reconciled": True}
+    assert report["rows"] == {"read": 20, "written": 20, "unchanged": 0, "delete_markers": 0, "quarantined": 0, "reconciled": True}
 
     csv = tmp_path / "c.csv"
     csv.write_text("_id,title,text\n001,T,alpha beta\n002,T\n003,T,\"gamma, delta\"\n")
     cfg = make_config(csv, storage={"uri": str(tmp_path / "db2")})
     report = run(cfg)
-    assert report["rows"] == {"read": 3, "written": 2, "unchanged": 0, "quarantined": 1, "reconciled": True}
+    assert report["rows"] == {"read": 3, "written": 2, "unchanged": 0, "delete_markers": 0, "quarantined": 1, "reconciled": True}
     assert sorted(Store(cfg.storage).passages().to_arrow()["id"].to_pylist()) == ["001", "003"]
 
     import lance
@@ -162,14 +162,7 @@ def test_parquet_and_csv_corpora(tmp_path, make_config):
                         str(tmp_path / "docs.lance"))
     cfg = make_config(tmp_path / "docs.lance", storage={"uri": str(tmp_path / "db3")})
     report = run(cfg)
-    assert report["rows"] == {"read": 21, "written": 20, "unchanged": 0, "quarantined": 1, "reconciled": True}
-
-
-def test_model_mismatch_is_refused_before_any_work(tmp_path, make_config):
-    write_jsonl(tmp_path / "c.jsonl", good_docs(5))
-    run(make_config(tmp_path / "c.jsonl"))
-    with pytest.raises(StoreError, match="vectors of two models must not mix"):
-        run(make_config(tmp_path / "c.jsonl", embed={"model": "some-other-model"}))
+    assert report["rows"] == {"read": 21, "written": 20, "unchanged": 0, "delete_markers": 0, "quarantined": 1, "reconciled": True}
 
 
 def test_search_cli_reads_what_the_job_wrote(tmp_path, make_config):
@@ -199,10 +192,10 @@ def test_uri_glob_corpus_with_a_file_of_only_bad_rows(tmp_path, make_config):
     write_jsonl(parts / "bad.jsonl", ['{"_id": 1}', "not json", '{"_id": "z", "text": ""}'])
     cfg = make_config(f"file://{parts}/*.jsonl")
     report = run(cfg)
-    assert report["rows"] == {"read": 15, "written": 12, "unchanged": 0, "quarantined": 3, "reconciled": True}
+    assert report["rows"] == {"read": 15, "written": 12, "unchanged": 0, "delete_markers": 0, "quarantined": 3, "reconciled": True}
 
     only_bad = make_config(f"file://{parts}/bad.jsonl", storage={"uri": str(tmp_path / "empty-db")})
     report = run(only_bad)  # nothing good: no passages table is created, the bad rows are still kept
-    assert report["rows"] == {"read": 3, "written": 0, "unchanged": 0, "quarantined": 3, "reconciled": True}
+    assert report["rows"] == {"read": 3, "written": 0, "unchanged": 0, "delete_markers": 0, "quarantined": 3, "reconciled": True}
     assert report["table"]["version"] is None
     assert Store(only_bad.storage).quarantine(report["run_id"]).num_rows == 3

@@ -1,0 +1,12 @@
+"""Nightly job entrypoint: ``python -m jobs.nightly --config FILE`` (incremental reindex, upkeep, rerank).
+
+Locally it starts Ray on this machine; under ``ray job submit --working-dir . -- python -m jobs.nightly
+--config FILE`` it joins the cluster (``RAY_ADDRESS`` is set by Ray Jobs).
+"""
+
+import sys
+
+from pipelines.cli import job_main
+
+if __name__ == "__main__":
+    sys.exit(job_main("nightly"))
