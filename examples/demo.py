@@ -8,7 +8,9 @@
 3. write a query log: the sample's test claims, searched 1-9 times each over the last 5 days,
    with a few broken lines (they are quarantined);
 4. rerank the log (``batchrank rerank``) into a new version of the rankings table;
-5. look a few claims up (``batchrank lookup``), marking the abstracts judged relevant.
+5. look a few claims up (``batchrank lookup``), marking the abstracts judged relevant;
+6. run the next night (``batchrank nightly``): nothing changed, so nothing is embedded and every pair
+   score comes from the cache.
 """
 
 from __future__ import annotations
@@ -38,20 +40,20 @@ def main() -> int:
 
     config = Path(args.config)
     cfg = load_config(config)
-    _step("1/5 index the sample corpus")
+    _step("1/6 index the sample corpus")
     if run_job("index", config) != 0:
         return 1
-    _step("2/5 train the demo reranker (cached after the first run)")
+    _step("2/6 train the demo reranker (cached after the first run)")
     if run_job("train", config) != 0:
         return 1
-    _step("3/5 write a query log")
+    _step("3/6 write a query log")
     claims = _test_claims()
     log_path = Path(cfg.query_log.path if isinstance(cfg.query_log.path, str) else cfg.query_log.path[0])
     print(build_query_log(log_path, [text for text, _ in claims[:N_LOGGED]]))
-    _step("4/5 rerank the query log")
+    _step("4/6 rerank the query log")
     if run_job("rerank", config) != 0:
         return 1
-    _step("5/5 look up a few claims (* = judged relevant)")
+    _step("5/6 look up a few claims (* = judged relevant)")
     from pipelines.lookup import Rankings
 
     rankings = Rankings(cfg)
@@ -63,6 +65,9 @@ def main() -> int:
         for rank, hit in enumerate(ranking.hits, 1):
             mark = "*" if hit.id in relevant else " "
             print(f" {mark}{rank}. {hit.score:.3f} [{hit.id}] (first stage #{hit.retrieval_rank}) {hit.title[:80]}")
+    _step("6/6 the next night: batchrank nightly (nothing changed, so nothing is embedded or scored)")
+    if run_job("nightly", config) != 0:
+        return 1
     print("\nThe demo reranker trains for about two minutes on 200 claims; the rerank summary above shows the weight, "
           "fitted on held-out train claims, with which its score is blended with the first stage's.")
     print(f"more: batchrank lookup --config {args.config} \"{claims[3][0]}\"")

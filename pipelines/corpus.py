@@ -262,25 +262,66 @@ def _read_lance(paths: list[str], spec: RowSpec, rows: int, read_cpus: float):
     return datasets[0] if len(datasets) == 1 else datasets[0].union(*datasets[1:])
 
 
-def corpus_fingerprint(cfg) -> str | None:
-    """``Store.content_fingerprint`` of the table the index job would build from ``cfg.corpus`` (read here,
-    without Ray): first row of each id wins, bad rows left out. None for formats not read here (Lance)."""
-    import pyarrow.compute as pc
-
+def read_local(cfg, *, max_bytes: int | None = None) -> Iterator[pa.Table] | None:
+    """The validated blocks of ``cfg.corpus``, read in this process (no Ray): the same readers and validation as
+    ``read_corpus``, for inputs small enough that starting read tasks would cost more than reading. None when
+    that is not possible: a Lance corpus, a folder on an object store, or more than ``max_bytes`` of input."""
     spec, paths = RowSpec.from_config(cfg), expand_paths(cfg.corpus.path)
     fmt = cfg.corpus.format if cfg.corpus.format != "auto" else detect_format(paths)
     if fmt not in ("jsonl", "csv", "parquet"):
         return None
-    first: dict[str, str] = {}
-    for path in paths:
+    files = _local_files(paths, fmt)
+    if files is None or (max_bytes is not None and sum(size for _, size in files) > max_bytes):
+        return None
+    return _read_files([f for f, _ in files], fmt, spec, cfg.corpus.rows_per_block)
+
+
+def _read_files(files: list[str], fmt: str, spec: RowSpec, rows: int) -> Iterator[pa.Table]:
+    for path in files:
         with _open_path(path, random_access=fmt == "parquet") as stream:
             records = (iter_jsonl_records(stream) if fmt == "jsonl" else
                        iter_csv_records(stream, spec.source_fields) if fmt == "csv" else
-                       iter_parquet_records(stream, spec.source_fields, 4096))
-            for block in blocks(records, spec, path, 4096, coerce=fmt == "csv"):
-                good = block.filter(pc.is_null(block[S.REASON_CODE]))
-                for doc, h in zip(good[S.ID].to_pylist(), good[S.CONTENT_HASH].to_pylist()):
-                    first.setdefault(doc, h)
+                       iter_parquet_records(stream, spec.source_fields, rows))
+            yield from blocks(records, spec, path, rows, coerce=fmt == "csv")
+
+
+def _local_files(paths: list[str], fmt: str) -> list[tuple[str, int]] | None:
+    """(file, bytes) of every input file in reading order; None when a folder is on an object store."""
+    import pyarrow.fs as pafs
+
+    out: list[tuple[str, int]] = []
+    for p in paths:
+        if "://" in p:
+            fs, inner = pafs.FileSystem.from_uri(p)
+            info = fs.get_file_info(inner)
+            if info.type != pafs.FileType.File:
+                return None
+            out.append((p, info.size or 0))
+        elif os.path.isdir(p):
+            suffixes = tuple(s for s, f in FORMAT_BY_SUFFIX.items() if f == fmt)
+            for name in sorted(os.listdir(p)):
+                full = os.path.join(p, name)
+                if not name.startswith((".", "_")) and os.path.isfile(full) and \
+                        name.removesuffix(".gz").endswith(suffixes):
+                    out.append((full, os.path.getsize(full)))
+        else:
+            out.append((p, os.path.getsize(p)))
+    return out
+
+
+def corpus_fingerprint(cfg) -> str | None:
+    """``Store.content_fingerprint`` of the table the index job would build from ``cfg.corpus`` (read here,
+    without Ray): first row of each id wins, bad rows left out. None for inputs not read here (Lance)."""
+    import pyarrow.compute as pc
+
+    local = read_local(cfg)
+    if local is None:
+        return None
+    first: dict[str, str] = {}
+    for block in local:
+        good = block.filter(pc.and_(pc.is_null(block[S.REASON_CODE]), pc.invert(pc.fill_null(block[S.DELETED], False))))
+        for doc, h in zip(good[S.ID].to_pylist(), good[S.CONTENT_HASH].to_pylist()):
+            first.setdefault(doc, h)
     from pipelines.store import fingerprint_rows
 
     return fingerprint_rows(pa.table({S.ID: list(first), S.CONTENT_HASH: list(first.values())}))

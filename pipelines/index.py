@@ -29,6 +29,7 @@ from pipelines.report import Progress, Timer, new_run_id, redact_uri, save_repor
 
 log = logging.getLogger("batchrank.index")
 FLUSH_ROWS = 4096  # rows buffered on the driver before a staging append
+LOCAL_READ_BYTES = 256 << 20  # an incremental run reads a corpus up to this size in-process (no read tasks)
 # Small blocks (Ray Data's default is 128 MiB) keep every embedding actor fed, progress live and
 # driver memory flat; a block of 64 rows with 384-d vectors is about 100 KiB.
 BLOCK_BYTES = 256 * 1024
@@ -69,7 +70,7 @@ class _RunState:
 def _index(cfg, state: _RunState) -> None:
     import ray.data
 
-    from pipelines.corpus import expand_paths
+    from pipelines.corpus import expand_paths, read_local
     from pipelines.runtime import check_not_in_job_package, init_ray
     from pipelines.store import Store, StoreError
 
@@ -114,14 +115,25 @@ def _index(cfg, state: _RunState) -> None:
             if todo:
                 local = len(todo) <= e.local_max_rows
                 report["plan"]["embedded_on"] = "driver" if local else "actors"
-                ds = _read(cfg).map_batches(_keep_planned, fn_kwargs={"todo": todo}, batch_format="pyarrow",
-                                            batch_size=None, num_cpus=_read_cpus())
-                embedder = preload.get() if local else None
-                if not local:
-                    ds = _embed_with_actors(cfg, ds, state)
-                staged = _stream(cfg, state, ds, store, embedder=embedder, planned=todo)
+                batches = read_local(cfg, max_bytes=LOCAL_READ_BYTES) if local else None
+                if batches is not None:  # a small delta of a small corpus: no Ray at all
+                    batches = (_keep_planned(b, todo) for b in batches)
+                else:
+                    ds = _read(cfg).map_batches(_keep_planned, fn_kwargs={"todo": todo}, batch_format="pyarrow",
+                                                batch_size=None, num_cpus=_read_cpus())
+                    batches = (ds if local else _embed_with_actors(cfg, ds, state)).iter_batches(
+                        batch_format="pyarrow", batch_size=None, prefetch_batches=2)
+                staged = _stream(cfg, state, batches, store, embedder=preload.get() if local else None,
+                                 planned=todo)
+                missing = set(todo) - sink.written_ids
+                if missing:
+                    raise StoreError(f"{len(missing):,} document(s) changed while this run was indexing them (e.g. "
+                                     f"{sorted(missing)[0]!r}); nothing was written: run the index job again once "
+                                     "the corpus is no longer being written")
         else:
-            staged = _stream(cfg, state, _embed_with_actors(cfg, _read(cfg), state), store)
+            ds = _embed_with_actors(cfg, _read(cfg), state)
+            staged = _stream(cfg, state, ds.iter_batches(batch_format="pyarrow", batch_size=None, prefetch_batches=2),
+                             store)
             if rebuild:
                 deletes = sorted(set(store.content_hashes()) - sink.written_ids)
         report["deleted_ids_sample"] = deletes[:20]
@@ -142,8 +154,13 @@ def _index(cfg, state: _RunState) -> None:
         maybe_fail("after_commit")
         report["committed_version"] = version
         with timer("upkeep"):
-            report["upkeep"] = store.upkeep(name, index_cfg=cfg.index, maint=cfg.maintenance,
-                                            tag=report.get("table_tag")) if version is not None else {}
+            try:
+                report["upkeep"] = store.upkeep(name, index_cfg=cfg.index, maint=cfg.maintenance,
+                                                tag=report.get("table_tag")) if version is not None else {}
+            except Exception as exc:
+                raise StoreError(f"the commit is published ({name} v{version}), but the index upkeep after it "
+                                 f"failed: {type(exc).__name__}: {exc}; run the job again to bring the indexes up "
+                                 "to date (nothing will be embedded again)") from exc
         report["indexes"] = report["upkeep"].get("indexes", {})
         report["status"] = "succeeded"
     finally:
@@ -193,12 +210,12 @@ def _embed_with_actors(cfg, ds, state: _RunState):
     )
 
 
-def _stream(cfg, state: _RunState, ds, store, *, embedder=None, planned: dict[str, str] | None = None):
+def _stream(cfg, state: _RunState, batches, store, *, embedder=None, planned: dict[str, str] | None = None):
     """Drain the embedded stream into a staging table; return it (None when no row was good)."""
     sink, timer = state.sink, state.timer
     staged = None
     with timer("pipeline"), Progress("index", unit="docs") as progress:
-        for batch in ds.iter_batches(batch_format="pyarrow", batch_size=None, prefetch_batches=2):
+        for batch in batches:
             if embedder is not None:
                 with timer("embed_on_driver"):
                     batch = embedder(batch)
@@ -222,11 +239,17 @@ def _stream(cfg, state: _RunState, ds, store, *, embedder=None, planned: dict[st
 
 def _plan(cfg, sink: _Sink, known: dict[str, str], progress) -> dict[str, str]:
     """First pass of an incremental run: compare every corpus row with ``passages`` by id and content hash,
-    without embedding anything. Counts and quarantines as it goes; returns {row key: content hash} of the rows
-    to embed (new or changed)."""
+    without embedding anything. Counts and quarantines as it goes; returns {id: content hash} of the documents
+    to embed (new or changed). A corpus of at most ``LOCAL_READ_BYTES`` is read right here (the same readers and
+    validation; read tasks would cost more than the reading), a larger one by Ray read tasks."""
+    from pipelines.corpus import read_local
+
+    batches = read_local(cfg, max_bytes=LOCAL_READ_BYTES)
+    if batches is None:
+        batches = _read(cfg).drop_columns([S.EMBED_INPUT]).iter_batches(batch_format="pyarrow", batch_size=None,
+                                                                       prefetch_batches=2)
     todo: dict[str, str] = {}
-    for batch in _read(cfg).drop_columns([S.EMBED_INPUT]).iter_batches(batch_format="pyarrow", batch_size=None,
-                                                              prefetch_batches=2):
+    for batch in batches:
         todo.update(sink.plan(batch, known))
         progress.update(batch.num_rows)
     return todo
@@ -251,9 +274,11 @@ def _deletions(cfg, sink: _Sink, known: dict[str, str]) -> list[str]:
 
 
 def _keep_planned(batch: pa.Table, todo: dict[str, str]) -> pa.Table:
-    """Second pass of an incremental run, inside the read tasks: keep the rows the plan embeds."""
-    keys = [f"{s}\x1f{r}" for s, r in zip(batch[S.SOURCE].to_pylist(), batch[S.ROW].to_pylist())]
-    return batch.filter(pa.array([k in todo for k in keys]))
+    """Second pass of an incremental run (in the read tasks, or here): keep the rows the plan embeds, by id and
+    content hash (a later duplicate with other content was quarantined by the plan; the sink drops a later
+    duplicate with the same content)."""
+    keep = [todo.get(i) == h for i, h in zip(batch[S.ID].to_pylist(), batch[S.CONTENT_HASH].to_pylist())]
+    return batch.filter(pa.array(keep, pa.bool_()))
 
 
 class _Preload:
@@ -314,17 +339,18 @@ def _finish(cfg, state: _RunState, save: bool = True) -> dict[str, Any]:
         version, rows = None, f"unreadable: {exc}"
     pipeline_s = timer.seconds.get("pipeline")
     succeeded = report["status"] == "succeeded"
-    updated = sum(1 for i in sink.written_ids if i in state.known) if succeeded else 0
+    published = succeeded or report.get("committed_version") is not None  # upkeep can fail after the commit
+    updated = sum(1 for i in sink.written_ids if i in state.known) if published else 0
     report.update({
         "finished_at": utcnow().isoformat(),
         "corpus": cfg.corpus.path,
         "corpus_mode": cfg.corpus.mode,
         "storage": redact_uri(cfg.storage.uri),
         "model": cfg.embed.model,
-        "rows": _rows(sink, failed=not succeeded),
+        "rows": _rows(sink, failed=not published),
         "passages": {"before": report.pop("passages_before", None),
-                     "added": (sink.rows_written - updated) if succeeded else 0, "updated": updated,
-                     "deleted": sink.rows_deleted if succeeded else 0, "after": rows},
+                     "added": (sink.rows_written - updated) if published else 0, "updated": updated,
+                     "deleted": sink.rows_deleted if published else 0, "after": rows},
         "quarantine_reasons": dict(sorted(sink.reasons.items())),
         "docs_per_second": round(sink.rows_written / pipeline_s, 2) if pipeline_s else None,
         "docs_per_second_end_to_end": round(sink.rows_written / seconds["total"], 2) if seconds["total"] else None,
@@ -374,15 +400,14 @@ class _Sink:
         return good, markers, bad
 
     def plan(self, batch: pa.Table, known: dict[str, str]) -> dict[str, str]:
-        """First pass: {row key: content hash} of the good rows that are new or changed; the rest is counted."""
+        """First pass: {id: content hash} of the good rows that are new or changed; the rest is counted."""
         good, _, _ = self._take_in(batch)
         todo = {}
-        for i, h, src, row in zip(good[S.ID].to_pylist(), good[S.CONTENT_HASH].to_pylist(),
-                                  good[S.SOURCE].to_pylist(), good[S.ROW].to_pylist()):
+        for i, h in zip(good[S.ID].to_pylist(), good[S.CONTENT_HASH].to_pylist()):
             if known.get(i) == h:
                 self.rows_unchanged += 1
             else:
-                todo[f"{src}\x1f{row}"] = h
+                todo[i] = h
         return todo
 
     def split(self, batch: pa.Table) -> tuple[pa.Table, pa.Table]:
@@ -392,16 +417,15 @@ class _Sink:
         return self._keep(good), bad
 
     def embedded(self, batch: pa.Table, planned: dict[str, str]) -> pa.Table:
-        """Second pass of an incremental run: rows the plan chose, now with vectors (already counted as read)."""
-        from pipelines.store import StoreError
-
+        """Second pass of an incremental run: rows the plan chose, now with vectors (already counted as read).
+        A later copy of an id already taken (a duplicate, quarantined by the plan) is dropped."""
         self.embed_seconds += pc.sum(batch[S.SECONDS]).as_py() or 0.0
-        for src, row, h in zip(batch[S.SOURCE].to_pylist(), batch[S.ROW].to_pylist(),
-                               batch[S.CONTENT_HASH].to_pylist()):
-            if planned.get(f"{src}\x1f{row}") != h:
-                raise StoreError(f"{src} row {row} changed while this run was indexing it; nothing was written: "
-                                 "run the index job again once the corpus is no longer being written")
-        return self._keep(batch)
+        in_batch: set[str] = set()
+        keep = []
+        for i in batch[S.ID].to_pylist():
+            keep.append(i in planned and i not in self.written_ids and i not in in_batch)
+            in_batch.add(i)
+        return self._keep(batch.filter(pa.array(keep, pa.bool_())))
 
     def _keep(self, good: pa.Table) -> pa.Table:
         if good.num_rows:

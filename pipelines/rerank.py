@@ -67,7 +67,11 @@ def run(cfg, *, run_id: str | None = None, now=None, save: bool = True) -> dict[
     finally:
         _release_leases(cfg, state)
     with state.timer("upkeep"):
-        state.report["upkeep"] = _upkeep(cfg)
+        try:
+            state.report["upkeep"] = _upkeep(cfg)
+        except Exception as exc:  # noqa: BLE001 - the rankings are published; the next run's upkeep retries
+            log.warning("run %s: upkeep failed after the commit (retried by the next run): %s", state.run_id, exc)
+            state.report["upkeep"] = {"error": f"{type(exc).__name__}: {exc}"}
     return _finish(cfg, state, save)
 
 
@@ -122,6 +126,11 @@ def _rerank(cfg, state: _RunState, now) -> None:
         ctx = ray.data.DataContext.get_current()
         ctx.enable_progress_bars = False
         ctx.target_max_block_size = BLOCK_BYTES
+        # Retrieval may run ahead of scoring up to the object-store budget: with the pair cache, scoring time per
+        # query varies a hundredfold, and the default queue-ratio backpressure left the scorers waiting for
+        # candidates after every slow block.
+        ctx.downstream_capacity_backpressure_ratio = None
+        ctx.execution_options.preserve_order = False  # rankings are keyed by query (the index job sets it True)
         cluster = init_ray(cfg.ray)  # before LanceDB loads (fork safety)
         passages_version = store.passages_for_queries(e.model).version
         state.leases.append((cfg.storage.passages_table,
@@ -163,7 +172,9 @@ def _rerank(cfg, state: _RunState, now) -> None:
     selected = qlog.selected
     # Several blocks, built without tasks: one block feeds one actor, and a task-built split would need CPUs
     # that the actor pools hold.
-    rows = max(1, min(rt.queries_per_call, math.ceil(selected.num_rows / (4 * rr.actors))))
+    # Small blocks balance the scoring actors: one task scores a whole block, and with the pair cache the work
+    # per query varies from nothing (all cached) to every candidate (a new query).
+    rows = max(1, min(rt.queries_per_call, math.ceil(selected.num_rows / (16 * rr.actors))))
     blocks = [selected.slice(i, rows) for i in range(0, selected.num_rows, rows)]
     env = {"env_vars": worker_env()}
     ds = (
@@ -186,7 +197,7 @@ def _rerank(cfg, state: _RunState, now) -> None:
                 device=s_device, dtype=rr.dtype, trust_remote_code=rr.trust_remote_code,
                 num_threads=rr.cpus_per_actor, fusion_weight=fusion_weight,
                 cache_storage=cfg.storage if rr.cache else None, cache_version=state.cache_version,
-                cross_encoder_id=sink.cross_encoder_id),
+                cross_encoder_id=sink.cross_encoder_id, preload=True),
             compute=ray.data.ActorPoolStrategy(size=rr.actors, max_tasks_in_flight_per_actor=2),
             num_cpus=s_cpus, num_gpus=s_gpus, batch_size=rr.queries_per_call, batch_format="pyarrow",
             runtime_env=env,

@@ -21,6 +21,7 @@ Example (no Ray needed)::
 
 from __future__ import annotations
 
+import threading
 import time
 from typing import Any
 
@@ -43,12 +44,13 @@ class Scorer:
     def __init__(self, model: Any, *, top_n: int = 20, batch_size: int = 32, max_length: int | None = None,
                  device: str = "auto", dtype: str = "auto", trust_remote_code: bool = False,
                  num_threads: float | None = None, fusion_weight: float | None = None, cache_storage=None,
-                 cache_version: int | None = None, cross_encoder_id: str | None = None):
+                 cache_version: int | None = None, cross_encoder_id: str | None = None, preload: bool = False):
         from pipelines.models import configure_threads
 
         configure_threads(num_threads)
         self.top_n, self.batch_size, self.fusion_weight = top_n, batch_size, fusion_weight
         self._model = model if hasattr(model, "predict") else None
+        self._lock = threading.Lock()
         self._load_args = {"name": model, "device": device, "dtype": dtype, "max_length": max_length,
                            "trust_remote_code": trust_remote_code}
         self.cache, self.cross_encoder_id = None, cross_encoder_id
@@ -57,15 +59,18 @@ class Scorer:
                 raise ValueError("the pair cache needs cross_encoder_id (pipelines.pair_cache.cross_encoder_id of "
                                  "the model), or pass cache_storage=None to score every pair")
             self.cache = P.PairCache.open(cache_storage, cache_version)
+            if preload and self._model is None:  # load while the first candidates are being retrieved
+                threading.Thread(target=self.load, name="batchrank-load-cross-encoder", daemon=True).start()
         else:
             self.load()  # every pair needs the model: load it with the actor, not inside the first call
 
     def load(self):
-        """The cross-encoder, loaded on first use."""
-        if self._model is None:
-            from pipelines.models import load_cross_encoder
+        """The cross-encoder, loaded once: on first use, or by the preload thread (waited for)."""
+        with self._lock:
+            if self._model is None:
+                from pipelines.models import load_cross_encoder
 
-            self._model = load_cross_encoder(**self._load_args)
+                self._model = load_cross_encoder(**self._load_args)
         return self._model
 
     @property
