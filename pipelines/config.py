@@ -228,6 +228,9 @@ class RerankConfig(_Section):
     device: Literal["auto", "cpu", "cuda", "mps"] = "auto"
     dtype: Literal["auto", "float32", "float16", "bfloat16"] = "auto"
     trust_remote_code: bool = False
+    carry_over: bool = Field(True, description="a query ranked by the previous run on the same passages version "
+                                               "with the same settings keeps that ranking (no retrieval, no "
+                                               "scoring); its count and last_seen are updated")
     cache: bool = Field(True, description="reuse cross-encoder scores of pairs scored before (same normalised query, "
                                           "document text and cross-encoder); rankings are the same either way")
     fusion: Literal["auto", "none"] | FusionConfig = Field(

@@ -102,15 +102,19 @@ def _index(cfg, state: _RunState) -> None:
                              "gpus": cluster.gpus}
         # A small delta is embedded right here: the model loads while the corpus is compared.
         preload = _Preload(cfg) if known and e.local_max_rows else None
+        # Plan first (compare, then embed only what the plan says) when there is something to compare with, or
+        # when the corpus is small enough to read here: the plan costs little and a small corpus then needs no
+        # actor pool. A large first run streams in one pass.
+        plan_first = bool(known) or read_local(cfg, max_bytes=LOCAL_READ_BYTES) is not None
 
     log.info("run %s: indexing %s into %s/%s (%s)", run_id, cfg.corpus.path, redact_uri(cfg.storage.uri), name,
              report["mode"])
     staged, deletes = None, []
     try:
-        if known:
+        if plan_first:
             with timer("plan"), Progress("compare", unit="docs") as progress:
                 todo = _plan(cfg, sink, known, progress)
-            deletes = _deletions(cfg, sink, known)
+            deletes = _deletions(cfg, sink, known) if known else []
             report["plan"] = {"embed": len(todo), "unchanged": sink.rows_unchanged, "delete": len(deletes)}
             if todo:
                 local = len(todo) <= e.local_max_rows
@@ -123,19 +127,19 @@ def _index(cfg, state: _RunState) -> None:
                                                 batch_size=None, num_cpus=_read_cpus())
                     batches = (ds if local else _embed_with_actors(cfg, ds, state)).iter_batches(
                         batch_format="pyarrow", batch_size=None, prefetch_batches=2)
-                staged = _stream(cfg, state, batches, store, embedder=preload.get() if local else None,
-                                 planned=todo)
+                embedder = (preload.get() if preload is not None else _driver_embedder(cfg)) if local else None
+                staged = _stream(cfg, state, batches, store, embedder=embedder, planned=todo)
                 missing = set(todo) - sink.written_ids
                 if missing:
                     raise StoreError(f"{len(missing):,} document(s) changed while this run was indexing them (e.g. "
-                                     f"{sorted(missing)[0]!r}); nothing was written: run the index job again once "
+                                     f"{min(missing)!r}); nothing was written: run the index job again once "
                                      "the corpus is no longer being written")
         else:
             ds = _embed_with_actors(cfg, _read(cfg), state)
             staged = _stream(cfg, state, ds.iter_batches(batch_format="pyarrow", batch_size=None, prefetch_batches=2),
                              store)
-            if rebuild:
-                deletes = sorted(set(store.content_hashes()) - sink.written_ids)
+        if rebuild:  # the overwrite drops what the new model's set lacks
+            deletes = sorted(set(store.content_hashes()) - sink.written_ids)
         report["deleted_ids_sample"] = deletes[:20]
 
         with timer("quarantine_write"):
@@ -281,6 +285,15 @@ def _keep_planned(batch: pa.Table, todo: dict[str, str]) -> pa.Table:
     return batch.filter(pa.array(keep, pa.bool_()))
 
 
+def _driver_embedder(cfg):
+    """The bi-encoder in this process, for a run small enough to embed here."""
+    from pipelines.embed import Embedder
+
+    e = cfg.embed
+    return Embedder(e.model, batch_size=e.batch_size, device=e.device, dtype=e.dtype, max_seq_length=e.max_seq_length,
+                    normalize=e.normalize, trust_remote_code=e.trust_remote_code, num_threads=os.cpu_count())
+
+
 class _Preload:
     """Loads the bi-encoder on the driver in a background thread, for deltas small enough to embed here."""
 
@@ -292,13 +305,8 @@ class _Preload:
         self._thread.start()
 
     def _load(self) -> None:
-        from pipelines.embed import Embedder
-
-        e = self._cfg.embed
         try:
-            self._result = Embedder(e.model, batch_size=e.batch_size, device=e.device, dtype=e.dtype,
-                                    max_seq_length=e.max_seq_length, normalize=e.normalize,
-                                    trust_remote_code=e.trust_remote_code, num_threads=os.cpu_count())
+            self._result = _driver_embedder(self._cfg)
         except BaseException as exc:  # surfaced by get()
             self._error = exc
 
@@ -504,8 +512,8 @@ def summary(report: dict[str, Any]) -> str:
         + (f"{r['delete_markers']:,} delete markers + " if r.get("delete_markers") else "")
         + f"{r['quarantined']:,} quarantined"
         + ("" if r["reconciled"] else "  (DOES NOT RECONCILE)"),
-        f"  passages: {p['before'] or 0:,} before, {p['added']:,} added, {p['updated']:,} updated, "
-        f"{p['deleted']:,} deleted, {p['after'] if isinstance(p['after'], str) else format(p['after'], ',')} after",
+        (f"  passages: {p['before'] or 0:,} before, {p['added']:,} added, {p['updated']:,} updated, "
+         f"{p['deleted']:,} deleted, {p['after'] if isinstance(p['after'], str) else format(p['after'], ',')} after"),
     ]
     if report["quarantine_reasons"]:
         lines.append("  quarantined: " + ", ".join(f"{k} {v}" for k, v in report["quarantine_reasons"].items()))

@@ -97,6 +97,7 @@ class _RunState:
         self.sink = _Sink(run_id, cfg)
         self.leases: list[tuple[str, str | None]] = []  # (table, lease tag) pinned for this run's readers
         self.cache_version: int | None = None
+        self.resources: dict[str, tuple[float, float]] = {}  # CPUs and GPUs per actor of each pool
         self.report: dict[str, Any] = {"job": "rerank", "run_id": run_id, "status": "running",
                                        "started_at": utcnow().isoformat()}
 
@@ -105,15 +106,7 @@ def _rerank(cfg, state: _RunState, now) -> None:
     import ray.data
 
     from pipelines.query_log import read_query_log
-    from pipelines.retrieve import Retriever
-    from pipelines.runtime import (
-        actor_device,
-        check_not_in_job_package,
-        init_ray,
-        pool_resources,
-        worker_env,
-    )
-    from pipelines.score import Scorer
+    from pipelines.runtime import actor_device, check_not_in_job_package, init_ray, pool_resources
     from pipelines.store import Store, StoreError
 
     run_id, timer, report, sink = state.run_id, state.timer, state.report, state.sink
@@ -161,6 +154,7 @@ def _rerank(cfg, state: _RunState, now) -> None:
 
     resources = pool_resources(cluster, {"retrieve": (rt.actors, rt.cpus_per_actor, rt.gpus_per_actor),
                                          "rerank": (rr.actors, rr.cpus_per_actor, rr.gpus_per_actor)})
+    state.resources = resources
     (r_cpus, r_gpus), (s_cpus, s_gpus) = resources["retrieve"], resources["rerank"]
     s_device = actor_device(rr.device, s_gpus)
     with timer("startup"):  # hashes the model's weights: the cache key must change when they do
@@ -169,7 +163,39 @@ def _rerank(cfg, state: _RunState, now) -> None:
                          "gpus": cluster.gpus,
                          "retrieve": {"actors": rt.actors, "cpus_per_actor": r_cpus, "gpus_per_actor": r_gpus},
                          "rerank": {"actors": rr.actors, "cpus_per_actor": s_cpus, "gpus_per_actor": s_gpus}}
-    selected = qlog.selected
+    sink.settings = _settings_key(cfg, sink.cross_encoder_id, fusion_weight)
+    staged = store.stage(cfg.storage.rankings_table, run_id, S.RANKINGS_SCHEMA)
+    try:
+        selected = qlog.selected
+        if rr.carry_over:
+            with timer("carry_over"):
+                carried = _carry_over(store, cfg, selected, sink)
+            if carried.num_rows:
+                staged.add(carried)
+                sink.carried = sink.ranked = carried.num_rows
+                done = pc.is_in(selected[S.QUERY_ID], value_set=carried[S.QUERY_ID])
+                selected = selected.filter(pc.invert(done))
+        if selected.num_rows:  # else every query kept its ranking: nothing to retrieve or score
+            _retrieve_and_score(cfg, state, store, staged, selected, fusion_weight)
+    except BaseException:
+        staged.drop()
+        raise
+    _publish(cfg, store, staged, qlog, state)
+
+
+def _retrieve_and_score(cfg, state: _RunState, store, staged, selected: pa.Table, fusion_weight) -> None:
+    """The two actor pools over the queries still to rank; ranked rows go to ``staged``, new pair scores to the
+    cache."""
+    import ray.data
+
+    from pipelines.retrieve import Retriever
+    from pipelines.runtime import actor_device, worker_env
+    from pipelines.score import Scorer
+
+    timer, sink, run_id = state.timer, state.sink, state.run_id
+    rt, rr, e = cfg.retrieve, cfg.rerank, cfg.embed
+    (r_cpus, r_gpus), (s_cpus, s_gpus) = state.resources["retrieve"], state.resources["rerank"]
+    s_device = actor_device(rr.device, s_gpus)
     # Several blocks, built without tasks: one block feeds one actor, and a task-built split would need CPUs
     # that the actor pools hold.
     # Small blocks balance the scoring actors: one task scores a whole block, and with the pair cache the work
@@ -206,26 +232,31 @@ def _rerank(cfg, state: _RunState, now) -> None:
     log.info("run %s: reranking %d queries (k=%d, top_n=%d) with %s into %s/%s", run_id, selected.num_rows,
              rt.k, rr.top_n, rr.model, redact_uri(cfg.storage.uri), cfg.storage.rankings_table)
 
-    staged = store.stage(cfg.storage.rankings_table, run_id, S.RANKINGS_SCHEMA)
+    with timer("pipeline"), Progress("rerank", unit="queries") as progress:
+        for batch in ds.iter_batches(batch_format="pyarrow", batch_size=None, prefetch_batches=2):
+            sink.add(batch)
+            if sink.pending_rows >= FLUSH_ROWS or staged.rows == 0:  # the first rows at once, then in bulk
+                with timer("stage_writes"):
+                    staged.add(sink.take_pending())
+                with timer("cache_writes"):
+                    sink.write_pairs(store)
+                maybe_fail("mid_run")
+            progress.update(batch.num_rows, pairs=int(pc.sum(batch[S.CANDIDATES]).as_py() or 0),
+                            scored=int(pc.sum(batch[P.PAIRS_SCORED]).as_py() or 0))
+        with timer("stage_writes"):
+            staged.add(sink.take_pending())
+        with timer("cache_writes"):  # before the commit: whatever happens next, the scores are kept
+            sink.write_pairs(store)
+
+
+def _publish(cfg, store, staged, qlog, state: _RunState) -> None:
+    """Check that every selected query is ranked, then one commit of the staged set; the staging table goes."""
+    timer, report, sink, run_id = state.timer, state.report, state.sink, state.run_id
+    selected = qlog.selected.num_rows
     try:
-        with timer("pipeline"), Progress("rerank", unit="queries") as progress:
-            for batch in ds.iter_batches(batch_format="pyarrow", batch_size=None, prefetch_batches=2):
-                sink.add(batch)
-                if sink.pending_rows >= FLUSH_ROWS or staged.rows == 0:  # the first rows at once, then in bulk
-                    with timer("stage_writes"):
-                        staged.add(sink.take_pending())
-                    with timer("cache_writes"):
-                        sink.write_pairs(store)
-                    maybe_fail("mid_run")
-                progress.update(batch.num_rows, pairs=int(pc.sum(batch[S.CANDIDATES]).as_py() or 0),
-                                scored=int(pc.sum(batch[P.PAIRS_SCORED]).as_py() or 0))
-            with timer("stage_writes"):
-                staged.add(sink.take_pending())
-            with timer("cache_writes"):  # before the commit: whatever happens next, the scores are kept
-                sink.write_pairs(store)
-        if staged.rows != selected.num_rows or sink.ranked != selected.num_rows:
+        if staged.rows != selected or sink.ranked != selected:
             raise RerankError(f"ranked {sink.ranked:,} queries (staged {staged.rows:,}) but selected "
-                              f"{selected.num_rows:,}; not publishing an incomplete set")
+                              f"{selected:,}; not publishing an incomplete set")
         with timer("quarantine_write"):
             store.append_quarantine(_quarantine_rows(qlog.quarantine, run_id))
         maybe_fail("before_commit")
@@ -237,6 +268,41 @@ def _rerank(cfg, state: _RunState, now) -> None:
         report["status"] = "succeeded"
     finally:
         staged.drop()
+
+
+def _settings_key(cfg, cross_encoder_id: str, fusion_weight: float | None) -> str:
+    """A digest of everything besides the query and the passages that a ranking depends on: equal keys on the same
+    passages version give the same ranking, so the previous run's can be carried over."""
+    import hashlib
+    import json
+
+    rt, rr, e, ix = cfg.retrieve, cfg.rerank, cfg.embed, cfg.index
+    settings = {"bi_encoder": e.model, "normalize": e.normalize, "max_seq_length": e.max_seq_length,
+                "k": rt.k, "source": rt.source, "rrf_k": rt.rrf_k, "exact": rt.exact,
+                "metric": ix.metric, "ann": ix.ann.model_dump(mode="json"), "fts": ix.fts.columns,
+                "cross_encoder": cross_encoder_id, "top_n": rr.top_n, "input_fields": rr.input_fields,
+                "separator": rr.separator, "fusion_weight": fusion_weight}
+    return hashlib.blake2b(json.dumps(settings, sort_keys=True).encode(), digest_size=16).hexdigest()
+
+
+def _carry_over(store, cfg, selected: pa.Table, sink) -> pa.Table:
+    """Rows of the current rankings that this run would compute again unchanged: the same query (and
+    normalisation), passages version and settings. Count, last_seen and run_id are this run's."""
+    table = store.open(cfg.storage.rankings_table)
+    if table is None or S.SETTINGS not in table.schema.names:
+        return S.RANKINGS_SCHEMA.empty_table()
+    rows = store.rows_by_id(table, selected[S.QUERY_ID].to_pylist(), S.RANKINGS_SCHEMA.names, key=S.QUERY_ID)
+    same = pc.and_(pc.and_(pc.equal(rows[S.PASSAGES_VERSION], sink.passages_version),
+                           pc.equal(rows[S.SETTINGS], sink.settings)),
+                   pc.equal(rows[S.NORMALIZER], sink.normalizer))
+    rows = rows.filter(pc.fill_null(same, False))
+    if rows.num_rows == 0:
+        return S.RANKINGS_SCHEMA.empty_table()
+    today = pc.index_in(rows[S.QUERY_ID], value_set=selected[S.QUERY_ID])  # this run's count and last_seen
+    for name in (S.COUNT, S.LAST_SEEN):
+        rows = rows.set_column(rows.schema.get_field_index(name), name, selected[name].take(today))
+    rows = rows.set_column(rows.schema.get_field_index(S.RUN_ID), S.RUN_ID, pa.array([sink.run_id] * rows.num_rows))
+    return rows.select(S.RANKINGS_SCHEMA.names).cast(S.RANKINGS_SCHEMA)
 
 
 def _release_leases(cfg, state: _RunState) -> None:
@@ -272,6 +338,8 @@ class _Sink:
         self.run_id, self.cfg = run_id, cfg
         self.passages_version: int | None = None
         self.cross_encoder_id: str | None = None
+        self.settings = ""
+        self.carried = 0  # queries whose previous ranking was carried over
         self.normalizer = ""
         self.ranked = self.pairs = self.scored = self.cached = self.without_candidates = self.short_lists = 0
         self.pairs_written = 0
@@ -300,6 +368,7 @@ class _Sink:
             S.PASSAGES_VERSION: pa.array([self.passages_version] * n, pa.int64()),
             S.NORMALIZER: pa.array([self.normalizer] * n),
             S.RANKED_AT: pa.array([utcnow()] * n, S.TIMESTAMP),
+            S.SETTINGS: pa.array([self.settings] * n),
         }
         for name, values in extra.items():
             batch = batch.append_column(name, values)
@@ -344,6 +413,7 @@ def _finish(cfg, state: _RunState, save: bool = True) -> dict[str, Any]:
                       **(qlog.counts if qlog else {}), "quarantine_reasons": qlog.reasons if qlog else {}},
         "queries": {"selected": selected, "ranked": sink.ranked if succeeded else 0,
                     "scored_not_published": 0 if succeeded else sink.ranked,
+                    "carried_over": sink.carried if succeeded else 0,
                     "without_candidates": sink.without_candidates, "fewer_than_k_candidates": sink.short_lists,
                     "reconciled": (sink.ranked == selected) if succeeded else None},
         "pairs": {"total": sink.pairs, "scored": sink.scored, "cached": sink.cached,
@@ -371,7 +441,9 @@ def summary(report: dict[str, Any]) -> str:
         if ql["quarantine_reasons"]:
             lines.append("  quarantined: " + ", ".join(f"{k} {v}" for k, v in ql["quarantine_reasons"].items()))
         lines.append(f"  queries: {ql['distinct_queries']:,} distinct, {ql['below_min_count']:,} below min_count, "
-                     f"{ql['beyond_head']:,} beyond head, {q['selected']:,} selected, {q['ranked']:,} ranked")
+                     f"{ql['beyond_head']:,} beyond head, {q['selected']:,} selected, {q['ranked']:,} ranked"
+                     + (f" ({q['carried_over']:,} carried over: same passages version and settings)"
+                        if q.get("carried_over") else ""))
     lines.append(f"  pairs: {p['total']:,} total = {p['scored']:,} scored + {p['cached']:,} from cache"
                  + ("" if c["enabled"] else " (rerank.cache off)")
                  + f"; {p['per_second']} scored/s in the pipeline, {p['per_second_end_to_end']} end to end")

@@ -56,6 +56,7 @@ CROSS_ENCODER = "cross_encoder"
 PASSAGES_VERSION = "passages_version"
 NORMALIZER = "normalizer"  # JSON of the query normalisation rules, applied again at lookup
 RANKED_AT = "ranked_at"
+SETTINGS = "settings"  # digest of everything a ranking depends on besides the query and passages (models, k, ...)
 
 # in-flight only (never stored)
 EMBED_INPUT = "_embed_input"
@@ -147,5 +148,6 @@ RANKINGS_SCHEMA = pa.schema(
         pa.field(PASSAGES_VERSION, pa.int64()),
         pa.field(NORMALIZER, pa.string()),
         pa.field(RANKED_AT, TIMESTAMP),
+        pa.field(SETTINGS, pa.string()),
     ]
 )

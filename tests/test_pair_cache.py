@@ -195,7 +195,8 @@ def test_rerank_runs_reuse_cached_pairs_and_rank_alike(tmp_path, make_config, ti
     def cfg(**rerank_cfg):  # BM25 candidates (no bi-encoder to load: faster runs), all of them kept
         return make_config(tmp_path / "docs.jsonl", query_log={"path": str(log)},
                            retrieve={"k": len(docs), "source": "fts"},
-                           rerank={"model": tiny_cross_encoder, "top_n": len(docs), "actors": 1, **rerank_cfg})
+                           rerank={"model": tiny_cross_encoder, "top_n": len(docs), "actors": 1,
+                                   "carry_over": False, **rerank_cfg})
 
     index.run(cfg())
     store = Store(cfg().storage)
@@ -214,6 +215,11 @@ def test_rerank_runs_reuse_cached_pairs_and_rank_alike(tmp_path, make_config, ti
     rankings = [store.rankings(r["run_id"]).to_arrow().select(RANKING).sort_by(S.QUERY_ID)
                 for r in (filled, cached, uncached)]
     assert rankings[0].equals(rankings[1]) and rankings[0].equals(rankings[2])
+    # with carry-over, a night on the same passages and settings keeps every ranking: nothing retrieved or scored
+    carried = rerank.run(cfg(carry_over=True))
+    assert carried["queries"]["carried_over"] == carried["queries"]["selected"] == carried["queries"]["ranked"]
+    assert carried["pairs"]["total"] == 0 and "carried over" in rerank.summary(carried)
+    assert store.rankings(carried["run_id"]).to_arrow().select(RANKING).sort_by(S.QUERY_ID).equals(rankings[0])
     assert store.open("pair_scores").count_rows() == pairs
     for table in (store.passages(), store.open("pair_scores")):  # the versions read were leased, then released
         assert not [t for t in table.tags.list() if t.startswith("lease-")]

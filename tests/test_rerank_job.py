@@ -51,7 +51,8 @@ def setup(tmp_path, make_config, tiny_cross_encoder):
 
     def cfg(log: Path, **overrides):
         sections = {"query_log": {"path": str(log)}, "retrieve": {"k": 8},
-                    "rerank": {"model": tiny_cross_encoder, "top_n": 5, "actors": 1, "batch_size": 16}}
+                    "rerank": {"model": tiny_cross_encoder, "top_n": 5, "actors": 1, "batch_size": 16,
+                               "carry_over": False}}  # every run ranks every query: these tests are about that path
         for name, values in overrides.items():
             sections.setdefault(name, {}).update(values)
         return make_config(tmp_path / "docs.jsonl", **sections)
@@ -68,7 +69,7 @@ def test_rerank_publishes_rankings_that_lookups_read(tmp_path, setup):
     assert ql["lines_read"] == 21 and ql["lines_counted"] == 18 and ql["lines_quarantined"] == 3
     assert ql["lines_reconciled"] and ql["quarantine_reasons"] == {"bad_json": 1, "empty_query": 1,
                                                                     "missing_timestamp": 1}
-    assert q == {"selected": 6, "ranked": 6, "scored_not_published": 0, "without_candidates": 0,
+    assert q == {"selected": 6, "ranked": 6, "scored_not_published": 0, "carried_over": 0, "without_candidates": 0,
                  "fewer_than_k_candidates": 0, "reconciled": True}
     assert report["pairs"]["scored"] == 6 * 8 and report["pairs"]["per_second"] > 0
     assert json.loads(Path(report["report_path"]).read_text())["run_id"] == report["run_id"]

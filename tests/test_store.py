@@ -90,10 +90,12 @@ def test_indexes_exact_below_threshold_and_built_above(cfg):
     assert set(info["fts"]) == {"title", "text"}
     cfg.index.ann = cfg.index.ann.model_validate({"type": "ivf_flat", "min_rows": 0, "num_partitions": 2})
     info = store.ensure_indexes(cfg.index)
-    assert info["ann"] == {"type": "ivf_flat", "built": True, "metric": "cosine", "num_partitions": 2}
+    assert info["ann"] == {"type": "ivf_flat", "built": True, "reason": "no index yet", "metric": "cosine",
+                           "num_partitions": 2}
     assert store.ensure_indexes(cfg.index)["ann"]["built"] is False  # up to date: no rebuild
     cfg.index.ann = cfg.index.ann.model_validate({"type": "ivf_hnsw_sq", "min_rows": 0, "num_partitions": 1})
-    assert store.ensure_indexes(cfg.index)["ann"]["built"] is True  # another index type: rebuilt
+    rebuilt = store.ensure_indexes(cfg.index)["ann"]  # another index type: rebuilt
+    assert rebuilt["built"] is True and rebuilt["reason"] == "index type or metric changed"
     assert store.passages().index_stats("vector_idx").index_type == "IVF_HNSW_SQ"
     cfg.index.ann = cfg.index.ann.model_validate({"type": "ivf_flat", "min_rows": 0, "num_partitions": 2})
     store.ensure_indexes(cfg.index)
