@@ -87,6 +87,19 @@ def ray_local(tmp_path_factory):
     ray.shutdown()
 
 
+@pytest.fixture(scope="module")
+def ray_per_module():
+    """A local Ray for one test module (2 CPUs, like CI): ``pytestmark = pytest.mark.usefixtures("ray_per_module")``."""
+    import ray
+
+    from pipelines.runtime import worker_env
+
+    ray.init(address="local", num_cpus=2, include_dashboard=False, runtime_env={"env_vars": worker_env()},
+             logging_level="WARNING")
+    yield ray
+    ray.shutdown()
+
+
 def write_jsonl(path: Path, rows: list) -> Path:
     with path.open("w", encoding="utf-8") as fh:
         for row in rows:

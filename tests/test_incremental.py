@@ -12,19 +12,7 @@ from conftest import build_tiny_bi_encoder, good_docs, write_jsonl
 from pipelines.index import run, summary
 from pipelines.store import Store, StoreError
 
-pytestmark = pytest.mark.ray
-
-
-@pytest.fixture(scope="module", autouse=True)
-def _ray():
-    import ray
-
-    from pipelines.runtime import worker_env
-
-    ray.init(address="local", num_cpus=2, include_dashboard=False, runtime_env={"env_vars": worker_env()},
-             logging_level="WARNING")
-    yield
-    ray.shutdown()
+pytestmark = [pytest.mark.ray, pytest.mark.usefixtures("ray_per_module")]
 
 
 def _passages(cfg, version=None) -> dict[str, dict]:

@@ -14,20 +14,8 @@ from pipelines import nightly
 from pipelines.lookup import Rankings
 from pipelines.store import Store
 
-pytestmark = pytest.mark.ray
+pytestmark = [pytest.mark.ray, pytest.mark.usefixtures("ray_per_module")]
 QUERIES = ["cell protein", "cancer risk", "vitamin study", "brain data", "gene model"]
-
-
-@pytest.fixture(scope="module", autouse=True)
-def _ray():
-    import ray
-
-    from pipelines.runtime import worker_env
-
-    ray.init(address="local", num_cpus=2, include_dashboard=False, runtime_env={"env_vars": worker_env()},
-             logging_level="WARNING")
-    yield
-    ray.shutdown()
 
 
 def test_nights_reindex_and_rerank_only_what_changed(tmp_path, make_config, tiny_cross_encoder):
