@@ -83,11 +83,18 @@ def job_main(job: str, argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog=f"python -m {module}")
     parser.add_argument("--config", "-c", required=True, type=Path, help="YAML config of the job")
     parser.add_argument("--verbose", "-v", action="store_true")
+    parser.add_argument("--run-id", help="the run id (table tags, report name); `batchrank submit` sets it")
     trains = job in ("train", "train-biencoder")
     if trains:
         parser.add_argument("--force", action="store_true", help="retrain even if an up-to-date model exists")
     args = parser.parse_args(argv)
     options = {"force": args.force} if trains else {}
+    if args.run_id:
+        import re
+
+        if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,127}", args.run_id):
+            parser.error(f"--run-id {args.run_id!r}: use letters, digits, '_', '.' and '-' (it names table tags)")
+        options["run_id"] = args.run_id
     return run_job(job, args.config, args.verbose, **options)
 
 
@@ -213,6 +220,163 @@ def search(
         else:
             title = (hit.get("title") or hit.get("text") or "")[:100]
             typer.echo(f"{rank:>3}. {hit['score']:.4f}  [{hit['id']}] {title}")
+
+
+AddressOpt = Annotated[str | None, typer.Option("--address", help="Ray job server (dashboard) address, e.g. "
+                                                 "http://127.0.0.1:8265; default: $RAY_ADDRESS")]
+
+
+def _fail(exc: Exception, code: int = 1):
+    typer.echo(f"error: {exc}", err=True)
+    return typer.Exit(code)
+
+
+@app.command()
+def submit(
+    job: Annotated[str, typer.Argument(help="index, rerank, nightly, eval, train-reranker or train-biencoder")],
+    config: ConfigOpt,
+    address: AddressOpt = None,
+    wait: Annotated[bool, typer.Option("--wait", help="stream the job's logs until it ends; exit 1 unless it "
+                                                      "succeeded")] = False,
+    submission_id: Annotated[str | None, typer.Option("--submission-id", help="default: <job>-<config "
+                                                                              "name>-<YYYYMMDD>")] = None,
+    force: Annotated[bool, typer.Option("--force", help="submit even if this submission id was already used "
+                                                        "(the id gets a -2, -3, ... suffix)")] = False,
+    working_dir: Annotated[Path | None, typer.Option("--working-dir", help="project folder to upload (default: "
+                                                                           "this checkout)")] = None,
+    pip: Annotated[bool, typer.Option("--pip/--no-pip", help="declare the project's dependencies in the job's "
+                                                             "runtime env (--no-pip: the cluster's image has "
+                                                             "them)")] = True,
+    extra: Annotated[list[str] | None, typer.Option("--extra", help="also declare an optional dependency group "
+                                                                    "of pyproject.toml (e.g. models)")] = None,
+) -> None:
+    """Submit a job to a Ray cluster (Ray's job submission API): `python -m jobs.<job> --config ...` with the project
+    as working dir and its dependencies declared."""
+    setup_logging()
+    from pipelines import submit as sub_mod
+
+    try:
+        sub = sub_mod.submit(job, config, address=address, submission_id=submission_id, working_dir=working_dir,
+                             pip=pip, extras=extra or [], force=force)
+    except sub_mod.SubmitError as exc:
+        raise _fail(exc, 2) from None
+    up = sub.upload
+    typer.echo(f"submitted {sub.submission_id}\n  entrypoint: {sub.entrypoint}\n  upload: {up['files']:,} files, "
+               f"{up['bytes'] / 2**20:.1f} MiB\n  report: {sub.report}\n  logs: batchrank jobs logs "
+               f"{sub.submission_id}")
+    if wait:
+        final = sub_mod.logs(sub.address, sub.submission_id, follow=True)
+        typer.echo(f"{sub.submission_id}: {final}")
+        raise typer.Exit(0 if final == "SUCCEEDED" else 1)
+
+
+jobs_app = typer.Typer(no_args_is_help=True, help="Jobs on a Ray cluster: status, logs, stop, list.")
+app.add_typer(jobs_app, name="jobs")
+IdArg = Annotated[str, typer.Argument(help="submission id")]
+
+
+@jobs_app.command("status")
+def jobs_status(submission_id: IdArg, address: AddressOpt = None,
+                as_json: Annotated[bool, typer.Option("--json")] = False) -> None:
+    """Status, times and report location of a submitted job."""
+    from pipelines import submit as sub_mod
+
+    try:
+        st = sub_mod.status(address, submission_id)
+    except sub_mod.SubmitError as exc:
+        raise _fail(exc) from None
+    if as_json:
+        typer.echo(json.dumps(st, default=str))
+        return
+    meta = st.pop("metadata")
+    for key, value in st.items():
+        if value is not None:
+            typer.echo(f"{key}: {value}")
+    if meta.get("batchrank_report"):
+        typer.echo(f"report: {meta['batchrank_report']}")
+
+
+@jobs_app.command("logs")
+def jobs_logs(submission_id: IdArg, address: AddressOpt = None,
+              follow: Annotated[bool, typer.Option("--follow/--no-follow", "-f")] = True) -> None:
+    """Print a job's logs, following them until the job ends (--no-follow: what there is now)."""
+    from pipelines import submit as sub_mod
+
+    try:
+        sub_mod.logs(address, submission_id, follow=follow)
+    except sub_mod.SubmitError as exc:
+        raise _fail(exc) from None
+
+
+@jobs_app.command("stop")
+def jobs_stop(submission_id: IdArg, address: AddressOpt = None) -> None:
+    """Ask the cluster to stop a job (its tables keep their previous versions)."""
+    from pipelines import submit as sub_mod
+
+    try:
+        stopped = sub_mod.stop(address, submission_id)
+    except sub_mod.SubmitError as exc:
+        raise _fail(exc) from None
+    typer.echo(f"{submission_id}: {'stop requested' if stopped else 'already finished'}")
+
+
+@jobs_app.command("list")
+def jobs_list(address: AddressOpt = None) -> None:
+    """batchrank's jobs on the cluster, newest first."""
+    from pipelines import submit as sub_mod
+
+    try:
+        rows = sub_mod.list_jobs(address)
+    except sub_mod.SubmitError as exc:
+        raise _fail(exc) from None
+    for r in rows:
+        typer.echo(f"{r['submission_id']:<40} {r['status']:<10} {r['job']:<15} {r['started_at']}  {r['report']}")
+
+
+ScheduleOpt = Annotated[Path, typer.Option("--config", "-c", help="YAML schedules file")]
+
+
+@app.command()
+def schedule(
+    config: ScheduleOpt,
+    address: AddressOpt = None,
+    once: Annotated[bool, typer.Option("--once", help="submit what is due now, then exit (for system cron)")] = False,
+    duration: Annotated[float | None, typer.Option("--for", help="run this many seconds, then exit")] = None,
+) -> None:
+    """Run the schedules of a schedules file: submit each due run to the cluster, never two runs of one schedule at
+    once, at most one catch-up after downtime; every run is recorded in the runs table."""
+    setup_logging()
+    from pipelines.schedule import ScheduleError, Scheduler, load_schedules
+
+    try:
+        scheduler = Scheduler(load_schedules(config), address=address)
+    except ScheduleError as exc:
+        raise _fail(exc, 2) from None
+    try:
+        scheduler.run(once=once, duration=duration)
+    except KeyboardInterrupt:
+        typer.echo("scheduler stopped; runs already submitted keep running on the cluster", err=True)
+
+
+@app.command()
+def runs(
+    config: ScheduleOpt,
+    name: Annotated[str | None, typer.Option("--schedule", help="only this schedule")] = None,
+    n: Annotated[int, typer.Option("-n", min=1, help="the latest N runs")] = 20,
+    as_json: Annotated[bool, typer.Option("--json", help="one JSON object per run")] = False,
+) -> None:
+    """List the runs the scheduler recorded: scheduled time, submission id, status, duration, report."""
+    from pipelines.schedule import RunsLog, ScheduleError, format_runs, load_schedules
+
+    try:
+        rows = RunsLog(load_schedules(config).runs).rows(name)[-n:]
+    except ScheduleError as exc:
+        raise _fail(exc, 2) from None
+    if as_json:
+        for r in rows:
+            typer.echo(json.dumps(r, default=str))
+    else:
+        typer.echo(format_runs(rows) if rows else "no runs recorded yet")
 
 
 @app.callback(invoke_without_command=True)

@@ -34,12 +34,22 @@ class _Section(BaseModel):
 
 class StorageConfig(_Section):
     uri: str = Field("./lancedb", description="LanceDB URI: a local folder, s3://bucket/prefix, ...")
-    storage_options: dict[str, str] = Field(default_factory=dict)
+    # repr=False: a printed config never shows keys; YAML scalars (allow_http: true) become the strings LanceDB takes
+    storage_options: dict[str, str | bool | int | float] = Field(
+        default_factory=dict, repr=False,
+        description="object-store options as LanceDB names them (aws_access_key_id, aws_secret_access_key, "
+                    "aws_endpoint, region, allow_http, ...), for the tables and the corpus, query-log and report "
+                    "URIs; what is left out comes from the AWS_* environment variables")
     passages_table: str = "passages"
     quarantine_table: str = "quarantine"
     rankings_table: str = "rankings"
     pair_scores_table: str = Field("pair_scores", description="cross-encoder scores cached by (normalised query, "
                                                               "document text hash, cross-encoder)")
+
+    @field_validator("storage_options")
+    @classmethod
+    def _option_strings(cls, v: dict) -> dict[str, str]:
+        return {k: str(x).lower() if isinstance(x, bool) else str(x) for k, x in v.items()}
 
     @field_validator("passages_table", "quarantine_table", "rankings_table", "pair_scores_table")
     @classmethod

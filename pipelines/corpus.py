@@ -24,6 +24,7 @@ import pyarrow as pa
 from ray.data.datasource import FileBasedDatasource
 
 from pipelines import schema as S
+from pipelines.objstore import filesystem, filesystem_paths, lance_location, redact
 from pipelines.validate import Malformed, RowSpec, validate_records
 
 FORMAT_BY_SUFFIX = {
@@ -148,14 +149,15 @@ def detect_format(paths: list[str]) -> str:
     return "unknown"
 
 
-def expand_paths(path: str | list[str]) -> list[str]:
-    """Expand local globs; keep folders, files and URIs as given. Raise if nothing matches."""
+def expand_paths(path: str | list[str], storage_options: dict[str, str] | None = None) -> list[str]:
+    """Expand local globs and object-store globs (listed with ``storage_options``); keep folders, files and URIs
+    as given. Raise if nothing matches."""
     out: list[str] = []
     for p in [path] if isinstance(path, str) else path:
         if any(ch in p for ch in "*?["):
-            matches = sorted(glob.glob(p, recursive=True)) if "://" not in p else _expand_uri_glob(p)
+            matches = sorted(glob.glob(p, recursive=True)) if "://" not in p else _expand_uri_glob(p, storage_options)
             if not matches:
-                raise FileNotFoundError(f"corpus.path pattern {p!r} matched no files; check the path")
+                raise FileNotFoundError(f"corpus.path pattern {redact(p)!r} matched no files; check the path")
             out.extend(matches)
         elif "://" not in p and not os.path.exists(p):
             raise FileNotFoundError(f"corpus.path {p!r} does not exist; check the path")
@@ -164,13 +166,13 @@ def expand_paths(path: str | list[str]) -> list[str]:
     return out
 
 
-def _expand_uri_glob(pattern: str) -> list[str]:
+def _expand_uri_glob(pattern: str, storage_options: dict[str, str] | None = None) -> list[str]:
     """Glob on an object store (s3://bucket/corpus/*.jsonl): list below the fixed prefix, then match."""
     import pyarrow.fs as pafs
 
     scheme, rest = pattern.split("://", 1)
     fixed = rest[: min(rest.index(ch) for ch in "*?[" if ch in rest)].rsplit("/", 1)[0]
-    fs, base = pafs.FileSystem.from_uri(f"{scheme}://{fixed}")
+    fs, base = filesystem(f"{scheme}://{fixed}", storage_options)
     infos = fs.get_file_info(pafs.FileSelector(base, recursive=True, allow_not_found=True))
     prefix = base.rstrip("/")[: -len(fixed)] if fixed and base.rstrip("/").endswith(fixed) else ""
     paths = [f"{scheme}://{i.path[len(prefix):]}" if prefix else f"{scheme}://{i.path}" for i in infos
@@ -189,42 +191,45 @@ def _glob_match(parts: list[str], pats: list[str]) -> bool:
     return bool(parts) and fnmatch.fnmatchcase(parts[0], pats[0]) and _glob_match(parts[1:], pats[1:])
 
 
-def read_corpus(corpus_cfg, spec: RowSpec, *, read_cpus: float = 0.1):
-    """Ray Dataset of validated rows (see ``schema.validated_schema``) for the configured corpus."""
+def read_corpus(corpus_cfg, spec: RowSpec, *, read_cpus: float = 0.1, storage_options: dict[str, str] | None = None):
+    """Ray Dataset of validated rows (see ``schema.validated_schema``) for the configured corpus; an object store
+    is reached with ``storage_options`` (``storage.storage_options``), in every read task."""
     import ray.data
 
-    paths = expand_paths(corpus_cfg.path)
+    paths = expand_paths(corpus_cfg.path, storage_options)
     fmt = corpus_cfg.format if corpus_cfg.format != "auto" else detect_format(paths)
     rows = corpus_cfg.rows_per_block
     if fmt == "lance":
-        return _read_lance(paths, spec, rows, read_cpus)
+        return _read_lance(paths, spec, rows, read_cpus, storage_options)
     datasource_cls = {"jsonl": _JsonlSource, "csv": _CsvSource, "parquet": _ParquetSource}.get(fmt)
     if datasource_cls is None:
-        raise ValueError(f"cannot tell the format of corpus.path {corpus_cfg.path!r}; "
+        raise ValueError(f"cannot tell the format of corpus.path {redact(str(corpus_cfg.path))!r}; "
                          "set corpus.format to jsonl, parquet, csv or lance")
-    source = datasource_cls(paths, spec=spec, rows=rows)
+    fs, paths = filesystem_paths(paths, storage_options)  # the filesystem travels to the read tasks
+    source = datasource_cls(paths, spec=spec, rows=rows, filesystem=fs)
     return ray.data.read_datasource(source, num_cpus=read_cpus)
 
 
 class _CorpusSource(FileBasedDatasource):
     """Streams one file per read task, in validated blocks of ``rows`` rows."""
 
-    def __init__(self, paths: list[str], *, spec: RowSpec, rows: int, extensions: list[str]):
-        super().__init__(paths, file_extensions=extensions)
+    def __init__(self, paths: list[str], *, spec: RowSpec, rows: int, extensions: list[str], filesystem=None):
+        super().__init__(paths, filesystem=filesystem, file_extensions=extensions)
         self._spec, self._rows = spec, rows
 
 
 class _JsonlSource(_CorpusSource):
-    def __init__(self, paths: list[str], *, spec: RowSpec, rows: int):
-        super().__init__(paths, spec=spec, rows=rows, extensions=["jsonl", "json", "ndjson", "gz"])
+    def __init__(self, paths: list[str], *, spec: RowSpec, rows: int, filesystem=None):
+        super().__init__(paths, spec=spec, rows=rows, extensions=["jsonl", "json", "ndjson", "gz"],
+                         filesystem=filesystem)
 
     def _read_stream(self, f, path: str) -> Iterator[pa.Table]:
         yield from blocks(iter_jsonl_records(f), self._spec, path, self._rows)
 
 
 class _CsvSource(_CorpusSource):
-    def __init__(self, paths: list[str], *, spec: RowSpec, rows: int):
-        super().__init__(paths, spec=spec, rows=rows, extensions=["csv", "gz"])
+    def __init__(self, paths: list[str], *, spec: RowSpec, rows: int, filesystem=None):
+        super().__init__(paths, spec=spec, rows=rows, extensions=["csv", "gz"], filesystem=filesystem)
 
     def _read_stream(self, f, path: str) -> Iterator[pa.Table]:
         records = iter_csv_records(f, self._spec.source_fields)
@@ -232,8 +237,8 @@ class _CsvSource(_CorpusSource):
 
 
 class _ParquetSource(_CorpusSource):
-    def __init__(self, paths: list[str], *, spec: RowSpec, rows: int):
-        super().__init__(paths, spec=spec, rows=rows, extensions=["parquet", "pq"])
+    def __init__(self, paths: list[str], *, spec: RowSpec, rows: int, filesystem=None):
+        super().__init__(paths, spec=spec, rows=rows, extensions=["parquet", "pq"], filesystem=filesystem)
 
     def _open_input_source(self, filesystem, path: str, **open_args):
         return filesystem.open_input_file(path)  # Parquet needs random access
@@ -247,7 +252,7 @@ class _ParquetSource(_CorpusSource):
             yield from blocks(bad, self._spec, path, self._rows)
 
 
-def _read_lance(paths: list[str], spec: RowSpec, rows: int, read_cpus: float):
+def _read_lance(paths: list[str], spec: RowSpec, rows: int, read_cpus: float, storage_options=None):
     import ray.data
 
     def validate_batch(batch: pa.Table, source: str) -> pa.Table:
@@ -255,8 +260,9 @@ def _read_lance(paths: list[str], spec: RowSpec, rows: int, read_cpus: float):
         return validate_records(records, spec, source=source)
 
     datasets = []
-    for uri in paths:
-        ds = ray.data.read_lance(uri, num_cpus=read_cpus)
+    for path in paths:
+        uri, options = lance_location(path, storage_options)
+        ds = ray.data.read_lance(uri, storage_options=options, num_cpus=read_cpus)
         datasets.append(ds.map_batches(validate_batch, fn_kwargs={"source": uri}, batch_size=rows,
                                        batch_format="pyarrow", num_cpus=read_cpus))
     return datasets[0] if len(datasets) == 1 else datasets[0].union(*datasets[1:])
@@ -266,33 +272,34 @@ def read_local(cfg, *, max_bytes: int | None = None) -> Iterator[pa.Table] | Non
     """The validated blocks of ``cfg.corpus``, read in this process (no Ray): the same readers and validation as
     ``read_corpus``, for inputs small enough that starting read tasks would cost more than reading. None when
     that is not possible: a Lance corpus, a folder on an object store, or more than ``max_bytes`` of input."""
-    spec, paths = RowSpec.from_config(cfg), expand_paths(cfg.corpus.path)
+    options = cfg.storage.storage_options
+    spec, paths = RowSpec.from_config(cfg), expand_paths(cfg.corpus.path, options)
     fmt = cfg.corpus.format if cfg.corpus.format != "auto" else detect_format(paths)
     if fmt not in ("jsonl", "csv", "parquet"):
         return None
-    files = _local_files(paths, fmt)
+    files = _local_files(paths, fmt, options)
     if files is None or (max_bytes is not None and sum(size for _, size in files) > max_bytes):
         return None
-    return _read_files([f for f, _ in files], fmt, spec, cfg.corpus.rows_per_block)
+    return _read_files([f for f, _ in files], fmt, spec, cfg.corpus.rows_per_block, options)
 
 
-def _read_files(files: list[str], fmt: str, spec: RowSpec, rows: int) -> Iterator[pa.Table]:
+def _read_files(files: list[str], fmt: str, spec: RowSpec, rows: int, options=None) -> Iterator[pa.Table]:
     for path in files:
-        with _open_path(path, random_access=fmt == "parquet") as stream:
+        with _open_path(path, random_access=fmt == "parquet", options=options) as stream:
             records = (iter_jsonl_records(stream) if fmt == "jsonl" else
                        iter_csv_records(stream, spec.source_fields) if fmt == "csv" else
                        iter_parquet_records(stream, spec.source_fields, rows))
-            yield from blocks(records, spec, path, rows, coerce=fmt == "csv")
+            yield from blocks(records, spec, redact(path), rows, coerce=fmt == "csv")
 
 
-def _local_files(paths: list[str], fmt: str) -> list[tuple[str, int]] | None:
+def _local_files(paths: list[str], fmt: str, options=None) -> list[tuple[str, int]] | None:
     """(file, bytes) of every input file in reading order; None when a folder is on an object store."""
     import pyarrow.fs as pafs
 
     out: list[tuple[str, int]] = []
     for p in paths:
         if "://" in p:
-            fs, inner = pafs.FileSystem.from_uri(p)
+            fs, inner = filesystem(p, options)
             info = fs.get_file_info(inner)
             if info.type != pafs.FileType.File:
                 return None
@@ -327,12 +334,11 @@ def corpus_fingerprint(cfg) -> str | None:
     return fingerprint_rows(pa.table({S.ID: list(first), S.CONTENT_HASH: list(first.values())}))
 
 
-def _open_path(path: str, random_access: bool):
+def _open_path(path: str, random_access: bool, options=None):
     """A local path or a URI, as the index job's readers open it (compression detected from the extension)."""
     import pyarrow as pa
-    import pyarrow.fs as pafs
 
     if "://" not in path:
         return pa.memory_map(path) if random_access else pa.input_stream(path)
-    fs, inner = pafs.FileSystem.from_uri(path)
+    fs, inner = filesystem(path, options)
     return fs.open_input_file(inner) if random_access else fs.open_input_stream(inner)

@@ -30,6 +30,7 @@ class Embedder:
                  max_seq_length: int | None = None, normalize: bool = True, trust_remote_code: bool = False,
                  num_threads: float | None = None):
         from pipelines.models import configure_threads, load_bi_encoder
+        from pipelines.runtime import node_label
 
         configure_threads(num_threads)
         self.model = load_bi_encoder(model, device=device, dtype=dtype, max_seq_length=max_seq_length,
@@ -37,6 +38,7 @@ class Embedder:
         self.batch_size = batch_size
         self.normalize = normalize
         self.dim = self.model.get_embedding_dimension()
+        self.node = node_label()
 
     def encode(self, texts: list[str]) -> np.ndarray:
         import torch
@@ -58,4 +60,5 @@ class Embedder:
         seconds = (time.perf_counter() - start) / max(len(batch), 1)
         out = batch.drop_columns([S.EMBED_INPUT, S.SECONDS])
         out = out.append_column(S.VECTOR, vectors)
-        return out.append_column(S.SECONDS, pa.array(batch[S.SECONDS].to_numpy() + seconds))
+        out = out.append_column(S.SECONDS, pa.array(batch[S.SECONDS].to_numpy() + seconds))
+        return out.append_column(S.NODE, pa.array([self.node] * len(batch), pa.string()))

@@ -25,7 +25,8 @@ import pyarrow.compute as pc
 
 from pipelines import schema as S
 from pipelines.faults import maybe_fail
-from pipelines.report import Progress, Timer, new_run_id, redact_uri, save_report, utcnow
+from pipelines.report import Progress, Timer, new_run_id, nodes_line, redact_uri, save_report, utcnow
+from pipelines.runtime import count_nodes
 
 log = logging.getLogger("batchrank.index")
 FLUSH_ROWS = 4096  # rows buffered on the driver before a staging append
@@ -79,7 +80,7 @@ def _index(cfg, state: _RunState) -> None:
     e, name = cfg.embed, cfg.storage.passages_table
 
     with timer("startup"):
-        expand_paths(cfg.corpus.path)  # fail fast on a missing corpus, before Ray starts
+        expand_paths(cfg.corpus.path, cfg.storage.storage_options)  # fail fast on a missing corpus, before Ray starts
         check_not_in_job_package(cfg.storage.uri, "storage.uri")
         ctx = ray.data.DataContext.get_current()
         ctx.execution_options.preserve_order = True  # deterministic: the first row of a duplicated id wins
@@ -107,8 +108,8 @@ def _index(cfg, state: _RunState) -> None:
         # actor pool. A large first run streams in one pass.
         plan_first = bool(known) or read_local(cfg, max_bytes=LOCAL_READ_BYTES) is not None
 
-    log.info("run %s: indexing %s into %s/%s (%s)", run_id, cfg.corpus.path, redact_uri(cfg.storage.uri), name,
-             report["mode"])
+    log.info("run %s: indexing %s into %s/%s (%s)", run_id, redact_uri(str(cfg.corpus.path)),
+             redact_uri(cfg.storage.uri), name, report["mode"])
     staged, deletes = None, []
     try:
         if plan_first:
@@ -184,7 +185,8 @@ def _read(cfg):
     from pipelines.corpus import read_corpus
     from pipelines.validate import RowSpec
 
-    return read_corpus(cfg.corpus, RowSpec.from_config(cfg), read_cpus=_read_cpus())
+    return read_corpus(cfg.corpus, RowSpec.from_config(cfg), read_cpus=_read_cpus(),
+                       storage_options=cfg.storage.storage_options)
 
 
 def _embed_with_actors(cfg, ds, state: _RunState):
@@ -192,7 +194,7 @@ def _embed_with_actors(cfg, ds, state: _RunState):
     import ray.data
 
     from pipelines.embed import Embedder
-    from pipelines.runtime import actor_device, actor_resources, worker_env
+    from pipelines.runtime import actor_device, actor_options, actor_resources
 
     e = cfg.embed
     cpus, gpus = actor_resources(state.cluster, e.actors, e.cpus_per_actor, e.gpus_per_actor)
@@ -210,7 +212,7 @@ def _embed_with_actors(cfg, ds, state: _RunState):
         num_gpus=gpus,
         batch_size=e.rows_per_call,
         batch_format="pyarrow",
-        runtime_env={"env_vars": worker_env()},
+        **actor_options(),
     )
 
 
@@ -363,6 +365,7 @@ def _finish(cfg, state: _RunState, save: bool = True) -> dict[str, Any]:
         "docs_per_second": round(sink.rows_written / pipeline_s, 2) if pipeline_s else None,
         "docs_per_second_end_to_end": round(sink.rows_written / seconds["total"], 2) if seconds["total"] else None,
         "seconds": seconds,
+        "nodes": {"embed": dict(sorted(sink.nodes.items()))},
         "table": {"name": cfg.storage.passages_table, "version": version, "rows": rows,
                   "tag": report.pop("table_tag", None), "committed_version": report.pop("committed_version", None)},
     })
@@ -382,6 +385,7 @@ class _Sink:
         self.rows_read = self.rows_written = self.rows_unchanged = self.rows_quarantined = 0
         self.rows_delete_markers = self.rows_deleted = 0
         self.embed_seconds = 0.0
+        self.nodes: dict[str, int] = {}  # rows embedded per Ray node
         self.reasons: dict[str, int] = {}
         self._pending: list[pa.Table] = []
         self.pending_rows = 0
@@ -420,20 +424,26 @@ class _Sink:
 
     def split(self, batch: pa.Table) -> tuple[pa.Table, pa.Table]:
         """Single pass (a new table, or a rebuild): every good row was embedded."""
-        self.embed_seconds += pc.sum(batch[S.SECONDS]).as_py() or 0.0
+        self._count_embedded(batch)
         good, _, bad = self._take_in(batch)
         return self._keep(good), bad
 
     def embedded(self, batch: pa.Table, planned: dict[str, str]) -> pa.Table:
         """Second pass of an incremental run: rows the plan chose, now with vectors (already counted as read).
         A later copy of an id already taken (a duplicate, quarantined by the plan) is dropped."""
-        self.embed_seconds += pc.sum(batch[S.SECONDS]).as_py() or 0.0
+        self._count_embedded(batch)
         in_batch: set[str] = set()
         keep = []
         for i in batch[S.ID].to_pylist():
             keep.append(i in planned and i not in self.written_ids and i not in in_batch)
             in_batch.add(i)
         return self._keep(batch.filter(pa.array(keep, pa.bool_())))
+
+    def _count_embedded(self, batch: pa.Table) -> None:
+        self.embed_seconds += pc.sum(batch[S.SECONDS]).as_py() or 0.0
+        embedded = batch.filter(pc.is_valid(batch[S.VECTOR]))
+        if embedded.num_rows:
+            count_nodes(self.nodes, embedded[S.NODE])
 
     def _keep(self, good: pa.Table) -> pa.Table:
         if good.num_rows:
@@ -522,6 +532,8 @@ def summary(report: dict[str, Any]) -> str:
                      f"{report['docs_per_second_end_to_end']} docs/s end to end"
                      + (f" (embedded on the {report['plan']['embedded_on']})" if report.get("plan", {}).get(
                          "embedded_on") else ""))
+    if line := nodes_line(report.get("nodes", {}), "rows"):
+        lines.append(line)
     ix, up = report["indexes"], report.get("upkeep", {})
     ann = ix.get("ann", {})
     ann_state = ("exact search" if ann.get("type") == "exact" else

@@ -30,6 +30,7 @@ from typing import Any
 import pyarrow as pa
 
 from pipelines import schema as S
+from pipelines.objstore import filesystem, redact
 from pipelines.validate import Malformed
 
 LOG_SUFFIXES = {".jsonl": "jsonl", ".json": "jsonl", ".ndjson": "jsonl", ".jsonl.gz": "jsonl", ".json.gz": "jsonl",
@@ -104,8 +105,10 @@ def time_window(log_cfg, now: datetime | None = None) -> tuple[datetime | None, 
     return since, until
 
 
-def read_query_log(log_cfg, *, now: datetime | None = None, progress=None) -> QueryLog:
-    """Read, normalise, window, count and select; see the module docstring."""
+def read_query_log(log_cfg, *, now: datetime | None = None, progress=None,
+                   storage_options: dict[str, str] | None = None) -> QueryLog:
+    """Read, normalise, window, count and select; see the module docstring. A log on an object store is read with
+    ``storage_options`` (``storage.storage_options``)."""
     spec_json = normalizer_spec(log_cfg.normalize)
     spec = json.loads(spec_json)
     since, until = time_window(log_cfg, now)
@@ -113,7 +116,7 @@ def read_query_log(log_cfg, *, now: datetime | None = None, progress=None) -> Qu
     bad: list[dict[str, Any]] = []
     reasons: dict[str, int] = {}
     read = outside = counted_lines = 0
-    for source, row, record in iter_log_records(log_cfg):
+    for source, row, record in iter_log_records(log_cfg, storage_options):
         read += 1
         if progress is not None and read % 10_000 == 0:
             progress.update(10_000)
@@ -206,7 +209,7 @@ def _raw(record: Any) -> str:
 
 
 # -- files ---------------------------------------------------------------------------------------
-def log_files(paths: str | list[str], fmt: str) -> list[tuple[str, str]]:
+def log_files(paths: str | list[str], fmt: str, storage_options: dict[str, str] | None = None) -> list[tuple[str, str]]:
     """``(path, format)`` of every log file: globs expanded, folders listed (hidden and ``_`` files skipped)."""
     import pyarrow.fs as pafs
 
@@ -214,27 +217,29 @@ def log_files(paths: str | list[str], fmt: str) -> list[tuple[str, str]]:
 
     out: list[tuple[str, str]] = []
     try:
-        expanded = expand_paths(paths)
+        expanded = expand_paths(paths, storage_options)
     except FileNotFoundError as exc:
         raise FileNotFoundError(str(exc).replace("corpus.path", "query_log.path")) from None
     for p in expanded:
-        fs, path = pafs.FileSystem.from_uri(p) if "://" in p else (pafs.LocalFileSystem(), p)
+        fs, path = filesystem(p, storage_options)
         info = fs.get_file_info(path)
         if info.type == pafs.FileType.Directory:
             infos = fs.get_file_info(pafs.FileSelector(path, recursive=True))
             found = sorted(i.path for i in infos if i.type == pafs.FileType.File
                            and not i.base_name.startswith((".", "_")) and _format_of(i.path, "auto"))
-            prefix = p[: len(p) - len(path.rstrip("/"))] if "://" in p else ""
+            uri = p.rstrip("/")  # s3://bucket/logs/ lists as bucket/logs/...: the prefix is s3://
+            prefix = uri[: len(uri) - len(path.rstrip("/"))] if "://" in p else ""
             out.extend((prefix + f if prefix else f, _format_of(f, fmt)) for f in found)
         elif info.type == pafs.FileType.NotFound:
-            raise FileNotFoundError(f"query_log.path {p!r} does not exist; check the path")
+            raise FileNotFoundError(f"query_log.path {redact(p)!r} does not exist; check the path")
         else:
             f = _format_of(p, fmt)
             if f is None:
-                raise ValueError(f"cannot tell the format of query log {p!r}; set query_log.format to jsonl or parquet")
+                raise ValueError(f"cannot tell the format of query log {redact(p)!r}; set query_log.format to jsonl "
+                                 "or parquet")
             out.append((p, f))
     if not out:
-        raise FileNotFoundError(f"query_log.path {paths!r} holds no .jsonl or .parquet files; check the path")
+        raise FileNotFoundError(f"query_log.path {redact(repr(paths))} holds no .jsonl or .parquet files; check the path")
     return out
 
 
@@ -245,24 +250,23 @@ def _format_of(path: str, fmt: str) -> str | None:
     return next((f for suffix, f in LOG_SUFFIXES.items() if lower.endswith(suffix)), None)
 
 
-def iter_log_records(log_cfg) -> Iterator[tuple[str, int | None, Any]]:
+def iter_log_records(log_cfg, storage_options: dict[str, str] | None = None) -> Iterator[tuple[str, int | None, Any]]:
     """``(source, row, record)`` for every line of every log file; unreadable input comes back ``Malformed``."""
-    import pyarrow.fs as pafs
-
     from pipelines.corpus import iter_jsonl_records, iter_parquet_records
 
     fields = [f for f in (log_cfg.text_field, log_cfg.time_field, log_cfg.count_field) if f]
-    for path, fmt in log_files(log_cfg.path, log_cfg.format):
-        fs, inner = pafs.FileSystem.from_uri(path) if "://" in path else (pafs.LocalFileSystem(), path)
+    for path, fmt in log_files(log_cfg.path, log_cfg.format, storage_options):
+        fs, inner = filesystem(path, storage_options)
+        source = redact(path)  # stored with quarantined lines
         if fmt == "jsonl":
             compression = "gzip" if path.endswith(".gz") else None
             with fs.open_input_stream(inner, compression=compression) as stream:
                 for row, rec in iter_jsonl_records(stream):
-                    yield path, row, rec
+                    yield source, row, rec
             continue
         try:
             with fs.open_input_file(inner) as f:
                 for row, rec in iter_parquet_records(f, fields, 8192):
-                    yield path, row, rec
+                    yield source, row, rec
         except (pa.ArrowInvalid, OSError) as exc:
-            yield path, None, Malformed("bad_parquet_file", f"Parquet file unreadable: {exc}", "")
+            yield source, None, Malformed("bad_parquet_file", f"Parquet file unreadable: {redact(str(exc))}", "")

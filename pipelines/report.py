@@ -99,26 +99,33 @@ class Timer:
             self.seconds[name] = round(self.seconds.get(name, 0.0) + time.perf_counter() - start, 3)
 
 
+def nodes_line(nodes: dict[str, dict[str, int]], unit: str) -> str | None:
+    """``  nodes: embed 2 (10.0.0.5/1a2b3c4d 120, ...)`` when work ran on more than one Ray node, else None."""
+    parts = [f"{stage} on {len(counts)} ({', '.join(f'{n} {c:,}' for n, c in counts.items())} {unit})"
+             for stage, counts in nodes.items() if len(counts) > 1]
+    return "  nodes: " + "; ".join(parts) if parts else None
+
+
 def redact_uri(uri: str) -> str:
     """Drop credentials from a URI before it is printed or stored (``s3://KEY:SECRET@bucket`` → ``s3://***@bucket``)."""
-    if "://" in uri and "@" in uri.split("://", 1)[1].split("/", 1)[0]:
-        scheme, rest = uri.split("://", 1)
-        return f"{scheme}://***@{rest.split('@', 1)[1]}"
-    return uri
+    from pipelines.objstore import redact
+
+    return redact(uri)
 
 
-def write_report(report: dict[str, Any], folder: str) -> str:
-    """Write ``<folder>/<run_id>.json`` (local folder or any pyarrow-supported URI); return its location."""
+def write_report(report: dict[str, Any], folder: str, storage_options: dict[str, str] | None = None) -> str:
+    """Write ``<folder>/<run_id>.json`` (local folder or any pyarrow-supported URI, reached with
+    ``storage.storage_options``); return its location (without credentials)."""
     body = json.dumps(report, indent=2, default=str, sort_keys=False)
     name = f"{report['run_id']}.json"
     if "://" in folder:
-        import pyarrow.fs as pafs
+        from pipelines.objstore import filesystem
 
-        fs, path = pafs.FileSystem.from_uri(folder)
+        fs, path = filesystem(folder, storage_options)
         fs.create_dir(path, recursive=True)
-        with fs.open_output_stream(f"{path.rstrip('/')}/{name}") as out:
+        with fs.open_output_stream(f"{path.rstrip('/')}/{name}") as out:  # one PUT on S3: whole or absent
             out.write(body.encode())
-        return f"{folder.rstrip('/')}/{name}"
+        return redact_uri(f"{folder.rstrip('/')}/{name}")
     Path(folder).mkdir(parents=True, exist_ok=True)
     target = Path(folder) / name
     tmp = target.with_suffix(".json.tmp")
@@ -133,10 +140,15 @@ def default_report_dir(storage_uri: str, configured: str | None) -> str:
 
 def save_report(report: dict[str, Any], cfg) -> dict[str, Any]:
     """Write the run report where the config says; a report that cannot be written is logged, never fatal
-    (``report_path`` is then None), so that a storage failure still ends with a summary."""
+    (``report_path`` is then None), so that a storage failure still ends with a summary. Credentials (in URIs,
+    error messages) are redacted from the report first, in place: neither the file nor the printed summary has them."""
+    from pipelines.objstore import redact, redact_all
+
+    options = cfg.storage.storage_options
+    redact_all(report, options)
     try:
-        report["report_path"] = write_report(report, default_report_dir(cfg.storage.uri, cfg.report.dir))
+        report["report_path"] = write_report(report, default_report_dir(cfg.storage.uri, cfg.report.dir), options)
     except Exception as exc:  # noqa: BLE001 - whatever broke storage must not hide the run's own outcome
-        log.error("could not write the run report: %s", exc)
+        log.error("could not write the run report: %s", redact(str(exc), options))
         report["report_path"] = None
     return report

@@ -38,7 +38,8 @@ from pipelines import pair_cache as P
 from pipelines import schema as S
 from pipelines.faults import maybe_fail
 from pipelines.fusion import resolve_weight
-from pipelines.report import Progress, Timer, new_run_id, redact_uri, save_report, utcnow
+from pipelines.report import Progress, Timer, new_run_id, nodes_line, redact_uri, save_report, utcnow
+from pipelines.runtime import count_nodes
 
 log = logging.getLogger("batchrank.rerank")
 FLUSH_ROWS = 1024  # ranked queries buffered on the driver before a staging append
@@ -143,7 +144,8 @@ def _rerank(cfg, state: _RunState, now) -> None:
                                      store.lease(cfg.storage.pair_scores_table, state.cache_version, run_id)))
 
     with timer("read_log"), Progress("query log", unit="lines") as progress:
-        qlog = state.log = read_query_log(cfg.query_log, now=now, progress=progress)
+        qlog = state.log = read_query_log(cfg.query_log, now=now, progress=progress,
+                                          storage_options=cfg.storage.storage_options)
     sink.normalizer = qlog.normalizer
     if qlog.selected.num_rows == 0:
         c = qlog.counts
@@ -189,7 +191,7 @@ def _retrieve_and_score(cfg, state: _RunState, store, staged, selected: pa.Table
     import ray.data
 
     from pipelines.retrieve import Retriever
-    from pipelines.runtime import actor_device, worker_env
+    from pipelines.runtime import actor_device, actor_options
     from pipelines.score import Scorer
 
     timer, sink, run_id = state.timer, state.sink, state.run_id
@@ -202,7 +204,7 @@ def _retrieve_and_score(cfg, state: _RunState, store, staged, selected: pa.Table
     # per query varies from nothing (all cached) to every candidate (a new query).
     rows = max(1, min(rt.queries_per_call, math.ceil(selected.num_rows / (16 * rr.actors))))
     blocks = [selected.slice(i, rows) for i in range(0, selected.num_rows, rows)]
-    env = {"env_vars": worker_env()}
+    options = actor_options()
     ds = (
         ray.data.from_arrow(blocks)
         .map_batches(
@@ -214,7 +216,7 @@ def _retrieve_and_score(cfg, state: _RunState, store, staged, selected: pa.Table
                 dtype=e.dtype, max_seq_length=e.max_seq_length, normalize=e.normalize,
                 trust_remote_code=e.trust_remote_code, num_threads=rt.cpus_per_actor),
             compute=ray.data.ActorPoolStrategy(size=rt.actors, max_tasks_in_flight_per_actor=2),
-            num_cpus=r_cpus, num_gpus=r_gpus, batch_size=rows, batch_format="pyarrow", runtime_env=env,
+            num_cpus=r_cpus, num_gpus=r_gpus, batch_size=rows, batch_format="pyarrow", **options,
         )
         .map_batches(
             Scorer,
@@ -226,7 +228,7 @@ def _retrieve_and_score(cfg, state: _RunState, store, staged, selected: pa.Table
                 cross_encoder_id=sink.cross_encoder_id, preload=True),
             compute=ray.data.ActorPoolStrategy(size=rr.actors, max_tasks_in_flight_per_actor=2),
             num_cpus=s_cpus, num_gpus=s_gpus, batch_size=rr.queries_per_call, batch_format="pyarrow",
-            runtime_env=env,
+            **options,
         )
     )
     log.info("run %s: reranking %d queries (k=%d, top_n=%d) with %s into %s/%s", run_id, selected.num_rows,
@@ -344,6 +346,7 @@ class _Sink:
         self.ranked = self.pairs = self.scored = self.cached = self.without_candidates = self.short_lists = 0
         self.pairs_written = 0
         self.retrieve_seconds = self.score_seconds = 0.0
+        self.nodes: dict[str, dict[str, int]] = {"retrieve": {}, "score": {}}  # queries per Ray node and stage
         self._pending: list[pa.Table] = []
         self._new_pairs: list[pa.Table] = []
         self.pending_rows = 0
@@ -361,6 +364,8 @@ class _Sink:
         self.short_lists += int((cands < self.cfg.retrieve.k).sum())
         self.retrieve_seconds += float(pc.sum(batch[S.RETRIEVE_SECONDS]).as_py() or 0.0)
         self.score_seconds += float(pc.sum(batch[S.SCORE_SECONDS]).as_py() or 0.0)
+        count_nodes(self.nodes["retrieve"], batch[S.RETRIEVE_NODE])
+        count_nodes(self.nodes["score"], batch[S.SCORE_NODE])
         extra = {
             S.RUN_ID: pa.array([self.run_id] * n),
             S.BI_ENCODER: pa.array([self.cfg.embed.model] * n),
@@ -425,6 +430,7 @@ def _finish(cfg, state: _RunState, save: bool = True) -> dict[str, Any]:
         "models": {"bi_encoder": cfg.embed.model, "cross_encoder": cfg.rerank.model,
                    "cross_encoder_id": sink.cross_encoder_id, "top_n": cfg.rerank.top_n},
         "seconds": seconds,
+        "nodes": {stage: dict(sorted(counts.items())) for stage, counts in sink.nodes.items()},
     })
     return save_report(report, cfg) if save else report
 
@@ -452,6 +458,8 @@ def summary(report: dict[str, Any]) -> str:
         lines.append(f"  candidates: {report['retrieve']['source']} top {report['retrieve']['k']}; final score: "
                      + ("cross-encoder alone" if w is None else f"{w:.2f} x cross-encoder + {1 - w:.2f} x first "
                         "stage (standardised)") + f" [{report['fusion']['origin']}]")
+    if line := nodes_line(report.get("nodes", {}), "queries"):
+        lines.append(line)
     lines.append("  time: " + ", ".join(f"{k} {v:.1f}s" for k, v in s.items()))
     r = report["tables"]["rankings"]
     if report["status"] == "succeeded":

@@ -116,9 +116,11 @@ class Retriever:
                  max_seq_length: int | None = None, normalize: bool = True, trust_remote_code: bool = False,
                  num_threads: float | None = None, encode_batch_size: int = 64):
         from pipelines.models import configure_threads, load_bi_encoder
+        from pipelines.runtime import node_label
         from pipelines.store import Store
 
         configure_threads(num_threads)
+        self.node = node_label()
         self.encoder = None if source == "fts" else load_bi_encoder(  # BM25 alone needs no query vectors
             model, device=device, dtype=dtype, max_seq_length=max_seq_length, trust_remote_code=trust_remote_code)
         store = Store(storage_cfg)
@@ -152,4 +154,5 @@ class Retriever:
         return (batch.append_column(S.CAND_IDS, pa.array(ids, pa.list_(pa.string())))
                 .append_column(S.CAND_TEXTS, pa.array(texts, pa.list_(pa.string())))
                 .append_column(S.CAND_SCORES, pa.array(scores, pa.list_(pa.float32())))
-                .append_column(S.RETRIEVE_SECONDS, pa.array([seconds] * len(batch), pa.float64())))
+                .append_column(S.RETRIEVE_SECONDS, pa.array([seconds] * len(batch), pa.float64()))
+                .append_column(S.RETRIEVE_NODE, pa.array([self.node] * len(batch), pa.string())))

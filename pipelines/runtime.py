@@ -20,7 +20,10 @@ WORKER_ENV = {
     "LANCE_LOG": "error",
     "LANCEDB_LOG": "error",
 }
-_PASS_THROUGH = ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE", "HF_HOME", "AWS_ENDPOINT_URL", "BATCHRANK_FAILPOINTS")
+_PASS_THROUGH = ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE", "HF_HOME", "BATCHRANK_FAILPOINTS",
+                 # object storage (pipelines/objstore.py): actors on other nodes open the tables with these
+                 "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "AWS_REGION", "AWS_DEFAULT_REGION",
+                 "AWS_ENDPOINT_URL", "AWS_ENDPOINT_URL_S3", "AWS_ALLOW_HTTP", "AWS_PROFILE")
 READ_CPUS = 0.1  # CPUs reserved per reader task; real parsing is cheap next to embedding
 
 
@@ -28,6 +31,13 @@ def worker_env() -> dict[str, str]:
     env = dict(WORKER_ENV)
     env.update({k: os.environ[k] for k in _PASS_THROUGH if k in os.environ})
     return env
+
+
+def actor_options() -> dict:
+    """Ray options for model actor pools (``map_batches(..., **actor_options())``): the worker environment, and
+    replicas spread over the cluster's nodes (Ray would otherwise pack them onto the first node with room,
+    leaving the others idle while one node's memory and bandwidth are shared by every replica)."""
+    return {"runtime_env": {"env_vars": worker_env()}, "scheduling_strategy": "SPREAD"}
 
 
 @dataclass
@@ -56,6 +66,28 @@ def init_ray(ray_cfg) -> Cluster:
     res = ray.cluster_resources()
     alive = [n for n in ray.nodes() if n.get("Alive")]
     return Cluster(address or "local", not address, res.get("CPU", 0.0), res.get("GPU", 0.0), len(alive))
+
+
+def node_label() -> str:
+    """The Ray node this process runs on, as ``<ip>/<first 8 hex of the node id>`` (``local`` without Ray):
+    reports count work per node, so that a run shows where it ran."""
+    try:
+        import ray
+
+        if ray.is_initialized():
+            ctx = ray.get_runtime_context()
+            return f"{ray.util.get_node_ip_address()}/{ctx.get_node_id()[:8]}"
+    except Exception:  # noqa: BLE001 - a label must never fail a batch
+        pass
+    return "local"
+
+
+def count_nodes(counts: dict[str, int], column) -> None:
+    """Add a batch's per-row node labels to ``{node: rows}``."""
+    import pyarrow.compute as pc
+
+    for item in pc.value_counts(column).to_pylist():
+        counts[item["values"]] = counts.get(item["values"], 0) + item["counts"]
 
 
 def check_not_in_job_package(path: str, key: str) -> None:

@@ -67,6 +67,9 @@ CAND_TEXTS = "_cand_texts"
 CAND_SCORES = "_cand_scores"
 RETRIEVE_SECONDS = "_retrieve_seconds"
 SCORE_SECONDS = "_score_seconds"
+NODE = "_node"  # the Ray node that embedded a row (``<ip>/<node id prefix>``), counted per node in reports
+RETRIEVE_NODE = "_retrieve_node"
+SCORE_NODE = "_score_node"
 
 TIMESTAMP = pa.timestamp("us", tz="UTC")
 

@@ -46,8 +46,10 @@ class Scorer:
                  num_threads: float | None = None, fusion_weight: float | None = None, cache_storage=None,
                  cache_version: int | None = None, cross_encoder_id: str | None = None, preload: bool = False):
         from pipelines.models import configure_threads
+        from pipelines.runtime import node_label
 
         configure_threads(num_threads)
+        self.node = node_label()
         self.top_n, self.batch_size, self.fusion_weight = top_n, batch_size, fusion_weight
         self._model = model if hasattr(model, "predict") else None
         self._lock = threading.Lock()
@@ -119,6 +121,7 @@ class Scorer:
             S.FUSION_WEIGHT: pa.array([self.fusion_weight] * len(batch), pa.float32()),
             S.CANDIDATES: pa.array([len(ids) for ids in cand_ids], pa.int32()),
             S.SCORE_SECONDS: pa.array([seconds] * len(batch), pa.float64()),
+            S.SCORE_NODE: pa.array([self.node] * len(batch), pa.string()),
             P.PAIRS_SCORED: pa.array(scored, pa.int32()),
             P.PAIRS_CACHED: pa.array([len(ids) - n for ids, n in zip(cand_ids, scored)], pa.int32()),
             P.NEW_KEYS: pa.array([[f[0] for f in row] for row in fresh], strings),

@@ -27,6 +27,7 @@ for _var in ("LANCE_LOG", "LANCEDB_LOG"):  # lance logs "no existing dataset" at
 import pyarrow as pa
 
 from pipelines import schema as S
+from pipelines.objstore import lance_location, redact
 
 log = logging.getLogger(__name__)
 
@@ -87,7 +88,8 @@ class Store:
         if self._db is None:
             import lancedb
 
-            self._db = lancedb.connect(self.cfg.uri, storage_options=self.cfg.storage_options or None)
+            uri, options = lance_location(self.cfg.uri, self.cfg.storage_options)
+            self._db = lancedb.connect(uri, storage_options=options)
         return self._db
 
     def table_names(self) -> list[str]:
@@ -112,7 +114,7 @@ class Store:
     def passages(self, version: int | str | None = None):
         table = self.open(self.cfg.passages_table, version)
         if table is None:
-            raise StoreError(f"no '{self.cfg.passages_table}' table in {self.cfg.uri}; run `batchrank index` first")
+            raise StoreError(f"no '{self.cfg.passages_table}' table in {redact(self.cfg.uri)}; run `batchrank index` first")
         return table
 
     def rows_by_id(self, table, ids, columns: list[str], *, key: str = S.ID, chunk: int = 500) -> pa.Table:
@@ -230,7 +232,7 @@ class Store:
     def rankings(self, version: int | str | None = None):
         table = self.open(self.cfg.rankings_table, version)
         if table is None:
-            raise StoreError(f"no '{self.cfg.rankings_table}' table in {self.cfg.uri}; run `batchrank rerank` first")
+            raise StoreError(f"no '{self.cfg.rankings_table}' table in {redact(self.cfg.uri)}; run `batchrank rerank` first")
         return table
 
     def commit_rankings(self, staged: StagedTable, run_id: str) -> int:
