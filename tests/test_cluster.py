@@ -21,7 +21,10 @@ import pytest
 import yaml
 from conftest import good_docs, write_jsonl
 
+from typer.testing import CliRunner
+
 from pipelines import submit
+from pipelines.cli import app
 from pipelines.schedule import RunsLog, Scheduler, load_schedules, occurrence_id
 
 pytestmark = pytest.mark.ray
@@ -176,13 +179,19 @@ def test_index_and_rerank_jobs_run_on_both_nodes(cluster, project):
     assert r["run_id"] == index["sub"].run_id
     assert "nodes: embed on 2" in index["logs"]
 
-    # The same run again the same day: refused by id, with the way out named.
-    with pytest.raises(submit.SubmitError, match="already submitted today.*--force"):
-        submit.submit("index", project / "configs" / "cluster.yaml", address=cluster, working_dir=project)
-    # `batchrank jobs logs` replays (and would follow) the job's output.
+    # The same run again the same day, from the command line: refused by id, with the way out named.
+    sid = index["sub"].submission_id
+    again = CliRunner().invoke(app, ["submit", "index", "--config", str(project / "configs" / "cluster.yaml"),
+                                     "--address", cluster, "--working-dir", str(project)])
+    assert again.exit_code == 2 and f"submission id {sid} was already submitted" in again.output
+    assert "--force" in again.output
+    # `batchrank jobs logs` streams the job's output (here: all of it, the job has ended); `jobs status`.
+    logs = CliRunner().invoke(app, ["jobs", "logs", sid, "--address", cluster])
+    assert logs.exit_code == 0 and f"index run {r['run_id']}: succeeded" in logs.output
+    status = CliRunner().invoke(app, ["jobs", "status", sid, "--address", cluster, "--json"])
+    assert json.loads(status.output)["status"] == "SUCCEEDED"
     out = io.StringIO()
-    assert submit.logs(cluster, index["sub"].submission_id, out=out) == "SUCCEEDED"
-    assert f"index run {r['run_id']}: succeeded" in out.getvalue()
+    assert submit.logs(cluster, sid, out=out, follow=False) == "SUCCEEDED" and out.getvalue() in logs.output
 
     rerank = _run(cluster, "rerank", project)
     rr = rerank["report"]
@@ -238,6 +247,8 @@ def test_schedule_never_overlaps_and_records_every_occurrence(cluster, project, 
     times = [r["scheduled_for"] for r in rows]
     assert all(b - a == timedelta(seconds=3) for a, b in zip(times, times[1:])), times
     assert Path(ran[0]["report"]).is_file()
+    listed = CliRunner().invoke(app, ["runs", "--config", str(tmp_path / "schedules.yaml")])
+    assert listed.exit_code == 0 and all(sid in listed.output for sid in submitted) and "SKIPPED" in listed.output
 
 
 def test_catch_up_runs_once_after_downtime(tmp_path, project):
