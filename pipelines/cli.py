@@ -261,9 +261,9 @@ def submit(
     except sub_mod.SubmitError as exc:
         raise _fail(exc, 2) from None
     up = sub.upload
-    typer.echo(f"submitted {sub.submission_id}\n  entrypoint: {sub.entrypoint}\n  upload: {up['files']:,} files, "
-               f"{up['bytes'] / 2**20:.1f} MiB\n  report: {sub.report}\n  logs: batchrank jobs logs "
-               f"{sub.submission_id}")
+    size = f"{up['files']:,} files, {up['bytes'] / 2**20:.1f} MiB" if up.get("files") is not None else "not measured"
+    typer.echo(f"submitted {sub.submission_id}\n  entrypoint: {sub.entrypoint}\n  upload: {size}\n  report: "
+               f"{sub.report}\n  logs: batchrank jobs logs {sub.submission_id}")
     if wait:
         final = sub_mod.logs(sub.address, sub.submission_id, follow=True)
         typer.echo(f"{sub.submission_id}: {final}")
@@ -366,12 +366,20 @@ def runs(
     as_json: Annotated[bool, typer.Option("--json", help="one JSON object per run")] = False,
 ) -> None:
     """List the runs the scheduler recorded: scheduled time, submission id, status, duration, report."""
-    from pipelines.schedule import RunsLog, ScheduleError, format_runs, load_schedules
+    from pipelines.schedule import ACTIVE, RunsLog, ScheduleError, Scheduler, format_runs, load_schedules
+    from pipelines.submit import SubmitError
 
     try:
-        rows = RunsLog(load_schedules(config).runs).rows(name)[-n:]
+        sched = load_schedules(config)
     except ScheduleError as exc:
         raise _fail(exc, 2) from None
+    log = RunsLog(sched.runs)
+    if any(r["status"] in ACTIVE for r in log.rows(name)):  # ask the cluster how the active runs are doing
+        try:
+            Scheduler(sched).refresh()
+        except (SubmitError, OSError) as exc:
+            typer.echo(f"note: statuses as last recorded; the cluster did not answer: {exc}", err=True)
+    rows = log.rows(name)[-n:]
     if as_json:
         for r in rows:
             typer.echo(json.dumps(r, default=str))

@@ -347,14 +347,14 @@ def _ts(iso: str | None) -> datetime | None:
 
 
 def format_runs(rows: list[dict[str, Any]]) -> str:
-    """The runs as a fixed-width table, newest last."""
-    head = f"{'schedule':<14} {'scheduled for':<25} {'status':<13} {'duration':>9}  {'submission id':<36} report / message"
-    lines = [head]
+    """The runs as a fixed-width table, oldest first."""
+    table = [("schedule", "scheduled for", "status", "duration", "submission id", "report / message")]
     for r in rows:
         when = r["scheduled_for"].astimezone(ZoneInfo(r["timezone"] or "UTC")).isoformat(timespec="seconds")
-        dur = f"{r['duration_s']:.1f}s" if r["duration_s"] is not None else "-"
         tail = r["report"] if r["status"] == "SUCCEEDED" else (r["message"] or r["report"] or "")
-        lines.append(f"{r['schedule']:<14} {when:<25} {r['status']:<13} {dur:>9}  {r['submission_id'] or '-':<36} "
-                     f"{tail}" + (f" (caught up {r['missed']} missed)" if r["missed"] else ""))
-    return "\n".join(lines)
-
+        table.append((r["schedule"], when, r["status"], f"{r['duration_s']:.1f}s" if r["duration_s"] is not None
+                      else "-", r["submission_id"] or "-",
+                      tail + (f" (caught up {r['missed']} missed)" if r["missed"] else "")))
+    widths = [max(len(row[i]) for row in table) for i in range(5)]
+    return "\n".join("  ".join(cell.rjust(w) if i == 3 else cell.ljust(w) for i, (cell, w) in
+                                enumerate(zip(row[:5], widths))) + "  " + row[5] for row in table)

@@ -45,6 +45,7 @@ EXCLUDES = [
 ]
 DATA_DIRS = ("data",)  # dataset folders: only what the config reads from them is uploaded
 METADATA_PREFIX = "batchrank_"
+CREDENTIAL_ENV = ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "AWS_PROFILE")
 AGENT_RETRIES = 6  # "No available agent to submit job": the head's job agent is not up yet (about a minute)
 
 
@@ -70,9 +71,7 @@ def client(address: str | None):
     own CLI resolves it). Connection errors name the fix."""
     from ray.job_submission import JobSubmissionClient
 
-    logging.getLogger("ray").setLevel(logging.WARNING)  # Ray's import resets it: keep packaging chatter out
-    # Ray notes that it now skips .git and .venv by default; batchrank excludes them (and more) anyway.
-    logging.getLogger("ray._private.runtime_env.working_dir").setLevel(logging.ERROR)
+    _quiet_ray()
     address = address or os.environ.get("RAY_API_SERVER_ADDRESS") or os.environ.get("RAY_ADDRESS")
     if not address:
         raise SubmitError("no cluster address: pass --address http://<head>:8265 (the Ray dashboard; through "
@@ -82,6 +81,16 @@ def client(address: str | None):
     except (ConnectionError, RuntimeError, ValueError) as exc:
         raise SubmitError(f"cannot reach the Ray job server at {address}: {exc}; is the cluster up (`ray status`) "
                           "and is this the dashboard address (port 8265)?") from None
+
+
+def _quiet_ray() -> None:
+    """Keep Ray's packaging chatter (a line per ignored file) out of the submitter's output: Ray sets its loggers'
+    levels when imported, so they are lowered here, after the import."""
+    for name in list(logging.root.manager.loggerDict):
+        if name == "ray" or name.startswith("ray."):
+            logging.getLogger(name).setLevel(logging.WARNING)
+    # Ray notes that it now skips .git and .venv by default; batchrank excludes them (and more) anyway.
+    logging.getLogger("ray._private.runtime_env.working_dir").setLevel(logging.ERROR)
 
 
 def project_root(start: Path | None = None) -> Path:
@@ -130,8 +139,6 @@ def excludes_for(root: Path, inputs: list[str]) -> list[str]:
 def upload_size(root: Path, excludes: list[str]) -> dict[str, Any]:
     """Files and bytes Ray will upload: walked with Ray's own exclusion rules (excludes, .gitignore,
     .rayignore). Ray's limit is 512 MiB per package."""
-    from ray._private.runtime_env import packaging
-
     seen = {"files": 0, "bytes": 0}
 
     def add(path: Path) -> None:
@@ -139,7 +146,14 @@ def upload_size(root: Path, excludes: list[str]) -> dict[str, Any]:
             seen["files"] += 1
             seen["bytes"] += path.stat().st_size
 
-    packaging._dir_travel(root, [packaging._get_excludes(root, excludes)], add, include_gitignore=True)
+    try:  # Ray's own walker (a private API): the count then matches what Ray uploads exactly
+        from ray._private.runtime_env import packaging
+
+        _quiet_ray()
+        packaging._dir_travel(root, [packaging._get_excludes(root, excludes)], add, include_gitignore=True)
+    except (ImportError, AttributeError, TypeError) as exc:
+        log.debug("upload size not measured: %s", exc)
+        return {"files": None, "bytes": None}
     return seen
 
 
@@ -200,8 +214,11 @@ def prepare(job: str, config: str | os.PathLike, *, address: str | None = None, 
     rel = config.relative_to(root).as_posix()
     entrypoint = f"python -m jobs.{JOBS[job]} --config {rel} --run-id {run_id}"
     excludes = excludes_for(root, _config_inputs(cfg))
+    # The submitter's own credentials stay here: job info is readable on the dashboard, and the cluster's nodes
+    # bring theirs (an instance profile, IRSA, or the config's storage_options).
+    env_vars = {k: v for k, v in worker_env().items() if k not in CREDENTIAL_ENV}
     runtime_env: dict[str, Any] = {"working_dir": str(root), "excludes": excludes,
-                                   "env_vars": {**worker_env(), **(env or {})}}
+                                   "env_vars": {**env_vars, **(env or {})}}
     if pip:
         runtime_env["pip"] = {"packages": declared_dependencies(root, list(extras)), "pip_check": False}
     report = f"{default_report_dir(cfg.storage.uri, cfg.report.dir).rstrip('/')}/{run_id}.json"

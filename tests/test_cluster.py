@@ -140,7 +140,9 @@ def _run(address: str, job: str, project: Path) -> dict:
     return {"sub": sub, "report": report, "logs": logs}
 
 
-def test_runtime_env_is_built_from_the_project(project):
+def test_runtime_env_is_built_from_the_project(project, monkeypatch):
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "submitters-own-secret")
+    monkeypatch.setenv("AWS_ENDPOINT_URL", "http://minio.internal:9000")
     sub = submit.prepare("index", project / "configs" / "cluster.yaml", working_dir=project)
     env = sub.runtime_env
     assert env["working_dir"] == str(project)
@@ -150,6 +152,8 @@ def test_runtime_env_is_built_from_the_project(project):
     assert any(p.startswith("lancedb") for p in packages) and any(p.startswith("torch") for p in packages)
     assert not any(p.split("[")[0].startswith("ray") for p in packages)  # the cluster's own Ray runs the job
     assert env["env_vars"]["OMP_WAIT_POLICY"] == "PASSIVE"
+    assert env["env_vars"]["AWS_ENDPOINT_URL"] == "http://minio.internal:9000"
+    assert "AWS_SECRET_ACCESS_KEY" not in env["env_vars"]  # job info is public on the dashboard
     assert sub.entrypoint == f"python -m jobs.index --config configs/cluster.yaml --run-id {sub.run_id}"
     assert sub.submission_id == f"index-cluster-{datetime.now().astimezone():%Y%m%d}"
     assert sub.upload["bytes"] < 2 * 2**20, sub.upload  # the 8 MiB of venv and unused data stay home
