@@ -28,13 +28,13 @@ class Embedder:
 
     def __init__(self, model: str, *, batch_size: int = 16, device: str = "auto", dtype: str = "auto",
                  max_seq_length: int | None = None, normalize: bool = True, trust_remote_code: bool = False,
-                 num_threads: float | None = None):
+                 num_threads: float | None = None, backend: str = "torch"):
         from pipelines.models import configure_threads, load_bi_encoder
         from pipelines.runtime import node_label
 
         configure_threads(num_threads)
         self.model = load_bi_encoder(model, device=device, dtype=dtype, max_seq_length=max_seq_length,
-                                     trust_remote_code=trust_remote_code)
+                                     trust_remote_code=trust_remote_code, backend=backend, threads=num_threads)
         self.batch_size = batch_size
         self.normalize = normalize
         self.dim = self.model.get_embedding_dimension()

@@ -83,7 +83,7 @@ def _evaluate(cfg, report: dict[str, Any], timer: Timer) -> None:
     from pipelines.store import Store
 
     store = Store(cfg.storage)
-    table = store.passages_for_queries(cfg.embed.model)
+    table = store.passages_for_queries(cfg.embed.identity)
     report["passages"].update(table=cfg.storage.passages_table, version=table.version)
     query_texts = [texts[q] for q in chosen]
     k = max([100, *e.depths])
@@ -136,7 +136,7 @@ def _rerank(cfg, chosen, query_texts, candidates, first_stage, judgments, report
     weight, origin = resolve_weight(rr)
     with timer("load_cross_encoder"):
         scorer = Scorer(rr.model, batch_size=rr.batch_size, max_length=rr.max_length, device=rr.device,
-                        dtype=rr.dtype, trust_remote_code=rr.trust_remote_code)
+                        dtype=rr.dtype, trust_remote_code=rr.trust_remote_code, backend=rr.backend)
     report["models"].update(cross_encoder_device=str(getattr(scorer.model, "device", "?")),
                             fusion={"weight": weight, "origin": origin})
     variants = []
@@ -214,7 +214,7 @@ def _encode(cfg, texts: list[str]) -> tuple[Any, str, float]:
 
     e = cfg.embed
     model = load_bi_encoder(e.model, device=e.device, dtype=e.dtype, max_seq_length=e.max_seq_length,
-                            trust_remote_code=e.trust_remote_code)
+                            trust_remote_code=e.trust_remote_code, backend=e.backend)
     start = time.perf_counter()  # the cost of a source: encoding the queries, not loading the model
     vectors = model.encode(texts, batch_size=e.batch_size, normalize_embeddings=e.normalize, convert_to_numpy=True,
                            show_progress_bar=False)
@@ -246,7 +246,7 @@ def ensure_passages(cfg, corpus_path, *, needs_fts: bool) -> dict[str, Any]:
     if store.passages_model() is None:
         reason = "no passages table yet"
     else:
-        table = store.passages_for_queries(cfg.embed.model)  # refuses a table of another bi-encoder
+        table = store.passages_for_queries(cfg.embed.identity)  # refuses a table of another bi-encoder
         from pipelines.corpus import corpus_fingerprint
 
         expected = corpus_fingerprint(icfg)

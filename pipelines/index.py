@@ -45,7 +45,7 @@ def run(cfg, *, run_id: str | None = None, save: bool = True) -> dict[str, Any]:
     """
     cfg.require("corpus", command="batchrank index")
     run_id = run_id or new_run_id("index")
-    state = _RunState(run_id, cfg.embed.model)
+    state = _RunState(run_id, cfg.embed.identity)
     try:
         _index(cfg, state)
     except BaseException as exc:
@@ -88,17 +88,17 @@ def _index(cfg, state: _RunState) -> None:
         ctx.target_max_block_size = BLOCK_BYTES
         cluster = state.cluster = init_ray(cfg.ray)  # before LanceDB loads: Ray forks processes, LanceDB's runtime dislikes forks
         built_with = store.passages_model()
-        rebuild = built_with is not None and built_with != e.model
+        rebuild = built_with is not None and built_with != e.identity
         if rebuild and cfg.corpus.mode == "changes":
             raise StoreError(
-                f"'{name}' was built with '{built_with}' and embed.model is now '{e.model}': a model change "
+                f"'{name}' was built with '{built_with}' and embed.model is now '{e.identity}': a model change "
                 "re-embeds every document, and a change feed does not hold them all; run this once with "
                 "corpus.mode: snapshot on the full corpus (or set embed.model back)")
         known = {} if rebuild else store.content_hashes()
         state.known = known
         report["mode"] = "rebuild" if rebuild else "incremental" if known else "full"
         if rebuild:
-            report["model_change"] = {"from": built_with, "to": e.model}
+            report["model_change"] = {"from": built_with, "to": e.identity}
         report["cluster"] = {"address": cluster.address, "nodes": cluster.nodes, "cpus": cluster.cpus,
                              "gpus": cluster.gpus}
         # A small delta is embedded right here: the model loads while the corpus is compared.
@@ -204,7 +204,7 @@ def _embed_with_actors(cfg, ds, state: _RunState):
         fn_constructor_kwargs=dict(
             model=e.model, batch_size=e.batch_size, device=actor_device(e.device, gpus), dtype=e.dtype,
             max_seq_length=e.max_seq_length, normalize=e.normalize, trust_remote_code=e.trust_remote_code,
-            num_threads=e.cpus_per_actor,
+            num_threads=e.cpus_per_actor, backend=e.backend,
         ),
         # Two tasks in flight per actor keep it fed without letting the first actor up hoard the queue.
         compute=ray.data.ActorPoolStrategy(size=e.actors, max_tasks_in_flight_per_actor=2),
@@ -293,7 +293,8 @@ def _driver_embedder(cfg):
 
     e = cfg.embed
     return Embedder(e.model, batch_size=e.batch_size, device=e.device, dtype=e.dtype, max_seq_length=e.max_seq_length,
-                    normalize=e.normalize, trust_remote_code=e.trust_remote_code, num_threads=os.cpu_count())
+                    normalize=e.normalize, trust_remote_code=e.trust_remote_code, num_threads=os.cpu_count(),
+                    backend=e.backend)
 
 
 class _Preload:
@@ -356,7 +357,7 @@ def _finish(cfg, state: _RunState, save: bool = True) -> dict[str, Any]:
         "corpus": cfg.corpus.path,
         "corpus_mode": cfg.corpus.mode,
         "storage": redact_uri(cfg.storage.uri),
-        "model": cfg.embed.model,
+        "model": cfg.embed.identity,
         "rows": _rows(sink, failed=not published),
         "passages": {"before": report.pop("passages_before", None),
                      "added": (sink.rows_written - updated) if published else 0, "updated": updated,

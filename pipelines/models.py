@@ -69,12 +69,26 @@ def configure_threads(num_cpus: float | None) -> None:
         torch.set_num_threads(max(1, round(num_cpus)))
 
 
+def _onnx_or_torch(backend: str, dev: str, key: str) -> str:
+    if backend != "torch" and dev != "cpu":
+        log.warning("%s %s runs on CPU only; on %s the torch backend runs (with bf16/fp16 via dtype)", key, backend,
+                    dev)
+        return "torch"
+    return backend
+
+
 def load_bi_encoder(name: str, *, device: str = "auto", dtype: str = "auto", max_seq_length: int | None = None,
-                    trust_remote_code: bool = False):
-    """A ``SentenceTransformer`` on the chosen device and dtype, in eval mode."""
+                    trust_remote_code: bool = False, backend: str = "torch", threads: float | None = None):
+    """A ``SentenceTransformer`` on the chosen device and dtype, in eval mode; with ``backend`` ``onnx`` or
+    ``onnx-int8`` (CPU) an ``OnnxBiEncoder`` with the same ``encode``."""
     from sentence_transformers import SentenceTransformer
 
     dev = pick_device(device)
+    if _onnx_or_torch(backend, dev, "embed.backend") != "torch":
+        from pipelines import onnx_backend
+
+        return onnx_backend.load(name, "bi-encoder", backend, threads=round(threads) if threads else None,
+                                 trust_remote_code=trust_remote_code, length=max_seq_length)
     model = SentenceTransformer(resolve_model(name), device=dev, trust_remote_code=trust_remote_code)
     torch_dtype = pick_dtype(dtype, dev)
     if torch_dtype != next(model.parameters()).dtype:
@@ -86,11 +100,20 @@ def load_bi_encoder(name: str, *, device: str = "auto", dtype: str = "auto", max
 
 
 def load_cross_encoder(name: str, *, device: str = "auto", dtype: str = "auto", max_length: int | None = None,
-                       trust_remote_code: bool = False):
-    """A sentence-transformers ``CrossEncoder`` on the chosen device and dtype, in eval mode."""
+                       trust_remote_code: bool = False, backend: str = "torch", threads: float | None = None):
+    """A sentence-transformers ``CrossEncoder`` on the chosen device and dtype, in eval mode; with ``backend``
+    ``onnx`` or ``onnx-int8`` (CPU) an ``OnnxCrossEncoder`` with the same ``predict``."""
     from sentence_transformers import CrossEncoder
 
     dev = pick_device(device)
+    if _onnx_or_torch(backend, dev, "rerank.backend") != "torch":
+        from pipelines import onnx_backend
+
+        model = onnx_backend.load(name, "cross-encoder", backend, threads=round(threads) if threads else None,
+                                  trust_remote_code=trust_remote_code, length=max_length)
+        if model.num_labels != 1:
+            raise ValueError(f"cross-encoder '{name}' has {model.num_labels} labels; reranking needs one")
+        return model
     model = CrossEncoder(resolve_model(name), device=dev, max_length=max_length, trust_remote_code=trust_remote_code)
     if model.num_labels != 1:
         raise ValueError(f"cross-encoder '{name}' has {model.num_labels} labels; reranking needs one relevance "

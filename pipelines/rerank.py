@@ -126,7 +126,7 @@ def _rerank(cfg, state: _RunState, now) -> None:
         ctx.downstream_capacity_backpressure_ratio = None
         ctx.execution_options.preserve_order = False  # rankings are keyed by query (the index job sets it True)
         cluster = init_ray(cfg.ray)  # before LanceDB loads (fork safety)
-        passages_version = store.passages_for_queries(e.model).version
+        passages_version = store.passages_for_queries(e.identity).version
         state.leases.append((cfg.storage.passages_table,
                              store.lease(cfg.storage.passages_table, passages_version, run_id)))
         if rt.source != "vector" and not store.has_fts_index(cfg.index.fts.columns, passages_version):
@@ -160,7 +160,7 @@ def _rerank(cfg, state: _RunState, now) -> None:
     (r_cpus, r_gpus), (s_cpus, s_gpus) = resources["retrieve"], resources["rerank"]
     s_device = actor_device(rr.device, s_gpus)
     with timer("startup"):  # hashes the model's weights: the cache key must change when they do
-        sink.cross_encoder_id = P.cross_encoder_id(rr.model, rr.max_length, precision=f"{s_device}/{rr.dtype}")
+        sink.cross_encoder_id = P.cross_encoder_id(rr.model, rr.max_length, precision=f"{s_device}/{rr.dtype}/{rr.backend}")
     report["cluster"] = {"address": cluster.address, "nodes": cluster.nodes, "cpus": cluster.cpus,
                          "gpus": cluster.gpus,
                          "retrieve": {"actors": rt.actors, "cpus_per_actor": r_cpus, "gpus_per_actor": r_gpus},
@@ -214,7 +214,7 @@ def _retrieve_and_score(cfg, state: _RunState, store, staged, selected: pa.Table
                 k=rt.k, source=rt.source, rrf_k=rt.rrf_k, exact=rt.exact, doc_fields=tuple(rr.input_fields),
                 separator=rr.separator, threads=rt.search_threads, device=actor_device(e.device, r_gpus),
                 dtype=e.dtype, max_seq_length=e.max_seq_length, normalize=e.normalize,
-                trust_remote_code=e.trust_remote_code, num_threads=rt.cpus_per_actor),
+                trust_remote_code=e.trust_remote_code, num_threads=rt.cpus_per_actor, backend=e.backend),
             compute=ray.data.ActorPoolStrategy(size=rt.actors, max_tasks_in_flight_per_actor=2),
             num_cpus=r_cpus, num_gpus=r_gpus, batch_size=rows, batch_format="pyarrow", **options,
         )
@@ -225,7 +225,7 @@ def _retrieve_and_score(cfg, state: _RunState, store, staged, selected: pa.Table
                 device=s_device, dtype=rr.dtype, trust_remote_code=rr.trust_remote_code,
                 num_threads=rr.cpus_per_actor, fusion_weight=fusion_weight,
                 cache_storage=cfg.storage if rr.cache else None, cache_version=state.cache_version,
-                cross_encoder_id=sink.cross_encoder_id, preload=True),
+                cross_encoder_id=sink.cross_encoder_id, preload=True, backend=rr.backend),
             compute=ray.data.ActorPoolStrategy(size=rr.actors, max_tasks_in_flight_per_actor=2),
             num_cpus=s_cpus, num_gpus=s_gpus, batch_size=rr.queries_per_call, batch_format="pyarrow",
             **options,
@@ -279,7 +279,7 @@ def _settings_key(cfg, cross_encoder_id: str, fusion_weight: float | None) -> st
     import json
 
     rt, rr, e, ix = cfg.retrieve, cfg.rerank, cfg.embed, cfg.index
-    settings = {"bi_encoder": e.model, "normalize": e.normalize, "max_seq_length": e.max_seq_length,
+    settings = {"bi_encoder": e.identity, "normalize": e.normalize, "max_seq_length": e.max_seq_length,
                 "k": rt.k, "source": rt.source, "rrf_k": rt.rrf_k, "exact": rt.exact,
                 "metric": ix.metric, "ann": ix.ann.model_dump(mode="json"), "fts": ix.fts.columns,
                 "cross_encoder": cross_encoder_id, "top_n": rr.top_n, "input_fields": rr.input_fields,
@@ -368,7 +368,7 @@ class _Sink:
         count_nodes(self.nodes["score"], batch[S.SCORE_NODE])
         extra = {
             S.RUN_ID: pa.array([self.run_id] * n),
-            S.BI_ENCODER: pa.array([self.cfg.embed.model] * n),
+            S.BI_ENCODER: pa.array([self.cfg.embed.identity] * n),
             S.CROSS_ENCODER: pa.array([self.cfg.rerank.model] * n),
             S.PASSAGES_VERSION: pa.array([self.passages_version] * n, pa.int64()),
             S.NORMALIZER: pa.array([self.normalizer] * n),
@@ -427,7 +427,7 @@ def _finish(cfg, state: _RunState, save: bool = True) -> dict[str, Any]:
         "cache": {"enabled": cfg.rerank.cache, "table": cfg.storage.pair_scores_table,
                   "version_read": state.cache_version, "pairs_written": sink.pairs_written},
         "retrieve": {"k": cfg.retrieve.k, "source": cfg.retrieve.source, "exact": cfg.retrieve.exact},
-        "models": {"bi_encoder": cfg.embed.model, "cross_encoder": cfg.rerank.model,
+        "models": {"bi_encoder": cfg.embed.identity, "cross_encoder": cfg.rerank.model,
                    "cross_encoder_id": sink.cross_encoder_id, "top_n": cfg.rerank.top_n},
         "seconds": seconds,
         "nodes": {stage: dict(sorted(counts.items())) for stage, counts in sink.nodes.items()},

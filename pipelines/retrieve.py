@@ -114,7 +114,7 @@ class Retriever:
                  source: str = "vector", rrf_k: int = 60, exact: bool = False, doc_fields: tuple[str, ...] = ("title", "text"),
                  separator: str = " ", threads: int = 4, device: str = "auto", dtype: str = "auto",
                  max_seq_length: int | None = None, normalize: bool = True, trust_remote_code: bool = False,
-                 num_threads: float | None = None, encode_batch_size: int = 64):
+                 num_threads: float | None = None, encode_batch_size: int = 64, backend: str = "torch"):
         from pipelines.models import configure_threads, load_bi_encoder
         from pipelines.runtime import node_label
         from pipelines.store import Store
@@ -122,7 +122,8 @@ class Retriever:
         configure_threads(num_threads)
         self.node = node_label()
         self.encoder = None if source == "fts" else load_bi_encoder(  # BM25 alone needs no query vectors
-            model, device=device, dtype=dtype, max_seq_length=max_seq_length, trust_remote_code=trust_remote_code)
+            model, device=device, dtype=dtype, max_seq_length=max_seq_length, trust_remote_code=trust_remote_code,
+            backend=backend, threads=num_threads)
         store = Store(storage_cfg)
         self.doc_fields, self.separator = tuple(doc_fields), separator
         self.normalize, self.encode_batch_size = normalize, encode_batch_size

@@ -44,7 +44,8 @@ class Scorer:
     def __init__(self, model: Any, *, top_n: int = 20, batch_size: int = 32, max_length: int | None = None,
                  device: str = "auto", dtype: str = "auto", trust_remote_code: bool = False,
                  num_threads: float | None = None, fusion_weight: float | None = None, cache_storage=None,
-                 cache_version: int | None = None, cross_encoder_id: str | None = None, preload: bool = False):
+                 cache_version: int | None = None, cross_encoder_id: str | None = None, preload: bool = False,
+                 backend: str = "torch"):
         from pipelines.models import configure_threads
         from pipelines.runtime import node_label
 
@@ -54,7 +55,7 @@ class Scorer:
         self._model = model if hasattr(model, "predict") else None
         self._lock = threading.Lock()
         self._load_args = {"name": model, "device": device, "dtype": dtype, "max_length": max_length,
-                           "trust_remote_code": trust_remote_code}
+                           "trust_remote_code": trust_remote_code, "backend": backend, "threads": num_threads}
         self.cache, self.cross_encoder_id = None, cross_encoder_id
         if cache_storage is not None:
             if not cross_encoder_id:

@@ -15,11 +15,12 @@ from pipelines import schema as S
 
 
 @functools.lru_cache(maxsize=2)
-def _encoder(model: str, device: str, dtype: str, max_seq_length: int | None, trust_remote_code: bool):
+def _encoder(model: str, device: str, dtype: str, max_seq_length: int | None, trust_remote_code: bool,
+             backend: str = "torch"):
     from pipelines.models import load_bi_encoder
 
     return load_bi_encoder(model, device=device, dtype=dtype, max_seq_length=max_seq_length,
-                           trust_remote_code=trust_remote_code)
+                           trust_remote_code=trust_remote_code, backend=backend)
 
 
 def search(cfg, query: str, *, k: int = 10, source: str = "vector", exact: bool = False) -> list[dict[str, Any]]:
@@ -30,11 +31,11 @@ def search(cfg, query: str, *, k: int = 10, source: str = "vector", exact: bool 
     if not query.strip():
         raise ValueError("the query is empty; pass some text to search for")
     store = Store(cfg.storage)
-    table = store.passages_for_queries(cfg.embed.model)
+    table = store.passages_for_queries(cfg.embed.identity)
     vectors = None
     if source != "fts":
         e = cfg.embed
-        model = _encoder(e.model, e.device, e.dtype, e.max_seq_length, e.trust_remote_code)
+        model = _encoder(e.model, e.device, e.dtype, e.max_seq_length, e.trust_remote_code, e.backend)
         vectors = model.encode([query], normalize_embeddings=e.normalize, convert_to_numpy=True).astype("float32")
     with CandidateSearch(store, table, cfg.index, k=k, source=source, rrf_k=cfg.retrieve.rrf_k, exact=exact,
                          columns=(S.TITLE, S.TEXT), threads=1) as candidates:

@@ -20,7 +20,6 @@ from pathlib import Path
 import pytest
 import yaml
 from conftest import good_docs, write_jsonl
-
 from typer.testing import CliRunner
 
 from pipelines import submit

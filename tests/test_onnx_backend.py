@@ -1,0 +1,74 @@
+"""The ONNX Runtime backends (``embed.backend`` / ``rerank.backend``: onnx, onnx-int8) on the tiny random BERTs:
+exported through the real sentence-transformers models, cached, equal to torch in fp32 and close in int8;
+the index job records the backend with the model, so vectors of two backends never mix."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from conftest import good_docs, write_jsonl
+
+pytest.importorskip("onnxruntime", reason="pip install 'batchrank[onnx]'")
+
+from pipelines import onnx_backend
+from pipelines.models import _onnx_or_torch, load_bi_encoder, load_cross_encoder
+
+TEXTS = ["cell protein binding", "a much longer text about cancer risk and vitamin studies " * 4, "brain", "gene model"]
+
+
+@pytest.fixture(autouse=True)
+def _cache(tmp_path_factory, monkeypatch):
+    monkeypatch.setenv("BATCHRANK_CACHE", str(tmp_path_factory.getbasetemp() / "onnx-cache"))
+
+
+def test_bi_encoder_fp32_equals_torch_and_int8_is_close(tiny_model):
+    ref = load_bi_encoder(tiny_model, device="cpu").encode(TEXTS, batch_size=2, normalize_embeddings=True)
+    fp32 = load_bi_encoder(tiny_model, device="cpu", backend="onnx", threads=1)
+    out = fp32.encode(TEXTS, batch_size=2, normalize_embeddings=True)
+    assert out.shape == ref.shape == (4, fp32.get_embedding_dimension())
+    assert np.allclose(out, ref, atol=1e-5)  # same order as given, though run longest first
+    int8 = load_bi_encoder(tiny_model, device="cpu", backend="onnx-int8", threads=1)
+    cos = (int8.encode(TEXTS, batch_size=3, normalize_embeddings=True) * ref).sum(axis=1)
+    assert cos.min() > 0.95, cos
+    assert int8.encode([], normalize_embeddings=True).shape == (0, fp32.get_embedding_dimension())
+    assert tuple(int8.encode(TEXTS[:1], convert_to_tensor=True).shape) == (1, fp32.get_embedding_dimension())
+
+
+def test_cross_encoder_fp32_equals_torch_and_int8_is_close(tiny_cross_encoder):
+    pairs = [(q, d) for q in ("cell protein", "brain data") for d in TEXTS]
+    ref = load_cross_encoder(tiny_cross_encoder, device="cpu").predict(pairs, batch_size=3, convert_to_numpy=True)
+    fp32 = load_cross_encoder(tiny_cross_encoder, device="cpu", backend="onnx", threads=1).predict(pairs, batch_size=3)
+    assert np.allclose(fp32, ref, atol=1e-5)
+    int8 = load_cross_encoder(tiny_cross_encoder, device="cpu", backend="onnx-int8", threads=1).predict(pairs)
+    assert np.abs(int8 - ref).max() < 0.05  # (a random tiny model's scores are too flat to compare orders)
+
+
+def test_exports_are_cached_and_follow_the_model_files(tiny_model, tmp_path, monkeypatch):
+    monkeypatch.setenv("BATCHRANK_CACHE", str(tmp_path))
+    first = onnx_backend.export(tiny_model, "bi-encoder", quantize=True)
+    stamp = (first / "model.onnx").stat().st_mtime_ns
+    assert onnx_backend.export(tiny_model, "bi-encoder", quantize=True) == first  # reused, not exported again
+    assert (first / "model.onnx").stat().st_mtime_ns == stamp
+    assert onnx_backend.export(tiny_model, "bi-encoder", quantize=False) != first
+    assert not [p for p in tmp_path.glob("onnx/.export-*")]  # no half-written folder left
+
+
+def test_onnx_backends_run_on_cpu_only():
+    assert _onnx_or_torch("onnx-int8", "cpu", "embed.backend") == "onnx-int8"
+    assert _onnx_or_torch("onnx-int8", "cuda", "embed.backend") == "torch"  # GPUs run torch with bf16/fp16
+
+
+@pytest.mark.usefixtures("ray_per_module")
+def test_index_job_records_the_backend_and_refuses_mixed_vectors(tmp_path, make_config):
+    from pipelines import index
+    from pipelines.store import Store, StoreError
+
+    write_jsonl(tmp_path / "docs.jsonl", good_docs(12))
+    cfg = make_config(tmp_path / "docs.jsonl", embed={"backend": "onnx-int8"})
+    report = index.run(cfg)
+    assert report["status"] == "succeeded" and report["rows"]["written"] == 12
+    store = Store(cfg.storage)
+    assert store.passages_model() == f"{cfg.embed.model} [onnx-int8]"
+    torch_cfg = make_config(tmp_path / "docs.jsonl")
+    with pytest.raises(StoreError, match="onnx-int8"):  # queries embedded by torch would not match these vectors
+        store.passages_for_queries(torch_cfg.embed.identity)
