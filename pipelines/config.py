@@ -397,25 +397,37 @@ _HINTS = {
 
 
 def _model_keys(model: type[BaseModel], loc: tuple) -> list[str]:
+    """The keys accepted where ``loc`` points, through nested sections and lists of them (``schedules.0.cron``)."""
+    from typing import get_args
+
     for part in loc[:-1]:
+        if isinstance(part, int):  # an item of a list of sections: the section model is already current
+            continue
         field = model.model_fields.get(str(part))
         ann = getattr(field, "annotation", None)
-        if not (isinstance(ann, type) and issubclass(ann, BaseModel)):
+        ann = next((a for a in (ann, *get_args(ann)) if isinstance(a, type) and issubclass(a, BaseModel)), None)
+        if ann is None:
             return []
         model = ann
     return list(model.model_fields)
 
 
-def _format_error(err: dict, model: type[BaseModel]) -> str:
+def validation_message(exc: ValidationError, model: type[BaseModel], source: str, what: str = "config") -> str:
+    """Every error of ``exc`` on one line each, naming the key and the fix (``ConfigError`` / ``ScheduleError``)."""
+    lines = [_format_error(e, model, what) for e in exc.errors()]
+    return f"{source}: invalid {what}\n  - " + "\n  - ".join(lines)
+
+
+def _format_error(err: dict, model: type[BaseModel], what: str = "config") -> str:
     loc = tuple(err["loc"])
     key = ".".join(str(p) for p in loc) or "<top level>"
     given = err.get("input")
     if err["type"] == "extra_forbidden":
         close = difflib.get_close_matches(str(loc[-1]), _model_keys(model, loc), n=1)
-        fix = f"did you mean '{close[0]}'?" if close else "remove it (see configs/ for the accepted keys)"
+        fix = f"did you mean '{close[0]}'?" if close else f"remove it (accepted here: {', '.join(_model_keys(model, loc))})"
         return f"{key}: unknown key; {fix}"
     if err["type"] == "missing":
-        return f"{key}: required key is missing; add it to the config"
+        return f"{key}: required key is missing; add it to the {what}"
     msg = err["msg"].removeprefix("Value error, ")
     text = f"{key} {msg[0].lower()}{msg[1:]} (got {given!r})"
     hint = _HINTS.get(key)
@@ -429,8 +441,7 @@ def parse_config(data: Any, source: str = "<config>") -> Config:
     try:
         return Config.model_validate(data)
     except ValidationError as exc:
-        lines = [_format_error(e, Config) for e in exc.errors()]
-        raise ConfigError(f"{source}: invalid config\n  - " + "\n  - ".join(lines)) from None
+        raise ConfigError(validation_message(exc, Config, source)) from None
 
 
 def load_config(path: str | os.PathLike) -> Config:

@@ -37,6 +37,7 @@ from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 import pyarrow as pa
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from pipelines.config import validation_message
 from pipelines.submit import JOBS, TERMINAL, SubmitError
 
 log = logging.getLogger("batchrank.schedule")
@@ -142,9 +143,7 @@ def load_schedules(path: str | os.PathLike) -> Schedules:
     except yaml.YAMLError as exc:
         raise ScheduleError(f"{p}: not valid YAML: {exc}") from None
     except ValidationError as exc:
-        lines = [f"{'.'.join(str(x) for x in e['loc'])}: {e['msg'].removeprefix('Value error, ')}"
-                 + (f" (got {e['input']!r})" if e["type"] != "missing" else "") for e in exc.errors()]
-        raise ScheduleError(f"{p}: invalid schedules file\n  - " + "\n  - ".join(lines)) from None
+        raise ScheduleError(validation_message(exc, Schedules, str(p), "schedules file")) from None
     for entry in sched.schedules:
         cfg = Path(os.path.expanduser(entry.config))
         cfg = cfg if cfg.is_absolute() else (p.parent / cfg).resolve()
