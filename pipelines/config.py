@@ -81,8 +81,11 @@ class EmbedConfig(_Section):
     model: str = "all-MiniLM-L6-v2"
     input_fields: list[str] = Field(default_factory=lambda: ["title", "text"], min_length=1)
     separator: str = " "
-    batch_size: int = Field(16, gt=0)
-    rows_per_call: int = Field(64, gt=0)
+    batch_size: int = Field(16, gt=0, description="rows per model batch when batch_tokens is null")
+    batch_tokens: int | None = Field(
+        0, ge=0, description="padded tokens per model batch, texts sorted by length across each call (0: the "
+                             "device's default, 4096 on CPU and 65536 on GPU; null: batches of batch_size rows)")
+    rows_per_call: int = Field(256, gt=0, description="documents per embedding call; sorted by length together")
     local_max_rows: int = Field(500, ge=0, description="an incremental run with at most this many new or changed "
                                                        "documents embeds them on the driver (starting the actor "
                                                        "pool would cost more); 0: always the actors")
@@ -218,7 +221,18 @@ class RetrieveConfig(_Section):
     source: CandidateSource = Field("vector", description="vector (bi-encoder), fts (BM25) or hybrid (both, "
                                                           "fused by reciprocal rank)")
     rrf_k: int = Field(60, gt=0, description="reciprocal-rank fusion constant: 1 / (rrf_k + rank)")
-    exact: bool = Field(False, description="exact vector search, bypassing the ANN index")
+    exact: Literal["auto", "lance_flat"] | bool = Field(
+        "auto", description="auto: exact search as an in-memory matrix product (pipelines/exact_search.py) while the "
+                            "vectors fit exact_max_bytes and, with an ANN index, rows <= exact_max_rows, else ANN "
+                            "(LanceDB's flat scan without an index); true: always exact (the matrix product, LanceDB's "
+                            "flat scan past exact_max_bytes); false: never (ANN; LanceDB scans without an index); "
+                            "lance_flat: LanceDB's flat scan")
+    exact_max_rows: int = Field(500_000, gt=0, description="auto: above this many passages (and with an ANN index) "
+                                                           "ANN search runs; the crossover measured by "
+                                                           "benchmarks/retrieval_crossover.py")
+    exact_max_bytes: int = Field(2 << 30, gt=0, description="auto/true: the matrix product only when the passages' "
+                                                             "vectors (rows x dim x 4 bytes) fit; each retrieve actor "
+                                                             "holds one copy (in GPU memory on a GPU)")
     queries_per_call: int = Field(256, gt=0, description="queries embedded and searched per batch")
     search_threads: int = Field(4, gt=0, description="concurrent searches per retrieve actor")
     actors: int = Field(1, gt=0)
@@ -237,7 +251,10 @@ class RerankConfig(_Section):
     top_n: int = Field(20, gt=0, description="ranked documents kept per query")
     input_fields: list[Literal["title", "text"]] = Field(default_factory=lambda: ["title", "text"], min_length=1)
     separator: str = " "
-    batch_size: int = Field(32, gt=0)
+    batch_size: int = Field(32, gt=0, description="pairs per model batch when batch_tokens is null")
+    batch_tokens: int | None = Field(
+        0, ge=0, description="padded tokens per model batch, texts sorted by length across each call (0: the "
+                             "device's default, 4096 on CPU and 65536 on GPU; null: batches of batch_size rows)")
     max_length: int | None = Field(None, gt=0, description="tokens per (query, document) pair; default: the model's")
     queries_per_call: int = Field(4, gt=0, description="queries whose candidates are scored in one call")
     actors: int = Field(2, gt=0)
@@ -393,6 +410,7 @@ _HINTS = {
     "rerank.gpus_per_actor": "use 0 on CPU-only machines, 1 for one GPU per actor",
     "query_log.path": "point it at a .jsonl/.parquet file, a folder or a glob of them",
     "index.ann.type": "use auto (exact below ann.min_rows), none, ivf_flat, ivf_pq, ivf_hnsw_sq or ivf_hnsw_pq",
+    "retrieve.exact": "use auto (the exact matrix product while it is faster than ANN), true, false or lance_flat",
 }
 
 

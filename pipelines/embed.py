@@ -28,25 +28,27 @@ class Embedder:
 
     def __init__(self, model: str, *, batch_size: int = 16, device: str = "auto", dtype: str = "auto",
                  max_seq_length: int | None = None, normalize: bool = True, trust_remote_code: bool = False,
-                 num_threads: float | None = None, backend: str = "torch"):
+                 num_threads: float | None = None, backend: str = "torch", batch_tokens: int | None = 0):
         from pipelines.models import configure_threads, load_bi_encoder
         from pipelines.runtime import node_label
 
+        if backend == "torch":
+            import torch  # noqa: F401 - so that configure_threads sizes its pool
+
         configure_threads(num_threads)
+        # batch_tokens 0: the device's token budget; None: batches of batch_size rows (sentence-transformers' encode)
         self.model = load_bi_encoder(model, device=device, dtype=dtype, max_seq_length=max_seq_length,
-                                     trust_remote_code=trust_remote_code, backend=backend, threads=num_threads)
+                                     trust_remote_code=trust_remote_code, backend=backend, threads=num_threads,
+                                     batch_tokens=batch_tokens)
         self.batch_size = batch_size
         self.normalize = normalize
         self.dim = self.model.get_embedding_dimension()
         self.node = node_label()
 
     def encode(self, texts: list[str]) -> np.ndarray:
-        import torch
-
-        with torch.inference_mode():
-            emb = self.model.encode(texts, batch_size=self.batch_size, convert_to_tensor=True,
-                                    normalize_embeddings=self.normalize, show_progress_bar=False)
-        return emb.float().cpu().numpy()
+        emb = self.model.encode(texts, batch_size=self.batch_size, convert_to_numpy=True,
+                                normalize_embeddings=self.normalize, show_progress_bar=False)
+        return np.asarray(emb, dtype=np.float32)
 
     def __call__(self, batch: pa.Table) -> pa.Table:
         start = time.perf_counter()

@@ -97,6 +97,7 @@ def _evaluate(cfg, report: dict[str, Any], timer: Timer) -> None:
     for source in sources:
         columns = (S.TITLE, S.TEXT) if source in reranked else ()  # texts only where the cross-encoder reads them
         search = CandidateSearch(store, table, cfg.index, k=k, source=source, rrf_k=rt.rrf_k, exact=rt.exact,
+                                 exact_max_rows=rt.exact_max_rows, exact_max_bytes=rt.exact_max_bytes,
                                  columns=columns, threads=rt.search_threads)
         with timer(f"retrieve_{source}"), search:
             start = time.perf_counter()
@@ -136,7 +137,8 @@ def _rerank(cfg, chosen, query_texts, candidates, first_stage, judgments, report
     weight, origin = resolve_weight(rr)
     with timer("load_cross_encoder"):
         scorer = Scorer(rr.model, batch_size=rr.batch_size, max_length=rr.max_length, device=rr.device,
-                        dtype=rr.dtype, trust_remote_code=rr.trust_remote_code, backend=rr.backend)
+                        dtype=rr.dtype, trust_remote_code=rr.trust_remote_code, backend=rr.backend,
+                        batch_tokens=rr.batch_tokens)
     report["models"].update(cross_encoder_device=str(getattr(scorer.model, "device", "?")),
                             fusion={"weight": weight, "origin": origin})
     variants = []
@@ -214,7 +216,7 @@ def _encode(cfg, texts: list[str]) -> tuple[Any, str, float]:
 
     e = cfg.embed
     model = load_bi_encoder(e.model, device=e.device, dtype=e.dtype, max_seq_length=e.max_seq_length,
-                            trust_remote_code=e.trust_remote_code, backend=e.backend)
+                            trust_remote_code=e.trust_remote_code, backend=e.backend, batch_tokens=e.batch_tokens)
     start = time.perf_counter()  # the cost of a source: encoding the queries, not loading the model
     vectors = model.encode(texts, batch_size=e.batch_size, normalize_embeddings=e.normalize, convert_to_numpy=True,
                            show_progress_bar=False)

@@ -31,6 +31,7 @@ from pipelines.runtime import count_nodes
 log = logging.getLogger("batchrank.index")
 FLUSH_ROWS = 4096  # rows buffered on the driver before a staging append
 LOCAL_READ_BYTES = 256 << 20  # an incremental run reads a corpus up to this size in-process (no read tasks)
+FIRST_PLAN_BYTES = 1 << 20  # a first run plans (and may embed on the driver) only a corpus this small
 # Small blocks (Ray Data's default is 128 MiB) keep every embedding actor fed, progress live and
 # driver memory flat; a block of 64 rows with 384-d vectors is about 100 KiB.
 BLOCK_BYTES = 256 * 1024
@@ -104,9 +105,10 @@ def _index(cfg, state: _RunState) -> None:
         # A small delta is embedded right here: the model loads while the corpus is compared.
         preload = _Preload(cfg) if known and e.local_max_rows else None
         # Plan first (compare, then embed only what the plan says) when there is something to compare with, or
-        # when the corpus is small enough to read here: the plan costs little and a small corpus then needs no
-        # actor pool. A large first run streams in one pass.
-        plan_first = bool(known) or read_local(cfg, max_bytes=LOCAL_READ_BYTES) is not None
+        # when the corpus is tiny: the plan costs little and a tiny corpus then needs no actor pool. A first run
+        # (or a rebuild) of anything larger streams in one pass, holding nothing per document but its id's hash.
+        plan_first = bool(known) or read_local(cfg, max_bytes=FIRST_PLAN_BYTES) is not None
+        sink.track_ids = plan_first or rebuild
 
     log.info("run %s: indexing %s into %s/%s (%s)", run_id, redact_uri(str(cfg.corpus.path)),
              redact_uri(cfg.storage.uri), name, report["mode"])
@@ -204,7 +206,7 @@ def _embed_with_actors(cfg, ds, state: _RunState):
         fn_constructor_kwargs=dict(
             model=e.model, batch_size=e.batch_size, device=actor_device(e.device, gpus), dtype=e.dtype,
             max_seq_length=e.max_seq_length, normalize=e.normalize, trust_remote_code=e.trust_remote_code,
-            num_threads=e.cpus_per_actor, backend=e.backend,
+            num_threads=e.cpus_per_actor, backend=e.backend, batch_tokens=e.batch_tokens,
         ),
         # Two tasks in flight per actor keep it fed without letting the first actor up hoard the queue.
         compute=ray.data.ActorPoolStrategy(size=e.actors, max_tasks_in_flight_per_actor=2),
@@ -294,7 +296,7 @@ def _driver_embedder(cfg):
     e = cfg.embed
     return Embedder(e.model, batch_size=e.batch_size, device=e.device, dtype=e.dtype, max_seq_length=e.max_seq_length,
                     normalize=e.normalize, trust_remote_code=e.trust_remote_code, num_threads=os.cpu_count(),
-                    backend=e.backend)
+                    backend=e.backend, batch_tokens=e.batch_tokens)
 
 
 class _Preload:
@@ -379,7 +381,12 @@ class _Sink:
 
     def __init__(self, run_id: str, model: str):
         self.run_id, self.model = run_id, model
-        self.seen: dict[str, str] = {}  # id -> where its first good row was
+        # id's 64-bit hash -> where its first good row was (source index << 41 | row): ~100 bytes per document, the
+        # only per-document state of a first run; a collision (p ~ 3e-8 at 1M ids) would quarantine a good row
+        self.seen: dict[int, int] = {}
+        self.sources: list[str] = []
+        self._source_index: dict[str, int] = {}
+        self.track_ids = True  # keep seen_ids and written_ids (incremental runs and rebuilds need them)
         self.seen_ids: set[str] = set()  # every id the input holds, good or bad (a snapshot keeps them)
         self.delete_markers: set[str] = set()
         self.written_ids: set[str] = set()
@@ -396,7 +403,8 @@ class _Sink:
         """Count a batch of input rows; return (good rows, delete markers, bad rows), bad ones quarantined."""
         self.rows_read += batch.num_rows
         batch = self._mark_duplicates(batch)
-        self.seen_ids.update(i for i in batch[S.ID].to_pylist() if i is not None)
+        if self.track_ids:
+            self.seen_ids.update(i for i in batch[S.ID].to_pylist() if i is not None)
         is_bad = pc.is_valid(batch[S.REASON_CODE])
         marker = pc.and_(pc.invert(is_bad), pc.fill_null(batch[S.DELETED], False))
         markers = batch.filter(marker)
@@ -455,7 +463,8 @@ class _Sink:
             self._pending.append(good)
             self.pending_rows += good.num_rows
             self.rows_written += good.num_rows
-            self.written_ids.update(good[S.ID].to_pylist())
+            if self.track_ids:
+                self.written_ids.update(good[S.ID].to_pylist())
         return good
 
     def _mark_duplicates(self, batch: pa.Table) -> pa.Table:
@@ -465,13 +474,20 @@ class _Sink:
         raws = batch[S.RAW].to_pylist()
         sources, rows = batch[S.SOURCE].to_pylist(), batch[S.ROW].to_pylist()
         changed = False
+        start = self.rows_read - batch.num_rows  # position of the batch's first row in the input (already counted)
         for i, doc_id in enumerate(ids):
             if codes[i] is not None:
                 continue
-            where = f"{sources[i]}:{rows[i]}"
-            first = self.seen.setdefault(doc_id, where)
+            src = self._source_index.get(sources[i])
+            if src is None:
+                src = self._source_index[sources[i]] = len(self.sources)
+                self.sources.append(sources[i])
+            # a row without a number (Parquet) gets a unique stand-in: flag bit 40, its position in the input
+            where = src << 41 | (int(rows[i]) if rows[i] is not None else 1 << 40 | start + i)
+            first = self.seen.setdefault(_id_hash(doc_id), where)
             if first != where:
-                codes[i], reasons[i] = "duplicate_id", f"duplicate id '{doc_id}' (first seen at {first})"
+                at = self.sources[first >> 41] + ("" if first >> 40 & 1 else f":{first & ((1 << 40) - 1)}")
+                codes[i], reasons[i] = "duplicate_id", f"duplicate id '{doc_id}' (first seen at {at})"
                 raws[i] = _row_json(batch, i)
                 changed = True
         if not changed:
@@ -493,6 +509,12 @@ class _Sink:
         return (bad.append_column(S.RUN_ID, pa.array([self.run_id] * n))
                 .append_column(S.JOB, pa.array(["index"] * n))
                 .append_column(S.QUARANTINED_AT, pa.array([utcnow()] * n, S.TIMESTAMP)))
+
+
+def _id_hash(doc_id: str) -> int:
+    import hashlib
+
+    return int.from_bytes(hashlib.blake2b(doc_id.encode("utf-8", "surrogatepass"), digest_size=8).digest(), "little")
 
 
 def _row_json(batch: pa.Table, i: int) -> str:

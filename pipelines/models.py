@@ -10,6 +10,9 @@ from __future__ import annotations
 
 import logging
 import os
+import sys
+
+from pipelines.batching import default_budget
 
 log = logging.getLogger(__name__)
 
@@ -35,6 +38,8 @@ def resolve_model(name: str) -> str:
 
 def pick_device(requested: str = "auto") -> str:
     """``auto`` means CUDA when a GPU is visible, else MPS, else CPU; an unavailable request falls back to CPU."""
+    if requested == "cpu":
+        return "cpu"  # without importing torch: an ONNX actor never needs it
     import torch
 
     cuda, mps = torch.cuda.is_available(), getattr(torch.backends, "mps", None) and torch.backends.mps.is_available()
@@ -47,23 +52,49 @@ def pick_device(requested: str = "auto") -> str:
 
 
 def pick_dtype(requested: str, device: str):
-    """``auto``: bf16 on GPUs that support it, else fp16 on GPU; fp32 on CPU (half precision is slow there)."""
+    """The weights' dtype. ``auto``: bf16 on GPUs that support it, else fp16 on GPU; fp32 on CPU, where reduced
+    precision runs as bf16 autocast instead (``autocast_dtype``)."""
     import torch
 
-    if requested == "auto":
+    if requested == "auto" or device == "cpu":
         if device == "cuda":
             return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
-        return torch.float32
-    if device == "cpu" and requested == "float16":
-        log.warning("float16 on CPU is slow and lossy; using float32")
+        if device == "cpu" and requested == "float16":
+            log.warning("float16 on CPU is slow and lossy; using float32 (bfloat16 runs as autocast on CPUs with "
+                        "AMX or AVX-512 BF16)")
         return torch.float32
     return {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}[requested]
+
+
+def autocast_dtype(requested: str, device: str):
+    """bf16 autocast on CPUs whose matrix units run it (AMX, AVX-512 BF16): several times fp32 speed, weights kept
+    in fp32 (embeddings within 1e-4 cosine of fp32). ``auto`` turns it on where supported; ``float32`` never."""
+    import torch
+
+    from pipelines.batching import cpu_supports_bf16
+
+    if device != "cpu" or requested not in ("auto", "bfloat16"):
+        return None
+    if cpu_supports_bf16():
+        return torch.bfloat16
+    if requested == "bfloat16":
+        log.warning("bfloat16 requested but this CPU has no AMX or AVX-512 BF16; running float32")
+    return None
+
+
+def precision_label(requested: str, device: str) -> str:
+    """What actually runs, for cache keys and reports: ``cpu/float32``, ``cpu/bfloat16-autocast``, ``cuda/bfloat16``."""
+    import torch
+
+    dev = pick_device(device) if device == "auto" else device
+    weights = str(pick_dtype(requested, dev)).removeprefix("torch.")
+    return f"{dev}/{weights}" + ("/bfloat16-autocast" if autocast_dtype(requested, dev) is torch.bfloat16 else "")
 
 
 def configure_threads(num_cpus: float | None) -> None:
     """Size torch's intra-op pool to the CPUs this process was given, and stop idle OpenMP threads spinning."""
     os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
-    if num_cpus:
+    if num_cpus and "torch" in sys.modules:  # an ONNX actor sizes its own session; it never imports torch
         import torch
 
         torch.set_num_threads(max(1, round(num_cpus)))
@@ -78,17 +109,24 @@ def _onnx_or_torch(backend: str, dev: str, key: str) -> str:
 
 
 def load_bi_encoder(name: str, *, device: str = "auto", dtype: str = "auto", max_seq_length: int | None = None,
-                    trust_remote_code: bool = False, backend: str = "torch", threads: float | None = None):
-    """A ``SentenceTransformer`` on the chosen device and dtype, in eval mode; with ``backend`` ``onnx`` or
-    ``onnx-int8`` (CPU) an ``OnnxBiEncoder`` with the same ``encode``."""
-    from sentence_transformers import SentenceTransformer
+                    trust_remote_code: bool = False, backend: str = "torch", threads: float | None = None,
+                    batch_tokens: int | None = None):
+    """A bi-encoder with ``encode`` (numpy out with ``batch_tokens``) on the chosen device and dtype.
 
+    ``batch_tokens`` None: the plain ``SentenceTransformer`` (training needs it). Otherwise a
+    ``TokenBatchedBiEncoder`` (torch) or ``OnnxBiEncoder`` (``backend`` ``onnx``/``onnx-int8``, CPU) that batches
+    by padded tokens (``batch_tokens``; 0 picks the device's default) with tokenisation one batch ahead.
+    """
     dev = pick_device(device)
+    budget = (batch_tokens or default_budget(dev)) if batch_tokens is not None else None
     if _onnx_or_torch(backend, dev, "embed.backend") != "torch":
         from pipelines import onnx_backend
 
         return onnx_backend.load(name, "bi-encoder", backend, threads=round(threads) if threads else None,
-                                 trust_remote_code=trust_remote_code, length=max_seq_length)
+                                 trust_remote_code=trust_remote_code, length=max_seq_length,
+                                 batch_tokens=budget or default_budget(dev))
+    from sentence_transformers import SentenceTransformer
+
     model = SentenceTransformer(resolve_model(name), device=dev, trust_remote_code=trust_remote_code)
     torch_dtype = pick_dtype(dtype, dev)
     if torch_dtype != next(model.parameters()).dtype:
@@ -96,24 +134,30 @@ def load_bi_encoder(name: str, *, device: str = "auto", dtype: str = "auto", max
     if max_seq_length:
         model.max_seq_length = max_seq_length
     model.eval()
-    return model
+    if budget is None:
+        return model
+    return TokenBatchedBiEncoder(model, token_budget=budget, autocast=autocast_dtype(dtype, dev))
 
 
 def load_cross_encoder(name: str, *, device: str = "auto", dtype: str = "auto", max_length: int | None = None,
-                       trust_remote_code: bool = False, backend: str = "torch", threads: float | None = None):
-    """A sentence-transformers ``CrossEncoder`` on the chosen device and dtype, in eval mode; with ``backend``
-    ``onnx`` or ``onnx-int8`` (CPU) an ``OnnxCrossEncoder`` with the same ``predict``."""
-    from sentence_transformers import CrossEncoder
-
+                       trust_remote_code: bool = False, backend: str = "torch", threads: float | None = None,
+                       batch_tokens: int | None = None):
+    """A cross-encoder with ``predict`` on the chosen device and dtype: the sentence-transformers ``CrossEncoder``
+    (``batch_tokens`` None), else a ``TokenBatchedCrossEncoder`` (torch) or ``OnnxCrossEncoder`` (``backend``
+    ``onnx``/``onnx-int8``, CPU) batching by padded tokens (0: the device's default budget)."""
     dev = pick_device(device)
+    budget = (batch_tokens or default_budget(dev)) if batch_tokens is not None else None
     if _onnx_or_torch(backend, dev, "rerank.backend") != "torch":
         from pipelines import onnx_backend
 
         model = onnx_backend.load(name, "cross-encoder", backend, threads=round(threads) if threads else None,
-                                  trust_remote_code=trust_remote_code, length=max_length)
+                                  trust_remote_code=trust_remote_code, length=max_length,
+                                  batch_tokens=budget or default_budget(dev))
         if model.num_labels != 1:
             raise ValueError(f"cross-encoder '{name}' has {model.num_labels} labels; reranking needs one")
         return model
+    from sentence_transformers import CrossEncoder
+
     model = CrossEncoder(resolve_model(name), device=dev, max_length=max_length, trust_remote_code=trust_remote_code)
     if model.num_labels != 1:
         raise ValueError(f"cross-encoder '{name}' has {model.num_labels} labels; reranking needs one relevance "
@@ -123,4 +167,87 @@ def load_cross_encoder(name: str, *, device: str = "auto", dtype: str = "auto", 
     if torch_dtype != next(model.parameters()).dtype:
         model = model.to(torch_dtype)
     model.eval()
-    return model
+    if budget is None:
+        return model
+    return TokenBatchedCrossEncoder(model, token_budget=budget, autocast=autocast_dtype(dtype, dev))
+
+
+class _TokenBatched:
+    """A sentence-transformers model run by ``BatchRunner``: its own ``preprocess`` and forward pass (so prompts,
+    lower-casing and pooling stay exactly the library's), batches of ``token_budget`` padded tokens, the next
+    batch tokenised while the model runs, bf16 autocast on CPUs with AMX when ``autocast`` says so."""
+
+    def __init__(self, model, *, token_budget: int, autocast=None, pairs: bool):
+        from pipelines.batching import BatchRunner, token_counter
+
+        self.model, self.autocast = model, autocast
+        self.device = model.device
+        length = getattr(model, "max_seq_length", None) or getattr(model, "max_length", None)
+        self.runner = BatchRunner(lengths=token_counter(model.tokenizer, length, pairs=pairs),
+                                  prepare=self._prepare, forward=self._forward, token_budget=token_budget)
+
+    def _prepare(self, items: list):
+        from sentence_transformers.util import batch_to_device
+
+        return batch_to_device(self.model.preprocess(items, **self._prep_kwargs()), self.model.device)
+
+    def _prep_kwargs(self) -> dict:
+        return {}
+
+    def _forward(self, features):
+        import contextlib
+
+        import torch
+
+        cast = torch.autocast("cpu", dtype=self.autocast) if self.autocast is not None else contextlib.nullcontext()
+        with torch.inference_mode(), cast:
+            return self._output(self.model(features)).float().cpu().numpy()
+
+
+class TokenBatchedBiEncoder(_TokenBatched):
+    """``encode`` of a ``SentenceTransformer`` (numpy out), token-budget batched; see ``_TokenBatched``."""
+
+    def __init__(self, model, *, token_budget: int, autocast=None):
+        super().__init__(model, token_budget=token_budget, autocast=autocast, pairs=False)
+        self.max_seq_length = model.max_seq_length
+        self.prompt = model.prompts.get(model.default_prompt_name) if model.default_prompt_name else None
+        self.normalize = False
+
+    def get_embedding_dimension(self) -> int:
+        return self.model.get_embedding_dimension()
+
+    def _prep_kwargs(self) -> dict:
+        return {"prompt": self.prompt} if self.prompt else {}
+
+    def _output(self, out):
+        import torch
+
+        emb = out["sentence_embedding"].float()
+        return torch.nn.functional.normalize(emb, p=2, dim=1) if self.normalize else emb
+
+    def encode(self, texts: list[str], normalize_embeddings: bool = False, convert_to_tensor: bool = False,
+               **_) -> "np.ndarray":
+        from pipelines.batching import encode_output
+
+        self.normalize = normalize_embeddings
+        return encode_output(self.runner, texts, self.get_embedding_dimension(), convert_to_tensor)
+
+
+class TokenBatchedCrossEncoder(_TokenBatched):
+    """``predict`` of a one-label ``CrossEncoder`` (numpy float32, its activation applied), token-budget batched."""
+
+    def __init__(self, model, *, token_budget: int, autocast=None):
+        super().__init__(model, token_budget=token_budget, autocast=autocast, pairs=True)
+        self.num_labels, self.max_length = model.num_labels, model.max_length
+
+    def _output(self, out):
+        scores = out["scores"].float()
+        if self.model.activation_fn is not None:
+            scores = self.model.activation_fn(scores)
+        return scores.reshape(-1)
+
+    def predict(self, pairs: list, **_) -> "np.ndarray":
+        import numpy as np
+
+        out = self.runner.run([(a, b) for a, b in pairs])
+        return np.zeros(0, np.float32) if out is None else out.astype(np.float32)

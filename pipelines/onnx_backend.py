@@ -17,8 +17,8 @@ Exports are cached under ``$BATCHRANK_CACHE`` (default ``~/.cache/batchrank``)/o
 the kind, the quantisation and the library versions; a new folder appears atomically (concurrent actors on
 one machine export at most a few times, and never read a half-written model).
 
-Encoding sorts texts by length and tokenises the next batch in a thread while ONNX Runtime runs the current
-one (it releases the GIL), so the model does not wait for the tokenizer.
+Batching is ``pipelines.batching.BatchRunner``'s: by padded tokens, the next batch tokenised in a thread while
+ONNX Runtime runs the current one (it releases the GIL), so the model does not wait for the tokenizer.
 """
 
 from __future__ import annotations
@@ -29,7 +29,6 @@ import logging
 import os
 import shutil
 import tempfile
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -49,12 +48,10 @@ def cache_root() -> Path:
 
 
 def _fingerprint(name: str, kind: str, quantize: bool) -> str:
-    import onnxruntime
-    import torch
-    import transformers
+    from importlib.metadata import version  # not imports: an actor with a cached export never loads torch
 
-    h = hashlib.sha256(json.dumps([name, kind, quantize, OPSET, onnxruntime.__version__, torch.__version__,
-                                   transformers.__version__]).encode())
+    h = hashlib.sha256(json.dumps([name, kind, quantize, OPSET, version("onnxruntime"), version("torch"),
+                                   version("transformers")]).encode())
     root = Path(name)
     if root.exists():
         for p in sorted(root.rglob("*")):
@@ -162,7 +159,7 @@ def _quantize(path: Path) -> None:
 
 
 class _Session:
-    """An ONNX Runtime session, its tokenizer and metadata; batches tokenised one ahead of the model."""
+    """An ONNX Runtime session, its tokenizer and metadata."""
 
     def __init__(self, folder: Path, threads: int | None):
         import onnxruntime as ort
@@ -175,23 +172,15 @@ class _Session:
         opts.inter_op_num_threads = 1
         opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
         self.session = ort.InferenceSession(str(folder / "model.onnx"), opts, providers=["CPUExecutionProvider"])
-        self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="batchrank-tokenize")
 
-    def run_sorted(self, items: list, lengths: list[int], batch_size: int, tokenize, finish) -> list[np.ndarray]:
-        """Run ``items`` longest first in batches; ``tokenize(batch)`` → feeds, ``finish(output, feeds)`` → rows.
-        Returns the rows in the original order."""
-        order = np.argsort(-np.asarray(lengths), kind="stable")
-        batches = [order[i:i + batch_size] for i in range(0, len(order), batch_size)]
-        out: list[np.ndarray | None] = [None] * len(items)
-        pending = self._pool.submit(tokenize, [items[j] for j in batches[0]]) if batches else None
-        for i, idx in enumerate(batches):
-            feeds = pending.result()
-            if i + 1 < len(batches):  # the tokenizer works on the next batch while the model runs this one
-                pending = self._pool.submit(tokenize, [items[j] for j in batches[i + 1]])
-            result = self.session.run(None, feeds)[0]
-            for j, row in zip(idx, finish(result, feeds)):
-                out[j] = row
-        return out
+    def runner(self, length: int, token_budget: int, prepare, finish, pairs: bool):
+        from pipelines.batching import BatchRunner, token_counter
+
+        def forward(feeds):
+            return finish(self.session.run(None, feeds)[0], feeds)
+
+        return BatchRunner(lengths=token_counter(self.tokenizer, length, pairs=pairs), prepare=prepare,
+                           forward=forward, token_budget=token_budget)
 
     def feeds(self, encoded) -> dict[str, np.ndarray]:
         return {n: np.asarray(encoded[n], dtype=np.int64) for n in self.meta["inputs"]}
@@ -202,42 +191,39 @@ class OnnxBiEncoder:
 
     device = "cpu"
 
-    def __init__(self, folder: Path, *, threads: int | None = None, max_seq_length: int | None = None):
+    def __init__(self, folder: Path, *, threads: int | None = None, max_seq_length: int | None = None,
+                 batch_tokens: int = 4096):
         self._s = _Session(folder, threads)
         self.max_seq_length = max_seq_length or self._s.meta["max_seq_length"]
+        self.normalize = bool(self._s.meta["normalize"])
+        self.runner = self._s.runner(self.max_seq_length, batch_tokens, self._tokenize, self._finish, pairs=False)
 
     def get_embedding_dimension(self) -> int:
         return int(self._s.meta["dim"])
 
-    def encode(self, texts: list[str], batch_size: int = 32, normalize_embeddings: bool = False,
-               convert_to_tensor: bool = False, **_: Any):
-        meta, tok = self._s.meta, self._s.tokenizer
+    def _tokenize(self, batch):
+        return self._s.feeds(self._s.tokenizer(batch, padding=True, truncation=True, max_length=self.max_seq_length,
+                                               return_tensors="np"))
 
-        def tokenize(batch):
-            return self._s.feeds(tok(batch, padding=True, truncation=True, max_length=self.max_seq_length,
-                                     return_tensors="np"))
-
-        def finish(hidden, feeds):
-            mask = feeds["attention_mask"][..., None].astype(np.float32)
-            if meta["pooling"] == "cls":
-                emb = hidden[:, 0]
-            elif meta["pooling"] == "max":
-                emb = np.where(mask > 0, hidden, -np.inf).max(axis=1)
-            else:
-                emb = (hidden * mask).sum(axis=1) / np.clip(mask.sum(axis=1), 1e-9, None)
-            if meta["normalize"] or normalize_embeddings:
-                emb = emb / np.clip(np.linalg.norm(emb, axis=1, keepdims=True), 1e-12, None)
-            return emb.astype(np.float32)
-
-        if not texts:
-            out = np.zeros((0, self.get_embedding_dimension()), np.float32)
+    def _finish(self, hidden, feeds):
+        pooling = self._s.meta["pooling"]
+        mask = feeds["attention_mask"][..., None].astype(np.float32)
+        if pooling == "cls":
+            emb = hidden[:, 0]
+        elif pooling == "max":
+            emb = np.where(mask > 0, hidden, -np.inf).max(axis=1)
         else:
-            out = np.stack(self._s.run_sorted(texts, [len(t) for t in texts], batch_size, tokenize, finish))
-        if convert_to_tensor:
-            import torch
+            emb = (hidden * mask).sum(axis=1) / np.clip(mask.sum(axis=1), 1e-9, None)
+        if self.normalize:
+            emb = emb / np.clip(np.linalg.norm(emb, axis=1, keepdims=True), 1e-12, None)
+        return emb.astype(np.float32)
 
-            return torch.from_numpy(out)
-        return out
+    def encode(self, texts: list[str], normalize_embeddings: bool = False, convert_to_tensor: bool = False,
+               **_: Any):
+        from pipelines.batching import encode_output
+
+        self.normalize = bool(self._s.meta["normalize"]) or normalize_embeddings
+        return encode_output(self.runner, texts, self.get_embedding_dimension(), convert_to_tensor)
 
 
 class OnnxCrossEncoder:
@@ -245,30 +231,29 @@ class OnnxCrossEncoder:
 
     device = "cpu"
 
-    def __init__(self, folder: Path, *, threads: int | None = None, max_length: int | None = None):
+    def __init__(self, folder: Path, *, threads: int | None = None, max_length: int | None = None,
+                 batch_tokens: int = 4096):
         self._s = _Session(folder, threads)
         self.num_labels = self._s.meta["num_labels"]
         self.max_length = max_length or self._s.meta["max_length"]
+        self.sigmoid = self._s.meta["activation"] == "Sigmoid"
+        self.runner = self._s.runner(self.max_length, batch_tokens, self._tokenize, self._finish, pairs=True)
 
-    def predict(self, pairs: list[tuple[str, str]], batch_size: int = 32, **_: Any) -> np.ndarray:
-        tok, sigmoid = self._s.tokenizer, self._s.meta["activation"] == "Sigmoid"
+    def _tokenize(self, batch):
+        return self._s.feeds(self._s.tokenizer([p[0] for p in batch], [p[1] for p in batch], padding=True,
+                                               truncation=True, max_length=self.max_length, return_tensors="np"))
 
-        def tokenize(batch):
-            return self._s.feeds(tok([p[0] for p in batch], [p[1] for p in batch], padding=True, truncation=True,
-                                     max_length=self.max_length, return_tensors="np"))
+    def _finish(self, logits, _feeds):
+        scores = logits[:, 0].astype(np.float32)
+        return 1.0 / (1.0 + np.exp(-scores)) if self.sigmoid else scores
 
-        def finish(logits, _feeds):
-            scores = logits[:, 0].astype(np.float32)
-            return 1.0 / (1.0 + np.exp(-scores)) if sigmoid else scores
-
-        if not pairs:
-            return np.zeros(0, np.float32)
-        rows = self._s.run_sorted(pairs, [len(q) + len(d) for q, d in pairs], batch_size, tokenize, finish)
-        return np.asarray(rows, dtype=np.float32)
+    def predict(self, pairs: list[tuple[str, str]], **_: Any) -> np.ndarray:
+        out = self.runner.run([(a, b) for a, b in pairs])
+        return np.zeros(0, np.float32) if out is None else out.astype(np.float32)
 
 
 def load(name: str, kind: str, backend: str, *, threads: int | None = None, trust_remote_code: bool = False,
-         length: int | None = None):
+         length: int | None = None, batch_tokens: int = 4096):
     """An ``OnnxBiEncoder`` or ``OnnxCrossEncoder`` for ``backend`` ``onnx`` or ``onnx-int8``."""
     try:
         import onnxruntime  # noqa: F401
@@ -277,5 +262,5 @@ def load(name: str, kind: str, backend: str, *, threads: int | None = None, trus
                            "backend: torch)") from None
     folder = export(name, kind, quantize=backend == "onnx-int8", trust_remote_code=trust_remote_code)
     if kind == "bi-encoder":
-        return OnnxBiEncoder(folder, threads=threads, max_seq_length=length)
-    return OnnxCrossEncoder(folder, threads=threads, max_length=length)
+        return OnnxBiEncoder(folder, threads=threads, max_seq_length=length, batch_tokens=batch_tokens)
+    return OnnxCrossEncoder(folder, threads=threads, max_length=length, batch_tokens=batch_tokens)

@@ -160,12 +160,12 @@ def _rerank(cfg, state: _RunState, now) -> None:
     (r_cpus, r_gpus), (s_cpus, s_gpus) = resources["retrieve"], resources["rerank"]
     s_device = actor_device(rr.device, s_gpus)
     with timer("startup"):  # hashes the model's weights: the cache key must change when they do
-        sink.cross_encoder_id = P.cross_encoder_id(rr.model, rr.max_length, precision=f"{s_device}/{rr.dtype}/{rr.backend}")
+        sink.cross_encoder_id = P.cross_encoder_id(rr.model, rr.max_length, precision=_precision(rr, s_device))
     report["cluster"] = {"address": cluster.address, "nodes": cluster.nodes, "cpus": cluster.cpus,
                          "gpus": cluster.gpus,
                          "retrieve": {"actors": rt.actors, "cpus_per_actor": r_cpus, "gpus_per_actor": r_gpus},
                          "rerank": {"actors": rr.actors, "cpus_per_actor": s_cpus, "gpus_per_actor": s_gpus}}
-    sink.settings = _settings_key(cfg, sink.cross_encoder_id, fusion_weight)
+    sink.settings = _settings_key(cfg, sink.cross_encoder_id, fusion_weight, passages_version=sink.passages_version)
     staged = store.stage(cfg.storage.rankings_table, run_id, S.RANKINGS_SCHEMA)
     try:
         selected = qlog.selected
@@ -211,10 +211,12 @@ def _retrieve_and_score(cfg, state: _RunState, store, staged, selected: pa.Table
             Retriever,
             fn_constructor_kwargs=dict(
                 storage_cfg=cfg.storage, index_cfg=cfg.index, passages_version=sink.passages_version, model=e.model,
-                k=rt.k, source=rt.source, rrf_k=rt.rrf_k, exact=rt.exact, doc_fields=tuple(rr.input_fields),
+                k=rt.k, source=rt.source, rrf_k=rt.rrf_k, exact=rt.exact, exact_max_rows=rt.exact_max_rows,
+                exact_max_bytes=rt.exact_max_bytes, doc_fields=tuple(rr.input_fields),
                 separator=rr.separator, threads=rt.search_threads, device=actor_device(e.device, r_gpus),
                 dtype=e.dtype, max_seq_length=e.max_seq_length, normalize=e.normalize,
-                trust_remote_code=e.trust_remote_code, num_threads=rt.cpus_per_actor, backend=e.backend),
+                trust_remote_code=e.trust_remote_code, num_threads=rt.cpus_per_actor, backend=e.backend,
+                batch_tokens=e.batch_tokens),
             compute=ray.data.ActorPoolStrategy(size=rt.actors, max_tasks_in_flight_per_actor=2),
             num_cpus=r_cpus, num_gpus=r_gpus, batch_size=rows, batch_format="pyarrow", **options,
         )
@@ -225,7 +227,8 @@ def _retrieve_and_score(cfg, state: _RunState, store, staged, selected: pa.Table
                 device=s_device, dtype=rr.dtype, trust_remote_code=rr.trust_remote_code,
                 num_threads=rr.cpus_per_actor, fusion_weight=fusion_weight,
                 cache_storage=cfg.storage if rr.cache else None, cache_version=state.cache_version,
-                cross_encoder_id=sink.cross_encoder_id, preload=True, backend=rr.backend),
+                cross_encoder_id=sink.cross_encoder_id, preload=True, backend=rr.backend,
+                batch_tokens=rr.batch_tokens),
             compute=ray.data.ActorPoolStrategy(size=rr.actors, max_tasks_in_flight_per_actor=2),
             num_cpus=s_cpus, num_gpus=s_gpus, batch_size=rr.queries_per_call, batch_format="pyarrow",
             **options,
@@ -272,15 +275,30 @@ def _publish(cfg, store, staged, qlog, state: _RunState) -> None:
         staged.drop()
 
 
-def _settings_key(cfg, cross_encoder_id: str, fusion_weight: float | None) -> str:
+def _precision(rr, device: str) -> str:
+    """What runs the cross-encoder, for the pair cache's key: scores from another precision are not reused."""
+    from pipelines.models import precision_label
+
+    if rr.backend != "torch" and device == "cpu":
+        return f"cpu/{rr.backend}"
+    return precision_label(rr.dtype, device)
+
+
+def _settings_key(cfg, cross_encoder_id: str, fusion_weight: float | None,
+                  passages_version: int | None = None) -> str:
     """A digest of everything besides the query and the passages that a ranking depends on: equal keys on the same
-    passages version give the same ranking, so the previous run's can be carried over."""
+    passages version give the same ranking, so the previous run's can be carried over. The vector search counts
+    as the method it resolves to on passages (``passages_version``, default the latest): ``retrieve.exact``
+    changes candidates only through it (ANN recall)."""
     import hashlib
     import json
 
+    from pipelines.exact_search import configured_method
+
     rt, rr, e, ix = cfg.retrieve, cfg.rerank, cfg.embed, cfg.index
     settings = {"bi_encoder": e.identity, "normalize": e.normalize, "max_seq_length": e.max_seq_length,
-                "k": rt.k, "source": rt.source, "rrf_k": rt.rrf_k, "exact": rt.exact,
+                "k": rt.k, "source": rt.source, "rrf_k": rt.rrf_k,
+                "method": configured_method(cfg, passages_version)[0],
                 "metric": ix.metric, "ann": ix.ann.model_dump(mode="json"), "fts": ix.fts.columns,
                 "cross_encoder": cross_encoder_id, "top_n": rr.top_n, "input_fields": rr.input_fields,
                 "separator": rr.separator, "fusion_weight": fusion_weight}
@@ -394,6 +412,7 @@ class _Sink:
 
 def _finish(cfg, state: _RunState, save: bool = True) -> dict[str, Any]:
     """Complete the report from the run's counters, write it as JSON, return it."""
+    from pipelines.exact_search import method_for_report
     from pipelines.store import Store
 
     sink, timer, report, qlog = state.sink, state.timer, state.report, state.log
@@ -426,7 +445,8 @@ def _finish(cfg, state: _RunState, save: bool = True) -> dict[str, Any]:
                   "per_second_end_to_end": round(sink.scored / seconds["total"], 2) if seconds["total"] else None},
         "cache": {"enabled": cfg.rerank.cache, "table": cfg.storage.pair_scores_table,
                   "version_read": state.cache_version, "pairs_written": sink.pairs_written},
-        "retrieve": {"k": cfg.retrieve.k, "source": cfg.retrieve.source, "exact": cfg.retrieve.exact},
+        "retrieve": {"k": cfg.retrieve.k, "source": cfg.retrieve.source, "exact": cfg.retrieve.exact,
+                     **method_for_report(cfg, sink.passages_version)},
         "models": {"bi_encoder": cfg.embed.identity, "cross_encoder": cfg.rerank.model,
                    "cross_encoder_id": sink.cross_encoder_id, "top_n": cfg.rerank.top_n},
         "seconds": seconds,

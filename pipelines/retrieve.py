@@ -13,6 +13,7 @@ Example (no Ray needed)::
 
 from __future__ import annotations
 
+import logging
 import time
 from concurrent.futures import ThreadPoolExecutor
 
@@ -22,6 +23,8 @@ import pyarrow as pa
 from pipelines import schema as S
 
 SEARCH_CHUNK = 32  # query vectors per multi-query LanceDB call
+
+log = logging.getLogger(__name__)
 
 
 def document_text(title: str | None, text: str | None, fields, separator: str = " ") -> str:
@@ -34,7 +37,10 @@ def document_text(title: str | None, text: str | None, fields, separator: str = 
 class CandidateSearch:
     """Top-k candidates per query from one source, best first, each with a ``score`` (higher is better):
 
-    * ``vector``: the bi-encoder's nearest passages (ANN or exact), a few multi-query LanceDB calls in threads;
+    * ``vector``: the bi-encoder's nearest passages: exact, as chunked matrix products over the vectors held in
+      memory (``pipelines.exact_search``), or a few multi-query LanceDB calls in threads (ANN, or LanceDB's flat
+      scan); which one is decided once here from ``exact`` (``auto``, true, false, ``lance_flat``: see
+      ``exact_search.choose_method``) and kept in ``method``;
     * ``fts``: BM25 over the full-text index (``index.fts.columns``), one query per call, in threads;
     * ``hybrid``: both lists fused by reciprocal rank (``rrf_k``); the score is the fused one.
 
@@ -42,7 +48,9 @@ class CandidateSearch:
     """
 
     def __init__(self, store, table, index_cfg, *, k: int, source: str = "vector", rrf_k: int = 60,
-                 exact: bool = False, columns: tuple[str, ...] = (S.ID,), threads: int = 4):
+                 exact: bool | str = "auto", columns: tuple[str, ...] = (S.ID,), threads: int = 4,
+                 exact_max_rows: int | None = None, exact_max_bytes: int | None = None, exact_device: str = "auto",
+                 exact_chunk_bytes: int | None = None):
         if source not in ("vector", "fts", "hybrid"):
             raise ValueError(f"unknown candidate source {source!r}; use vector, fts or hybrid")
         if source != "vector" and not store.has_fts_index(index_cfg.fts.columns, table=table):
@@ -52,6 +60,16 @@ class CandidateSearch:
         self.store, self.table, self.index_cfg = store, table, index_cfg
         self.k, self.source, self.rrf_k, self.exact = k, source, rrf_k, exact
         self.columns = list(dict.fromkeys([S.ID, *columns]))
+        self.method, self.method_reason, self.matrix = None, "full-text search only", None
+        if source != "fts":
+            from pipelines.exact_search import CHUNK_BYTES, ExactSearch, resolve_method
+
+            self.method, self.method_reason = resolve_method(table, exact, max_rows=exact_max_rows,
+                                                             max_bytes=exact_max_bytes)
+            if self.method == "matmul":  # loaded once; lives as long as this object (one per retrieve actor)
+                self.matrix = ExactSearch(table, index_cfg.metric, columns=self.columns, device=exact_device,
+                                          chunk_bytes=exact_chunk_bytes or CHUNK_BYTES)
+            log.info("vector candidates: %s (%s)", self.method, self.method_reason)
         self.pool = ThreadPoolExecutor(max_workers=threads, thread_name_prefix="search")
 
     def __enter__(self) -> CandidateSearch:
@@ -70,9 +88,12 @@ class CandidateSearch:
     def vector(self, vectors: np.ndarray) -> list[pa.Table]:
         from pipelines.store import distance_to_score
 
+        if self.matrix is not None:
+            return self.matrix.tables(vectors, self.k)
+
         def chunk(start: int) -> pa.Table:
             return self.store.search_batch(vectors[start:start + SEARCH_CHUNK], k=self.k, index_cfg=self.index_cfg,
-                                           exact=self.exact, columns=self.columns, table=self.table)
+                                           exact=self.method == "lance_flat", columns=self.columns, table=self.table)
 
         metric = self.index_cfg.metric
         per_query: list[pa.Table] = []
@@ -111,25 +132,32 @@ class Retriever:
     """Stateful Ray Data stage: ``map_batches(Retriever, compute=ActorPoolStrategy(size=n), ...)``."""
 
     def __init__(self, storage_cfg, index_cfg, *, passages_version: int, model: str, k: int = 100,
-                 source: str = "vector", rrf_k: int = 60, exact: bool = False, doc_fields: tuple[str, ...] = ("title", "text"),
+                 source: str = "vector", rrf_k: int = 60, exact: bool | str = "auto",
+                 exact_max_rows: int | None = None, exact_max_bytes: int | None = None,
+                 doc_fields: tuple[str, ...] = ("title", "text"),
                  separator: str = " ", threads: int = 4, device: str = "auto", dtype: str = "auto",
                  max_seq_length: int | None = None, normalize: bool = True, trust_remote_code: bool = False,
-                 num_threads: float | None = None, encode_batch_size: int = 64, backend: str = "torch"):
+                 num_threads: float | None = None, encode_batch_size: int = 64, backend: str = "torch",
+                 batch_tokens: int | None = 0):
         from pipelines.models import configure_threads, load_bi_encoder
         from pipelines.runtime import node_label
         from pipelines.store import Store
+
+        if backend == "torch":
+            import torch  # noqa: F401 - so that configure_threads sizes its pool
 
         configure_threads(num_threads)
         self.node = node_label()
         self.encoder = None if source == "fts" else load_bi_encoder(  # BM25 alone needs no query vectors
             model, device=device, dtype=dtype, max_seq_length=max_seq_length, trust_remote_code=trust_remote_code,
-            backend=backend, threads=num_threads)
+            backend=backend, threads=num_threads, batch_tokens=batch_tokens)
         store = Store(storage_cfg)
         self.doc_fields, self.separator = tuple(doc_fields), separator
         self.normalize, self.encode_batch_size = normalize, encode_batch_size
         columns = tuple(f for f in (S.TITLE, S.TEXT) if f in self.doc_fields)
         self.search = CandidateSearch(store, store.passages(passages_version), index_cfg, k=k, source=source,
-                                      rrf_k=rrf_k, exact=exact, columns=columns, threads=threads)
+                                      rrf_k=rrf_k, exact=exact, exact_max_rows=exact_max_rows,
+                                      exact_max_bytes=exact_max_bytes, columns=columns, threads=threads)
 
     def _doc_texts(self, hits: pa.Table) -> list[str]:
         titles = hits[S.TITLE].to_pylist() if S.TITLE in self.doc_fields else [None] * hits.num_rows
@@ -137,15 +165,12 @@ class Retriever:
         return [document_text(a, b, self.doc_fields, self.separator) for a, b in zip(titles, texts)]
 
     def __call__(self, batch: pa.Table) -> pa.Table:
-        import torch
-
         start = time.perf_counter()
         queries = batch[S.QUERY].to_pylist()
         vectors = None
         if self.encoder is not None:
-            with torch.inference_mode():
-                vectors = self.encoder.encode(queries, batch_size=self.encode_batch_size, convert_to_numpy=True,
-                                              normalize_embeddings=self.normalize, show_progress_bar=False)
+            vectors = self.encoder.encode(queries, batch_size=self.encode_batch_size, convert_to_numpy=True,
+                                          normalize_embeddings=self.normalize, show_progress_bar=False)
             vectors = np.asarray(vectors, dtype=np.float32)
         per_query = self.search(vectors, queries)
         ids = [h[S.ID].to_pylist() for h in per_query]

@@ -45,17 +45,19 @@ class Scorer:
                  device: str = "auto", dtype: str = "auto", trust_remote_code: bool = False,
                  num_threads: float | None = None, fusion_weight: float | None = None, cache_storage=None,
                  cache_version: int | None = None, cross_encoder_id: str | None = None, preload: bool = False,
-                 backend: str = "torch"):
+                 backend: str = "torch", batch_tokens: int | None = 0):
         from pipelines.models import configure_threads
         from pipelines.runtime import node_label
 
         configure_threads(num_threads)
         self.node = node_label()
         self.top_n, self.batch_size, self.fusion_weight = top_n, batch_size, fusion_weight
+        self.duplicates = 0  # pairs that repeated another pair of the same call: scored once
         self._model = model if hasattr(model, "predict") else None
         self._lock = threading.Lock()
         self._load_args = {"name": model, "device": device, "dtype": dtype, "max_length": max_length,
-                           "trust_remote_code": trust_remote_code, "backend": backend, "threads": num_threads}
+                           "trust_remote_code": trust_remote_code, "backend": backend, "threads": num_threads,
+                           "batch_tokens": batch_tokens}
         self.cache, self.cross_encoder_id = None, cross_encoder_id
         if cache_storage is not None:
             if not cross_encoder_id:
@@ -81,10 +83,19 @@ class Scorer:
         return self.load()
 
     def predict(self, pairs: list[tuple[str, str]]) -> np.ndarray:
+        """Scores of ``pairs``; each distinct pair is scored once (a query's candidates often repeat a text: one
+        document under several ids, or the same query logged under two spellings that normalise alike)."""
         if not pairs:
             return np.zeros(0, dtype=np.float32)
-        scores = self.model.predict(pairs, batch_size=self.batch_size, show_progress_bar=False, convert_to_numpy=True)
-        return np.asarray(scores, dtype=np.float32).reshape(-1)
+        distinct = list(dict.fromkeys(pairs))
+        scores = self.model.predict(distinct, batch_size=self.batch_size, show_progress_bar=False,
+                                    convert_to_numpy=True)
+        scores = np.asarray(scores, dtype=np.float32).reshape(-1)
+        self.duplicates += len(pairs) - len(distinct)
+        if len(distinct) == len(pairs):
+            return scores
+        where = {pair: i for i, pair in enumerate(distinct)}
+        return scores[[where[p] for p in pairs]]
 
     def __call__(self, batch: pa.Table) -> pa.Table:
         start = time.perf_counter()

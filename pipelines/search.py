@@ -16,11 +16,11 @@ from pipelines import schema as S
 
 @functools.lru_cache(maxsize=2)
 def _encoder(model: str, device: str, dtype: str, max_seq_length: int | None, trust_remote_code: bool,
-             backend: str = "torch"):
+             backend: str = "torch", batch_tokens: int | None = 0):
     from pipelines.models import load_bi_encoder
 
     return load_bi_encoder(model, device=device, dtype=dtype, max_seq_length=max_seq_length,
-                           trust_remote_code=trust_remote_code, backend=backend)
+                           trust_remote_code=trust_remote_code, backend=backend, batch_tokens=batch_tokens)
 
 
 def search(cfg, query: str, *, k: int = 10, source: str = "vector", exact: bool = False) -> list[dict[str, Any]]:
@@ -35,8 +35,9 @@ def search(cfg, query: str, *, k: int = 10, source: str = "vector", exact: bool 
     vectors = None
     if source != "fts":
         e = cfg.embed
-        model = _encoder(e.model, e.device, e.dtype, e.max_seq_length, e.trust_remote_code, e.backend)
+        model = _encoder(e.model, e.device, e.dtype, e.max_seq_length, e.trust_remote_code, e.backend, e.batch_tokens)
         vectors = model.encode([query], normalize_embeddings=e.normalize, convert_to_numpy=True).astype("float32")
     with CandidateSearch(store, table, cfg.index, k=k, source=source, rrf_k=cfg.retrieve.rrf_k, exact=exact,
+                         exact_max_rows=cfg.retrieve.exact_max_rows, exact_max_bytes=cfg.retrieve.exact_max_bytes,
                          columns=(S.TITLE, S.TEXT), threads=1) as candidates:
         return candidates(vectors, [query])[0].to_pylist()

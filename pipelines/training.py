@@ -77,11 +77,14 @@ class Data:
 
         cfg, e = self.cfg, self.cfg.embed
         search = CandidateSearch(self.store, self.table, cfg.index, k=k, source=source, rrf_k=cfg.retrieve.rrf_k,
-                                 exact=exact, columns=(S.TITLE, S.TEXT), threads=cfg.retrieve.search_threads)
+                                 exact=exact, exact_max_rows=cfg.retrieve.exact_max_rows,
+                                 exact_max_bytes=cfg.retrieve.exact_max_bytes, columns=(S.TITLE, S.TEXT),
+                                 threads=cfg.retrieve.search_threads)
         if source != "fts" and self.encoder is None:
             configure_threads(cpus())
             self.encoder = load_bi_encoder(e.model, device=e.device, dtype=e.dtype, max_seq_length=e.max_seq_length,
-                                           trust_remote_code=e.trust_remote_code)
+                                           trust_remote_code=e.trust_remote_code, backend=e.backend,
+                                           batch_tokens=e.batch_tokens)
         out, step = [], cfg.retrieve.queries_per_call
         with search:
             for start in range(0, len(texts), step):

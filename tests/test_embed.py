@@ -52,14 +52,21 @@ def test_embedder_all_bad_batch(tiny_model):
 def test_device_and_dtype_fall_back_to_cpu(tiny_model):
     import torch
 
-    from pipelines.models import pick_device, pick_dtype
+    from pipelines.batching import cpu_supports_bf16
+    from pipelines.models import autocast_dtype, pick_device, pick_dtype, precision_label
 
     if not torch.cuda.is_available():
         assert pick_device("cuda") == "cpu"
         assert pick_device("auto") in ("cpu", "mps")
+    # weights stay fp32 on CPU; reduced precision there is bf16 autocast, only where the CPU runs it natively
     assert pick_dtype("auto", "cpu") == torch.float32
     assert pick_dtype("float16", "cpu") == torch.float32  # fp16 on CPU is slow and lossy
-    assert pick_dtype("bfloat16", "cpu") == torch.bfloat16
+    assert pick_dtype("bfloat16", "cpu") == torch.float32
+    native = torch.bfloat16 if cpu_supports_bf16() else None
+    assert autocast_dtype("auto", "cpu") is native and autocast_dtype("bfloat16", "cpu") is native
+    assert autocast_dtype("float32", "cpu") is None and autocast_dtype("auto", "cuda") is None
+    assert precision_label("float32", "cpu") == "cpu/float32"
+    assert precision_label("auto", "cpu") == "cpu/float32" + ("/bfloat16-autocast" if native else "")
 
 
 def test_max_seq_length_applies(tiny_model):
@@ -72,7 +79,7 @@ def test_embedder_on_gpu_half_precision(tiny_model):
     import torch
 
     stage = Embedder(tiny_model, device="cuda", dtype="auto")
-    assert next(stage.model.parameters()).dtype in (torch.float16, torch.bfloat16)
+    assert next(stage.model.model.parameters()).dtype in (torch.float16, torch.bfloat16)
     batch = validate_records([(1, {"_id": "a", "text": "cell protein"})], RowSpec(), source="s")
     vec = np.array(stage(batch)["vector"].to_pylist()[0], dtype=np.float32)
     assert abs(np.linalg.norm(vec) - 1) < 1e-2

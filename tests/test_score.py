@@ -65,7 +65,7 @@ def test_real_cross_encoder_through_the_sentence_transformers_loader(tiny_cross_
     row = out.to_pylist()[0]
     assert len(row[S.DOC_IDS]) == 2 and set(row[S.DOC_IDS]) <= {"a", "b", "c"}
     assert row[S.SCORES] == sorted(row[S.SCORES], reverse=True) and all(np.isfinite(row[S.SCORES]))
-    assert stage.model.max_seq_length == 32
+    assert stage.model.max_length == 32
 
 
 def test_a_classifier_with_several_labels_is_refused(tiny_model, tmp_path):

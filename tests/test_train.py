@@ -150,7 +150,7 @@ def test_mining_honours_range_and_margins(cfg, monkeypatch, margins):
     report = train.run(cfg)
     pairs, n = pairs_of(cfg.train.output), cfg.train.negatives
     texts = {r["_id"]: r["text"] for r in map(json.loads, Path(cfg.train.queries).read_text().splitlines())}
-    model, store = load_bi_encoder(cfg.embed.model, device="cpu"), Store(cfg.storage)
+    model, store = load_bi_encoder(cfg.embed.model, device="cpu", batch_tokens=0), Store(cfg.storage)  # as mining
     search = CandidateSearch(store, store.passages(), cfg.index, k=n.range_max, exact=True)
     for q in {x["query_id"] for x in pairs}:
         hits = search(model.encode([texts[q]], normalize_embeddings=True), [texts[q]])[0].to_pylist()

@@ -1,0 +1,90 @@
+"""Token-budget batching: the plan, the runner's ordering and errors, and the torch wrappers against plain
+sentence-transformers (same numbers in fp32), with the real loaders on tiny models."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from pipelines.batching import BatchRunner, plan
+
+TEXTS = ["cell", "a much longer text about proteins binding to the membrane of a cell in the brain " * 3,
+         "gene", "", "  leading and trailing spaces  ", "brain model " * 40, "Upper CASE Words", "x " * 300]
+
+
+def test_plan_respects_the_budget_and_covers_every_row_once():
+    rng = np.random.default_rng(0)
+    lengths = rng.integers(1, 300, size=500)
+    batches = plan(lengths, token_budget=1024, max_rows=64)
+    seen = np.concatenate(batches)
+    assert sorted(seen.tolist()) == list(range(500))
+    for b in batches:
+        assert len(b) <= 64
+        assert len(b) == 1 or lengths[b].max() * len(b) <= 1024
+    firsts = [int(lengths[b].max()) for b in batches]
+    assert firsts == sorted(firsts, reverse=True)  # longest first: neighbours pad little
+    assert plan(np.array([5000]), token_budget=1024) [0].tolist() == [0]  # too long alone: a batch of its own
+
+
+def test_runner_returns_rows_in_the_callers_order_and_raises_producer_errors():
+    seen_batches = []
+
+    def forward(items):
+        seen_batches.append(items)
+        return np.array([[len(x)] for x in items])
+
+    runner = BatchRunner(lengths=lambda items: [len(x) for x in items], prepare=list, forward=forward,
+                         token_budget=20, chunk=3)
+    out = runner.run(TEXTS)
+    assert out[:, 0].tolist() == [len(t) for t in TEXTS]
+    assert runner.batches == len(seen_batches) and sum(map(len, seen_batches)) == len(TEXTS)
+    assert runner.run([]) is None
+
+    def bad(items):
+        raise ValueError("tokenizer broke")
+
+    with pytest.raises(ValueError, match="tokenizer broke"):
+        BatchRunner(lengths=bad, prepare=list, forward=forward, token_budget=20).run(TEXTS)
+
+
+def test_token_batched_bi_encoder_equals_plain_encode(tiny_model):
+    from sentence_transformers import SentenceTransformer
+
+    from pipelines.models import TokenBatchedBiEncoder, load_bi_encoder
+
+    plain = SentenceTransformer(tiny_model, device="cpu").encode(TEXTS, batch_size=3, normalize_embeddings=True)
+    for budget in (16, 64, 4096):
+        ours = load_bi_encoder(tiny_model, device="cpu", dtype="float32", batch_tokens=budget)
+        assert isinstance(ours, TokenBatchedBiEncoder)
+        out = ours.encode(TEXTS, normalize_embeddings=True)
+        np.testing.assert_allclose(out, plain, atol=1e-5)
+    assert ours.encode([], normalize_embeddings=True).shape == (0, plain.shape[1])
+
+
+def test_token_batched_cross_encoder_equals_plain_predict(tiny_cross_encoder):
+    from sentence_transformers import CrossEncoder
+
+    from pipelines.models import load_cross_encoder
+
+    pairs = [(q, d) for q in TEXTS[:4] for d in TEXTS]
+    plain = CrossEncoder(tiny_cross_encoder, device="cpu", max_length=64).predict(pairs, batch_size=5)
+    ours = load_cross_encoder(tiny_cross_encoder, device="cpu", dtype="float32", max_length=64, batch_tokens=128)
+    np.testing.assert_allclose(ours.predict(pairs), plain, atol=1e-5)
+    assert ours.runner.batches > 1 and ours.runner.padded_tokens <= ours.runner.batches * 128 + 64
+
+
+def test_identical_pairs_are_scored_once(tiny_cross_encoder):
+    from pipelines.score import Scorer
+
+    calls = []
+
+    class Counting:
+        def predict(self, pairs, **_):
+            calls.append(list(pairs))
+            return np.array([len(q) + len(d) for q, d in pairs], dtype=np.float32)
+
+    stage = Scorer(Counting(), top_n=3)
+    pairs = [("q", "same text"), ("q", "other"), ("q", "same text"), ("r", "same text")]
+    scores = stage.predict(pairs)
+    assert calls == [[("q", "same text"), ("q", "other"), ("r", "same text")]]
+    assert scores.tolist() == [10.0, 6.0, 10.0, 10.0] and stage.duplicates == 1
