@@ -35,6 +35,10 @@ FIRST_PLAN_BYTES = 1 << 20  # a first run plans (and may embed on the driver) on
 # Small blocks (Ray Data's default is 128 MiB) keep every embedding actor fed, progress live and
 # driver memory flat; a block of 64 rows with 384-d vectors is about 100 KiB.
 BLOCK_BYTES = 256 * 1024
+# Blocks in flight (read, waiting for an actor, embedded, waiting for the driver) are capped: reading is faster
+# than embedding, and without a cap the backlog grew with the corpus (108 MiB of object store at 250k short
+# documents, 394 MiB at 1M; benchmarks/memory_stream.py).
+PIPELINE_OBJECT_STORE_BYTES = 128 << 20
 
 
 def run(cfg, *, run_id: str | None = None, save: bool = True) -> dict[str, Any]:
@@ -87,6 +91,8 @@ def _index(cfg, state: _RunState) -> None:
         ctx.execution_options.preserve_order = True  # deterministic: the first row of a duplicated id wins
         ctx.enable_progress_bars = False  # our own progress line below, readable in job logs too
         ctx.target_max_block_size = BLOCK_BYTES
+        ctx.execution_options.resource_limits = ctx.execution_options.resource_limits.copy(
+            object_store_memory=PIPELINE_OBJECT_STORE_BYTES)
         cluster = state.cluster = init_ray(cfg.ray)  # before LanceDB loads: Ray forks processes, LanceDB's runtime dislikes forks
         built_with = store.passages_model()
         rebuild = built_with is not None and built_with != e.identity
