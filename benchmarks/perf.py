@@ -125,7 +125,6 @@ def _embedding(name: str, texts: list[str], rows: list[dict], args, work: Path, 
     workers = ["cuda:0"] * max(1, _gpus()) if device == "cuda" else ["cpu"] * (os.cpu_count() or 1)
     start = time.perf_counter()
     pool = model.start_multi_process_pool(workers)
-    started = time.perf_counter()
     try:
         model.encode(texts[: len(workers) * 8], pool=pool, batch_size=best)  # warm the workers
         warm = time.perf_counter()
@@ -136,7 +135,6 @@ def _embedding(name: str, texts: list[str], rows: list[dict], args, work: Path, 
     out["pool"] = {"workers": len(workers), "start_seconds": round(warm - start, 2),
                    "seconds": round(done - warm, 2), "per_second": round(len(texts) / (done - warm), 2),
                    "per_second_with_start": round(len(texts) / (done - start), 2)}
-    del started
     print(f"multi-process pool ({len(workers)} workers): {out['pool']['per_second']:.1f}/s "
           f"({out['pool']['per_second_with_start']:.1f}/s with its start)", flush=True)
     del model

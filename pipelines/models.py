@@ -8,6 +8,7 @@ The name recorded in tables is always the configured one, never the resolved pat
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import sys
@@ -195,8 +196,6 @@ class _TokenBatched:
         return {}
 
     def _forward(self, features):
-        import contextlib
-
         import torch
 
         cast = torch.autocast("cpu", dtype=self.autocast) if self.autocast is not None else contextlib.nullcontext()
