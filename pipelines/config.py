@@ -29,7 +29,7 @@ class ConfigError(ValueError):
 
 
 class _Section(BaseModel):
-    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, allow_inf_nan=False)
 
 
 class StorageConfig(_Section):
@@ -172,6 +172,18 @@ class MaintenanceConfig(_Section):
 class RayConfig(_Section):
     address: str | None = Field(None, description="cluster address; RAY_ADDRESS or a new local Ray if unset")
     num_cpus: int | None = Field(None, gt=0, description="CPUs of a new local Ray (default: all)")
+
+
+class LockConfig(_Section):
+    """One writer per table (``pipelines.locks``): a second run waits, then is refused naming the running one."""
+
+    wait_seconds: float = Field(0.0, ge=0,
+                                description="how long a run waits for another run writing the same table "
+                                            "before it is refused (0: refuse at once)")
+    stale_seconds: float = Field(300.0, gt=0,
+                                 description="object stores only: a lock whose holder has not renewed it for this "
+                                             "long is a killed run's and is taken over (local locks free "
+                                             "themselves when their process dies)")
 
 
 class ReportConfig(_Section):
@@ -380,6 +392,7 @@ class Config(_Section):
     eval: EvalConfig | None = None
     ray: RayConfig = Field(default_factory=RayConfig)
     report: ReportConfig = Field(default_factory=ReportConfig)
+    lock: LockConfig = Field(default_factory=LockConfig)
 
     @model_validator(mode="after")
     def _consistent(self) -> Config:

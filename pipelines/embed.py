@@ -3,7 +3,7 @@
 ``__call__`` maps a validated Arrow batch to the same batch plus a ``vector`` column
 (fixed-size list of float32, unit length when ``normalize``). Rows already marked bad
 pass through with a null vector so that the sink can quarantine them, and so do a change
-feed's delete markers. (Unchanged documents never get here: the index job plans first and
+feed's delete markers and the rows a killed run already staged (their input is null). (Unchanged documents never get here: the index job plans first and
 sends only new and changed rows.) The same class embeds small deltas on the driver.
 
 Example (no Ray needed)::
@@ -21,6 +21,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from pipelines import schema as S
+from pipelines.faults import maybe_fail, record
 
 
 class Embedder:
@@ -54,10 +55,13 @@ class Embedder:
         start = time.perf_counter()
         valid = pc.is_null(batch[S.REASON_CODE]).to_numpy(zero_copy_only=False)
         todo = valid & ~pc.fill_null(batch[S.DELETED], False).to_numpy(zero_copy_only=False)
+        todo &= pc.is_valid(batch[S.EMBED_INPUT]).to_numpy(zero_copy_only=False)  # null: staged by a killed run
+        maybe_fail("embed_call")
         texts = batch[S.EMBED_INPUT].filter(pa.array(todo)).to_pylist()
         flat = np.zeros((len(batch), self.dim), dtype=np.float32)
         if texts:
             flat[todo] = self.encode(texts)
+            record("embed", len(texts))
         vectors = pa.FixedSizeListArray.from_arrays(pa.array(flat.ravel()), self.dim, mask=pa.array(~todo))
         seconds = (time.perf_counter() - start) / max(len(batch), 1)
         out = batch.drop_columns([S.EMBED_INPUT, S.SECONDS])

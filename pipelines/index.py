@@ -29,7 +29,8 @@ from pipelines.report import Progress, Timer, new_run_id, nodes_line, redact_uri
 from pipelines.runtime import count_nodes
 
 log = logging.getLogger("batchrank.index")
-FLUSH_ROWS = 4096  # rows buffered on the driver before a staging append
+FLUSH_ROWS = 4096  # rows buffered on the driver before a staging append ...
+FLUSH_SECONDS = 2.0  # ... or this long: what a killed driver loses (and a rerun embeds again) stays small
 LOCAL_READ_BYTES = 256 << 20  # an incremental run reads a corpus up to this size in-process (no read tasks)
 FIRST_PLAN_BYTES = 1 << 20  # a first run plans (and may embed on the driver) only a corpus this small
 # Small blocks (Ray Data's default is 128 MiB) keep every embedding actor fed, progress live and
@@ -49,12 +50,21 @@ def run(cfg, *, run_id: str | None = None, save: bool = True) -> dict[str, Any]:
     raised again; the previous ``passages`` version is untouched.
     """
     cfg.require("corpus", command="batchrank index")
+    from pipelines.locks import RunLock
+
     run_id = run_id or new_run_id("index")
     state = _RunState(run_id, cfg.embed.identity)
+    lock = RunLock(cfg.storage, cfg.storage.passages_table, run_id, job="index",
+                   wait_seconds=cfg.lock.wait_seconds, stale_seconds=cfg.lock.stale_seconds)
     try:
-        _index(cfg, state)
+        with lock:
+            state.report["lock"] = lock.report
+            _index(cfg, state)
     except BaseException as exc:
-        state.report.update(status="failed", error=f"{type(exc).__name__}: {exc}")
+        from pipelines.locks import LockBusy
+
+        state.report.update(status="refused" if isinstance(exc, LockBusy) else "failed",
+                            error=f"{type(exc).__name__}: {exc}")
         exc.batchrank_report = _finish(cfg, state, save)  # the CLI prints its summary
         raise
     return _finish(cfg, state, save)
@@ -114,15 +124,17 @@ def _index(cfg, state: _RunState) -> None:
         # when the corpus is tiny: the plan costs little and a tiny corpus then needs no actor pool. A first run
         # (or a rebuild) of anything larger streams in one pass, holding nothing per document but its id's hash.
         plan_first = bool(known) or read_local(cfg, max_bytes=FIRST_PLAN_BYTES) is not None
-        sink.track_ids = plan_first or rebuild
+        staged = _resume(cfg, state, store)
+        sink.track_ids = plan_first or rebuild or bool(sink.done)
 
     log.info("run %s: indexing %s into %s/%s (%s)", run_id, redact_uri(str(cfg.corpus.path)),
              redact_uri(cfg.storage.uri), name, report["mode"])
-    staged, deletes = None, []
+    deletes = []
     try:
         if plan_first:
             with timer("plan"), Progress("compare", unit="docs") as progress:
                 todo = _plan(cfg, sink, known, progress)
+            _resume_planned(state, staged, todo)
             deletes = _deletions(cfg, sink, known) if known else []
             report["plan"] = {"embed": len(todo), "unchanged": sink.rows_unchanged, "delete": len(deletes)}
             if todo:
@@ -137,20 +149,28 @@ def _index(cfg, state: _RunState) -> None:
                     batches = (ds if local else _embed_with_actors(cfg, ds, state)).iter_batches(
                         batch_format="pyarrow", batch_size=None, prefetch_batches=2)
                 embedder = (preload.get() if preload is not None else _driver_embedder(cfg)) if local else None
-                staged = _stream(cfg, state, batches, store, embedder=embedder, planned=todo)
+                staged = _stream(cfg, state, batches, store, staged, embedder=embedder, planned=todo)
                 missing = set(todo) - sink.written_ids
                 if missing:
                     raise StoreError(f"{len(missing):,} document(s) changed while this run was indexing them (e.g. "
                                      f"{min(missing)!r}); nothing was written: run the index job again once "
                                      "the corpus is no longer being written")
         else:
-            ds = _embed_with_actors(cfg, _read(cfg), state)
+            ds = _read(cfg)
+            if sink.done:  # what a killed run staged is not embedded again (the sink counts it as written)
+                ds = ds.map_batches(_skip_resumed, fn_kwargs={"done": sink.done}, batch_format="pyarrow",
+                                    batch_size=None, num_cpus=_read_cpus())
+            ds = _embed_with_actors(cfg, ds, state)
             staged = _stream(cfg, state, ds.iter_batches(batch_format="pyarrow", batch_size=None, prefetch_batches=2),
-                             store)
+                             store, staged)
+            _drop_stale_resumed(state, staged)
         if rebuild:  # the overwrite drops what the new model's set lacks
             deletes = sorted(set(store.content_hashes()) - sink.written_ids)
         report["deleted_ids_sample"] = deletes[:20]
 
+        from pipelines.runtime import actor_restarts
+
+        report["embed_actors"] = actor_restarts("Embedder")  # a killed actor is restarted; its task retried
         with timer("quarantine_write"):
             store.append_quarantine(sink.quarantine_table())
         maybe_fail("before_commit")
@@ -163,6 +183,9 @@ def _index(cfg, state: _RunState) -> None:
                 report["table_tag"] = run_id
             else:  # nothing new, changed or deleted: no new version
                 version = before.version if before is not None else None
+        if staged is not None:  # published: the next run has nothing to resume
+            staged.drop()
+            staged = None
         sink.rows_deleted = len(deletes)
         maybe_fail("after_commit")
         report["committed_version"] = version
@@ -177,8 +200,7 @@ def _index(cfg, state: _RunState) -> None:
         report["indexes"] = report["upkeep"].get("indexes", {})
         report["status"] = "succeeded"
     finally:
-        if staged is not None:
-            staged.drop()
+        # A failed run keeps its staging table: the next run (holding the lock) resumes from it.
         if preload is not None:
             preload.discard()
 
@@ -224,10 +246,12 @@ def _embed_with_actors(cfg, ds, state: _RunState):
     )
 
 
-def _stream(cfg, state: _RunState, batches, store, *, embedder=None, planned: dict[str, str] | None = None):
-    """Drain the embedded stream into a staging table; return it (None when no row was good)."""
+def _stream(cfg, state: _RunState, batches, store, staged=None, *, embedder=None,
+            planned: dict[str, str] | None = None):
+    """Drain the embedded stream into the (resumable) staging table; return it (None when no row was staged).
+    Rows are appended every ``FLUSH_ROWS`` rows or ``FLUSH_SECONDS``, so a killed driver loses little."""
     sink, timer = state.sink, state.timer
-    staged = None
+    flushed = time.monotonic()
     with timer("pipeline"), Progress("index", unit="docs") as progress:
         for batch in batches:
             if embedder is not None:
@@ -240,10 +264,12 @@ def _stream(cfg, state: _RunState, batches, store, *, embedder=None, planned: di
             if staged is None and good.num_rows:
                 dim = good.schema.field(S.VECTOR).type.list_size
                 staged = store.stage(cfg.storage.passages_table, state.run_id,
-                                     S.passages_schema(dict(cfg.corpus.metadata_fields), dim))
-            if sink.pending_rows >= FLUSH_ROWS:
+                                     S.passages_schema(dict(cfg.corpus.metadata_fields), dim), resumable=True)
+            if sink.pending_rows >= FLUSH_ROWS or (sink.pending_rows and
+                                                   time.monotonic() - flushed >= FLUSH_SECONDS):
                 with timer("stage_writes"):
                     staged.add(sink.take_pending())
+                flushed = time.monotonic()
             progress.update(good.num_rows, quarantined=bad.num_rows)
         if staged is not None and sink.pending_rows:
             with timer("stage_writes"):
@@ -295,6 +321,73 @@ def _keep_planned(batch: pa.Table, todo: dict[str, str]) -> pa.Table:
     return batch.filter(pa.array(keep, pa.bool_()))
 
 
+def _skip_resumed(batch: pa.Table, done: dict[str, str]) -> pa.Table:
+    """In the read tasks of a resumed run: blank the model input of rows a killed run already staged (same id,
+    same content), so that the embedding actors pass them through; the sink counts them."""
+    skip = [done.get(i) == h for i, h in zip(batch[S.ID].to_pylist(), batch[S.CONTENT_HASH].to_pylist())]
+    if not any(skip):
+        return batch
+    at = batch.schema.get_field_index(S.EMBED_INPUT)
+    return batch.set_column(at, S.EMBED_INPUT, pc.if_else(pa.array(skip, pa.bool_()), pa.scalar(None, pa.string()),
+                                                          batch[S.EMBED_INPUT].cast(pa.string())))
+
+
+def _resume(cfg, state: _RunState, store):
+    """The staging table a killed run left (when its rows are this model's), with ``sink.done`` set to its
+    {id: content hash}; None when there is none. Per-run staging tables of older releases are dropped."""
+    name = cfg.storage.passages_table
+    dead = store.drop_dead_staging(name)
+    existing = f"_staging-{name}"
+    if existing not in store.table_names():
+        return None
+    try:
+        dim = store.db.open_table(existing).schema.field(S.VECTOR).type.list_size
+    except (KeyError, AttributeError):
+        dim = 0
+    staged = store.stage(name, state.run_id, S.passages_schema(dict(cfg.corpus.metadata_fields), dim),
+                         resumable=True)
+    if not staged.resume():
+        return None
+    cols = staged.columns([S.ID, S.CONTENT_HASH, S.MODEL, S.RUN_ID])
+    models = set(cols[S.MODEL].to_pylist())
+    if models - {cfg.embed.identity}:
+        log.warning("dropping %s: staged with %s, and embed.model is now %s", existing, sorted(models),
+                    cfg.embed.identity)
+        staged.drop()
+        return None
+    state.sink.done = dict(zip(cols[S.ID].to_pylist(), cols[S.CONTENT_HASH].to_pylist()))
+    state.report["resume"] = {"staged_rows": staged.rows, "from_runs": sorted(set(cols[S.RUN_ID].to_pylist())),
+                              "dropped_dead_staging": dead}
+    log.info("resuming: %s row(s) staged by killed run(s) %s are not embedded again", f"{staged.rows:,}",
+             ", ".join(state.report["resume"]["from_runs"]))
+    return staged
+
+
+def _resume_planned(state: _RunState, staged, todo: dict[str, str]) -> None:
+    """Incremental run: planned documents a killed run already staged (same content) are done; staged rows the
+    plan no longer wants (unchanged since, changed again, or gone) leave the staging table."""
+    sink = state.sink
+    if not sink.done:
+        return
+    resumed = [i for i, h in sink.done.items() if todo.get(i) == h]
+    for i in resumed:
+        del todo[i]
+    sink.resume(resumed)
+    _drop_stale_resumed(state, staged)
+
+
+def _drop_stale_resumed(state: _RunState, staged) -> None:
+    """Staged rows of a killed run that this run did not take over (the corpus changed since) are deleted."""
+    from pipelines.store import _sql_strings
+
+    sink = state.sink
+    stale = [i for i in sink.done if i not in sink.resumed_ids]
+    for at in range(0, len(stale), 500):
+        staged.delete(f"{S.RUN_ID} != '{state.run_id}' AND {S.ID} IN ({_sql_strings(stale[at:at + 500])})")
+    if sink.done:
+        state.report["resume"].update(taken_over=sink.rows_resumed, dropped=len(stale))
+
+
 def _driver_embedder(cfg):
     """The bi-encoder in this process, for a run small enough to embed here."""
     from pipelines.embed import Embedder
@@ -339,6 +432,8 @@ def _rows(sink: _Sink, *, failed: bool) -> dict[str, Any]:
             "delete_markers": sink.rows_delete_markers, "quarantined": sink.rows_quarantined}
     if failed:
         rows["not_published_run_failed"] = unpublished
+    if sink.rows_resumed:
+        rows["resumed_from_killed_run"] = sink.rows_resumed  # part of written: staged before, not embedded again
     rows["reconciled"] = sink.rows_read == (written + sink.rows_unchanged + sink.rows_delete_markers
                                             + sink.rows_quarantined + unpublished)
     return rows
@@ -360,6 +455,7 @@ def _finish(cfg, state: _RunState, save: bool = True) -> dict[str, Any]:
     succeeded = report["status"] == "succeeded"
     published = succeeded or report.get("committed_version") is not None  # upkeep can fail after the commit
     updated = sum(1 for i in sink.written_ids if i in state.known) if published else 0
+    embedded = sink.rows_written - sink.rows_resumed
     report.update({
         "finished_at": utcnow().isoformat(),
         "corpus": cfg.corpus.path,
@@ -371,8 +467,8 @@ def _finish(cfg, state: _RunState, save: bool = True) -> dict[str, Any]:
                      "added": (sink.rows_written - updated) if published else 0, "updated": updated,
                      "deleted": sink.rows_deleted if published else 0, "after": rows},
         "quarantine_reasons": dict(sorted(sink.reasons.items())),
-        "docs_per_second": round(sink.rows_written / pipeline_s, 2) if pipeline_s else None,
-        "docs_per_second_end_to_end": round(sink.rows_written / seconds["total"], 2) if seconds["total"] else None,
+        "docs_per_second": round(embedded / pipeline_s, 2) if pipeline_s else None,
+        "docs_per_second_end_to_end": round(embedded / seconds["total"], 2) if seconds["total"] else None,
         "seconds": seconds,
         "nodes": {"embed": dict(sorted(sink.nodes.items()))},
         "table": {"name": cfg.storage.passages_table, "version": version, "rows": rows,
@@ -404,6 +500,17 @@ class _Sink:
         self._pending: list[pa.Table] = []
         self.pending_rows = 0
         self._bad: list[pa.Table] = []
+        self.done: dict[str, str] = {}  # {id: content hash} staged by a killed run (resumed)
+        self.resumed_ids: set[str] = set()
+        self.rows_resumed = 0
+
+    def resume(self, ids: list[str]) -> None:
+        """Count rows a killed run staged as written by this run."""
+        self.rows_resumed += len(ids)
+        self.rows_written += len(ids)
+        self.resumed_ids.update(ids)
+        if self.track_ids:
+            self.written_ids.update(ids)
 
     def _take_in(self, batch: pa.Table) -> tuple[pa.Table, pa.Table, pa.Table]:
         """Count a batch of input rows; return (good rows, delete markers, bad rows), bad ones quarantined."""
@@ -441,6 +548,12 @@ class _Sink:
         """Single pass (a new table, or a rebuild): every good row was embedded."""
         self._count_embedded(batch)
         good, _, bad = self._take_in(batch)
+        if self.done:
+            mine = [self.done.get(i) == h for i, h in zip(good[S.ID].to_pylist(), good[S.CONTENT_HASH].to_pylist())]
+            if any(mine):
+                mask = pa.array(mine, pa.bool_())
+                self.resume(good.filter(mask)[S.ID].to_pylist())
+                good = good.filter(pc.invert(mask))
         return self._keep(good), bad
 
     def embedded(self, batch: pa.Table, planned: dict[str, str]) -> pa.Table:
@@ -535,6 +648,21 @@ def _row_json(batch: pa.Table, i: int) -> str:
 _NOT_INPUT = {S.VECTOR, S.CONTENT_HASH, S.SOURCE, S.ROW, S.REASON_CODE, S.REASON, S.RAW}
 
 
+def _reliability_lines(report: dict[str, Any]) -> list[str]:
+    lines = []
+    if res := report.get("resume"):
+        lines.append(f"  resumed: {res.get('taken_over', 0):,} rows staged by killed run(s) "
+                     f"{', '.join(res['from_runs'])} taken over, not embedded again"
+                     + (f"; {res['dropped']:,} stale staged rows dropped" if res.get("dropped") else ""))
+    if (a := report.get("embed_actors") or {}).get("restarts"):
+        lines.append(f"  workers: {a['restarts']} embedding actor restart(s) (their tasks were retried)")
+    if took := (report.get("lock") or {}).get("took_over"):
+        from pipelines.locks import describe
+
+        lines.append(f"  lock: took over from {describe(took)}, which ended without releasing it")
+    return lines
+
+
 def summary(report: dict[str, Any]) -> str:
     """A few lines for humans at the end of a run."""
     r, s = report["rows"], report["seconds"]
@@ -563,6 +691,7 @@ def summary(report: dict[str, Any]) -> str:
                          "embedded_on") else ""))
     if line := nodes_line(report.get("nodes", {}), "rows"):
         lines.append(line)
+    lines += _reliability_lines(report)
     ix, up = report["indexes"], report.get("upkeep", {})
     ann = ix.get("ann", {})
     ann_state = ("exact search" if ann.get("type") == "exact" else

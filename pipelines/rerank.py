@@ -42,7 +42,8 @@ from pipelines.report import Progress, Timer, new_run_id, nodes_line, redact_uri
 from pipelines.runtime import count_nodes
 
 log = logging.getLogger("batchrank.rerank")
-FLUSH_ROWS = 1024  # ranked queries buffered on the driver before a staging append
+FLUSH_ROWS = 1024  # ranked queries buffered on the driver before a staging append ...
+FLUSH_SECONDS = 2.0  # ... or this long (with the newly scored pairs: what a rerun of a killed run re-scores)
 BLOCK_BYTES = 1 << 20  # small blocks: candidates of a few queries each, so every scoring actor stays fed
 
 
@@ -58,11 +59,18 @@ def run(cfg, *, run_id: str | None = None, now=None, save: bool = True) -> dict[
     previous rankings version stays the current one.
     """
     cfg.require("query_log", "rerank", command="batchrank rerank")
+    from pipelines.locks import LockBusy, RunLock
+
     state = _RunState(run_id or new_run_id("rerank"), cfg)
+    lock = RunLock(cfg.storage, cfg.storage.rankings_table, state.run_id, job="rerank",
+                   wait_seconds=cfg.lock.wait_seconds, stale_seconds=cfg.lock.stale_seconds)
     try:
-        _rerank(cfg, state, now)
+        with lock:
+            state.report["lock"] = lock.report
+            _rerank(cfg, state, now)
     except BaseException as exc:
-        state.report.update(status="failed", error=f"{type(exc).__name__}: {exc}")
+        state.report.update(status="refused" if isinstance(exc, LockBusy) else "failed",
+                            error=f"{type(exc).__name__}: {exc}")
         exc.batchrank_report = _finish(cfg, state, save)
         raise
     finally:
@@ -166,6 +174,9 @@ def _rerank(cfg, state: _RunState, now) -> None:
                          "retrieve": {"actors": rt.actors, "cpus_per_actor": r_cpus, "gpus_per_actor": r_gpus},
                          "rerank": {"actors": rr.actors, "cpus_per_actor": s_cpus, "gpus_per_actor": s_gpus}}
     sink.settings = _settings_key(cfg, sink.cross_encoder_id, fusion_weight, passages_version=sink.passages_version)
+    dead = store.drop_dead_staging(cfg.storage.rankings_table)  # killed runs' (we hold the lock)
+    if dead:
+        report["dropped_dead_staging"] = dead
     staged = store.stage(cfg.storage.rankings_table, run_id, S.RANKINGS_SCHEMA)
     try:
         selected = qlog.selected
@@ -237,14 +248,18 @@ def _retrieve_and_score(cfg, state: _RunState, store, staged, selected: pa.Table
     log.info("run %s: reranking %d queries (k=%d, top_n=%d) with %s into %s/%s", run_id, selected.num_rows,
              rt.k, rr.top_n, rr.model, redact_uri(cfg.storage.uri), cfg.storage.rankings_table)
 
+    flushed = time.monotonic()
     with timer("pipeline"), Progress("rerank", unit="queries") as progress:
         for batch in ds.iter_batches(batch_format="pyarrow", batch_size=None, prefetch_batches=2):
             sink.add(batch)
-            if sink.pending_rows >= FLUSH_ROWS or staged.rows == 0:  # the first rows at once, then in bulk
+            # the first rows at once, then in bulk or every FLUSH_SECONDS: the scores a killed run loses stay few
+            if (sink.pending_rows >= FLUSH_ROWS or staged.rows == 0
+                    or time.monotonic() - flushed >= FLUSH_SECONDS):
                 with timer("stage_writes"):
                     staged.add(sink.take_pending())
                 with timer("cache_writes"):
                     sink.write_pairs(store)
+                flushed = time.monotonic()
                 maybe_fail("mid_run")
             progress.update(batch.num_rows, pairs=int(pc.sum(batch[S.CANDIDATES]).as_py() or 0),
                             scored=int(pc.sum(batch[P.PAIRS_SCORED]).as_py() or 0))
@@ -252,6 +267,9 @@ def _retrieve_and_score(cfg, state: _RunState, store, staged, selected: pa.Table
             staged.add(sink.take_pending())
         with timer("cache_writes"):  # before the commit: whatever happens next, the scores are kept
             sink.write_pairs(store)
+    from pipelines.runtime import actor_restarts
+
+    state.report["actors"] = {"retrieve": actor_restarts("Retriever"), "score": actor_restarts("Scorer")}
 
 
 def _publish(cfg, store, staged, qlog, state: _RunState) -> None:
@@ -480,6 +498,14 @@ def summary(report: dict[str, Any]) -> str:
                         "stage (standardised)") + f" [{report['fusion']['origin']}]")
     if line := nodes_line(report.get("nodes", {}), "queries"):
         lines.append(line)
+    restarts = {k: v["restarts"] for k, v in (report.get("actors") or {}).items() if v.get("restarts")}
+    if restarts:
+        lines.append("  workers: " + ", ".join(f"{n} {k} actor restart(s)" for k, n in restarts.items())
+                     + " (their tasks were retried)")
+    if took := (report.get("lock") or {}).get("took_over"):
+        from pipelines.locks import describe
+
+        lines.append(f"  lock: took over from {describe(took)}, which ended without releasing it")
     lines.append("  time: " + ", ".join(f"{k} {v:.1f}s" for k, v in s.items()))
     r = report["tables"]["rankings"]
     if report["status"] == "succeeded":

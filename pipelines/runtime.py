@@ -20,7 +20,7 @@ WORKER_ENV = {
     "LANCE_LOG": "error",
     "LANCEDB_LOG": "error",
 }
-_PASS_THROUGH = ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE", "HF_HOME", "BATCHRANK_FAILPOINTS",
+_PASS_THROUGH = ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE", "HF_HOME", "BATCHRANK_FAILPOINTS", "BATCHRANK_WORK_LOG",
                  # object storage (pipelines/objstore.py): actors on other nodes open the tables with these
                  "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "AWS_REGION", "AWS_DEFAULT_REGION",
                  "AWS_ENDPOINT_URL", "AWS_ENDPOINT_URL_S3", "AWS_ALLOW_HTTP", "AWS_PROFILE")
@@ -138,3 +138,20 @@ def actor_device(requested: str, gpus: float) -> str:
     if gpus > 0:
         return "cuda" if requested == "auto" else requested
     return "cpu" if requested in ("auto", "cuda") else requested
+
+
+def actor_restarts(class_fragment: str) -> dict[str, int]:
+    """Actors of this job whose class name contains ``class_fragment`` (e.g. ``Embedder``): how many, and how
+    often Ray restarted them after a death (a killed or crashed worker; its task is retried on the new one).
+    Read from Ray's control store; empty when that is unavailable (never fails a run)."""
+    try:
+        import ray
+        from ray._private import state as ray_state
+
+        job = ray.get_runtime_context().get_job_id()
+        mine = [a for a in ray_state.actors().values()
+                if class_fragment in str(a.get("ActorClassName", "")) and str(a.get("JobID", "")) == job]
+    except Exception as exc:  # noqa: BLE001 - a private API: best effort
+        log.debug("actor restarts unavailable: %s", exc)
+        return {}
+    return {"actors": len(mine), "restarts": sum(int(a.get("NumRestarts") or 0) for a in mine)}

@@ -30,6 +30,7 @@ import pyarrow as pa
 
 from pipelines import pair_cache as P
 from pipelines import schema as S
+from pipelines.faults import maybe_fail, record
 from pipelines.fusion import blend
 
 
@@ -88,6 +89,8 @@ class Scorer:
         if not pairs:
             return np.zeros(0, dtype=np.float32)
         distinct = list(dict.fromkeys(pairs))
+        maybe_fail("score_call")
+        record("score", len(distinct))
         scores = self.model.predict(distinct, batch_size=self.batch_size, show_progress_bar=False,
                                     convert_to_numpy=True)
         scores = np.asarray(scores, dtype=np.float32).reshape(-1)

@@ -65,6 +65,31 @@ class StagedTable:
             self._table.add(table)
         self.rows += table.num_rows
 
+    def resume(self) -> bool:
+        """Take over this name's table left by a killed run, if its schema is this run's; else drop it.
+        True when there was one to resume."""
+        if self.name not in self.store.table_names():
+            return False
+        table = self.store.db.open_table(self.name)
+        if table.schema != self.schema:
+            log.warning("dropping %s: staged by a run with another schema (model, dimension or metadata)",
+                        self.name)
+            self.store.db.drop_table(self.name)
+            return False
+        self._table = table
+        self.rows = table.count_rows()
+        return True
+
+    def columns(self, names: list[str]) -> pa.Table:
+        if self._table is None:
+            return self.schema.empty_table().select(names)
+        return self._table.to_lance().to_table(columns=names)
+
+    def delete(self, where: str) -> None:
+        if self._table is not None:
+            self._table.delete(where)
+            self.rows = self._table.count_rows()
+
     def reader(self, batch_rows: int = 8192) -> pa.RecordBatchReader:
         if self._table is None:
             return pa.RecordBatchReader.from_batches(self.schema, iter(()))
@@ -196,8 +221,18 @@ class Store:
             log.warning("could not release %s on %s: %s", lease, table_name, exc)
 
     # -- writing --------------------------------------------------------------------------
-    def stage(self, table: str, run_id: str, schema: pa.Schema) -> StagedTable:
-        return StagedTable(self, f"_staging-{table}-{run_id}", schema)
+    def stage(self, table: str, run_id: str, schema: pa.Schema, *, resumable: bool = False) -> StagedTable:
+        """A private table for a run's rows. ``resumable``: one fixed name per target table (the run lock keeps
+        it to one writer), so that the next run finds what a killed one staged (``StagedTable.resume``)."""
+        return StagedTable(self, f"_staging-{table}" if resumable else f"_staging-{table}-{run_id}", schema)
+
+    def drop_dead_staging(self, table: str) -> list[str]:
+        """Drop the per-run staging tables of ``table`` left by killed runs. Only call it holding the table's
+        run lock: then no live run owns one."""
+        dead = [n for n in self.table_names() if n.startswith(f"_staging-{table}-")]
+        for name in dead:
+            self.db.drop_table(name)
+        return dead
 
     def commit_passages(self, staged: StagedTable | None, run_id: str, *, deletes: list[str] = (),
                         replace: bool = False) -> int:

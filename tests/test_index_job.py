@@ -133,13 +133,19 @@ def test_failure_before_commit_leaves_previous_version(tmp_path, make_config, mo
     assert json.loads(open(failed["report_path"]).read())["status"] == "failed"
     table = store.passages()
     assert table.version == before and table.count_rows() == 20  # the previous version, whole and readable
-    assert not [n for n in store.table_names() if n.startswith("_staging")]
+    # the staged rows stay, invisible, for the next run to take over
+    assert [n for n in store.table_names() if n.startswith("_staging")] == ["_staging-passages"]
 
     monkeypatch.delenv("BATCHRANK_FAILPOINTS")
     again = run(make_config(tmp_path / "v2.jsonl"))
+    assert again["rows"] == {"read": 50, "written": 30, "unchanged": 20, "delete_markers": 0, "quarantined": 0,
+                             "resumed_from_killed_run": 30, "reconciled": True}
+    assert again["resume"]["taken_over"] == 30 and again["resume"]["from_runs"] == [failed["run_id"]]
+    assert "resumed: 30 rows" in summary(again)
     assert store.passages().count_rows() == 50
     assert store.passages(version=first["run_id"]).count_rows() == 20
     assert again["table"]["version"] > before
+    assert not [n for n in store.table_names() if n.startswith("_staging")]
 
 
 def test_parquet_and_csv_corpora(tmp_path, make_config):
