@@ -147,7 +147,7 @@ def _index(cfg, state: _RunState) -> None:
                     ds = _read(cfg).map_batches(_keep_planned, fn_kwargs={"todo": todo}, batch_format="pyarrow",
                                                 batch_size=None, num_cpus=_read_cpus())
                     batches = (ds if local else _embed_with_actors(cfg, ds, state)).iter_batches(
-                        batch_format="pyarrow", batch_size=None, prefetch_batches=2)
+                        batch_format="pyarrow", batch_size=None, prefetch_batches=1)
                 embedder = (preload.get() if preload is not None else _driver_embedder(cfg)) if local else None
                 staged = _stream(cfg, state, batches, store, staged, embedder=embedder, planned=todo)
                 missing = set(todo) - sink.written_ids
@@ -161,7 +161,7 @@ def _index(cfg, state: _RunState) -> None:
                 ds = ds.map_batches(_skip_resumed, fn_kwargs={"done": sink.done}, batch_format="pyarrow",
                                     batch_size=None, num_cpus=_read_cpus())
             ds = _embed_with_actors(cfg, ds, state)
-            staged = _stream(cfg, state, ds.iter_batches(batch_format="pyarrow", batch_size=None, prefetch_batches=2),
+            staged = _stream(cfg, state, ds.iter_batches(batch_format="pyarrow", batch_size=None, prefetch_batches=1),
                              store, staged)
             _drop_stale_resumed(state, staged)
         if rebuild:  # the overwrite drops what the new model's set lacks
@@ -236,8 +236,9 @@ def _embed_with_actors(cfg, ds, state: _RunState):
             max_seq_length=e.max_seq_length, normalize=e.normalize, trust_remote_code=e.trust_remote_code,
             num_threads=e.cpus_per_actor, backend=e.backend, batch_tokens=e.batch_tokens,
         ),
-        # Two tasks in flight per actor keep it fed without letting the first actor up hoard the queue.
-        compute=ray.data.ActorPoolStrategy(size=e.actors, max_tasks_in_flight_per_actor=2),
+        # One task in flight per actor: a killed driver's actors finish at most one task each, wasted, and with
+        # preserve_order no finished block waits behind a second task (measured: same speed as two; 2k SciFact).
+        compute=ray.data.ActorPoolStrategy(size=e.actors, max_tasks_in_flight_per_actor=1),
         num_cpus=cpus,
         num_gpus=gpus,
         batch_size=e.rows_per_call,
@@ -287,7 +288,7 @@ def _plan(cfg, sink: _Sink, known: dict[str, str], progress) -> dict[str, str]:
     batches = read_local(cfg, max_bytes=LOCAL_READ_BYTES)
     if batches is None:
         batches = _read(cfg).drop_columns([S.EMBED_INPUT]).iter_batches(batch_format="pyarrow", batch_size=None,
-                                                                       prefetch_batches=2)
+                                                                       prefetch_batches=1)
     todo: dict[str, str] = {}
     for batch in batches:
         todo.update(sink.plan(batch, known))
