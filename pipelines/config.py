@@ -211,6 +211,9 @@ class QueryLogConfig(_Section):
     head: int | None = Field(None, gt=0, description="keep only the N most frequent queries")
     max_query_chars: int = Field(1000, gt=0)
     normalize: NormalizeConfig = Field(default_factory=NormalizeConfig)
+    quarantine_raw: Literal["fields", "full"] = Field(
+        "fields", description="what the quarantine keeps of a bad line: only the query, time and count fields "
+                              "(fields; logs hold personal data), or the whole line (full)")
 
     @model_validator(mode="after")
     def _window(self) -> QueryLogConfig:

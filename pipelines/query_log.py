@@ -124,7 +124,7 @@ def read_query_log(log_cfg, *, now: datetime | None = None, progress=None,
             text, ts, weight = _check(record, log_cfg, spec)
         except _BadLine as exc:
             bad.append({S.SOURCE: source, S.ROW: row, S.ID: None, S.REASON_CODE: exc.code, S.REASON: exc.reason,
-                        S.RAW: exc.raw if exc.raw is not None else _raw(record)})
+                        S.RAW: _quarantined_raw(record, exc, log_cfg)})
             reasons[exc.code] = reasons.get(exc.code, 0) + 1
             continue
         if (since is not None and ts < since) or (until is not None and ts >= until):
@@ -206,6 +206,20 @@ def _check(record: Any, log_cfg, spec: dict[str, Any]) -> tuple[str, datetime, i
 
 def _raw(record: Any) -> str:
     return json.dumps(record, ensure_ascii=False, default=str)[:RAW_CHARS]
+
+
+def _quarantined_raw(record: Any, exc: _BadLine, log_cfg) -> str:
+    """What the quarantine keeps of a bad line. Logs hold personal data (user ids, addresses, sessions), so by
+    default (``query_log.quarantine_raw: fields``) only the fields batchrank reads are kept, and of a line that
+    does not parse, only its size; ``full`` keeps the line as it was."""
+    if log_cfg.quarantine_raw == "full":
+        return exc.raw if exc.raw is not None else _raw(record)
+    if isinstance(record, dict):
+        fields = (log_cfg.text_field, log_cfg.time_field, log_cfg.count_field)
+        return _raw({k: record[k] for k in fields if k and k in record})
+    size = len(exc.raw) if exc.raw is not None else len(_raw(record))
+    return (f"<{size:,} characters not kept: the line may hold personal data; set query_log.quarantine_raw: full "
+            "to keep bad lines whole>")
 
 
 # -- files ---------------------------------------------------------------------------------------

@@ -138,3 +138,15 @@ def test_missing_log_names_the_key(tmp_path):
         read_query_log(log_cfg(tmp_path / "nope.jsonl"))
     with pytest.raises(FileNotFoundError, match="query_log.path"):
         read_query_log(log_cfg(tmp_path / "*.jsonl"))
+
+
+def test_quarantine_keeps_no_personal_fields_unless_configured(tmp_path):
+    path = write_jsonl(tmp_path / "log.jsonl", [
+        {"query": "bad time", "timestamp": "yesterday", "user_id": "u-123", "ip": "10.1.2.3"},
+        '{"query": "broken", "user_id": "u-456"',
+    ])
+    kept = {r["reason_code"]: r["raw"] for r in read_query_log(log_cfg(path)).quarantine}
+    assert json.loads(kept["bad_timestamp"]) == {"query": "bad time", "timestamp": "yesterday"}
+    assert "u-456" not in kept["bad_json"] and "quarantine_raw: full" in kept["bad_json"]
+    full = {r["reason_code"]: r["raw"] for r in read_query_log(log_cfg(path, quarantine_raw="full")).quarantine}
+    assert "u-123" in full["bad_timestamp"] and "u-456" in full["bad_json"]

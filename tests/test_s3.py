@@ -16,6 +16,7 @@ import json
 import logging
 import os
 import threading
+import time
 import urllib.request
 from urllib.parse import quote
 
@@ -334,3 +335,21 @@ def test_credentials_never_printed(s3, tiny_model):
     cfg = config(s3, "x", tiny_model)
     assert s3.secret not in repr(cfg) and s3.secret not in str(cfg.storage)
     assert cfg.storage.storage_options["allow_http"] == "true"  # a YAML boolean, as LanceDB takes it
+
+
+def test_run_lock_on_an_object_store(s3):
+    """No flock on S3: a lease rewritten by heartbeats. A live one refuses a second run; one whose heartbeat is
+    older than lock.stale_seconds (a killed run's) is taken over."""
+    from pipelines.config import parse_config
+    from pipelines.locks import LockBusy, RunLock
+
+    st = parse_config({"storage": {"uri": f"s3://{BUCKET}/locks/db", "storage_options": s3.options()}}).storage
+    first = RunLock(st, "passages", "index-1", job="index", stale_seconds=60).acquire()
+    with pytest.raises(LockBusy, match="run index-1"):
+        RunLock(st, "passages", "index-2", job="index", stale_seconds=60).acquire()
+    first._stop.set()  # the holder dies: no more heartbeats, no release
+    time.sleep(2.2)
+    with RunLock(st, "passages", "index-3", job="index", stale_seconds=2) as lock:
+        assert lock.report["took_over"]["run_id"] == "index-1"
+        assert "locks/db/_locks/passages.lock.json" in s3.keys("locks/db/_locks")
+    assert "locks/db/_locks/passages.lock.json" not in s3.keys("locks/db/_locks")  # released
