@@ -163,11 +163,13 @@ def test_index_job_on_s3_commits_atomically(s3, indexed, monkeypatch, caplog):
     table = Store(cfg.storage).passages()  # a new connection: what any reader of the bucket sees
     assert table.version == before and table.count_rows() == 20
     assert table.search().where("id = 'd3'").to_arrow()["text"][0].as_py() == good_docs(4)[3]["text"]
-    assert not [n for n in store.table_names() if n.startswith("_staging")]
+    assert [n for n in store.table_names() if n.startswith("_staging")] == ["_staging-passages"]  # kept, invisible
 
     monkeypatch.delenv("BATCHRANK_FAILPOINTS")
     again = index.run(cfg)
     assert again["rows"]["written"] == 6 and again["rows"]["unchanged"] == 19  # 5 new, 1 changed
+    assert again["rows"]["resumed_from_killed_run"] == 6  # staged by the failed run: not embedded again
+    assert not [n for n in store.table_names() if n.startswith("_staging")]
     table = Store(cfg.storage).passages()
     ids = table.to_arrow()["id"].to_pylist()
     assert len(ids) == len(set(ids)) == 25 and table.version > before
