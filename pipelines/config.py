@@ -463,7 +463,11 @@ def _format_error(err: dict, model: type[BaseModel], what: str = "config") -> st
     if err["type"] == "missing":
         return f"{key}: required key is missing; add it to the {what}"
     msg = err["msg"].removeprefix("Value error, ")
-    text = f"{key} {msg[0].lower()}{msg[1:]} (got {given!r})"
+    try:
+        shown = repr(given)
+    except RecursionError:
+        shown = f"a {type(given).__name__} nested too deeply to show"
+    text = f"{key} {msg[0].lower()}{msg[1:]} (got {shown})"
     hint = _HINTS.get(key)
     return f"{text}; {hint}" if hint else text
 
@@ -486,9 +490,16 @@ def load_config(path: str | os.PathLike) -> Config:
     if not p.is_file():
         raise ConfigError(f"config file not found: {p}; pass --config with the path of a YAML file")
     try:
-        data = yaml.safe_load(p.read_text(encoding="utf-8"))
-    except (yaml.YAMLError, UnicodeDecodeError) as exc:
+        text = p.read_text(encoding="utf-8")
+    except UnicodeDecodeError as exc:
         raise ConfigError(f"{p}: not valid YAML: {exc}") from None
+    try:
+        data = yaml.safe_load(text)
+    except RecursionError:
+        raise ConfigError(f"{p}: not valid YAML: nested too deeply") from None
+    # YAMLError, or for some bad scalars (a: 2001-13-01, !!int) a plain ValueError, IndexError, ...
+    except Exception as exc:  # noqa: BLE001
+        raise ConfigError(f"{p}: not valid YAML: {exc or type(exc).__name__}") from None
     cfg = parse_config(data, str(p))
     return _resolve_relative(cfg, p.parent)
 
@@ -503,6 +514,8 @@ def _resolve_relative(cfg: Config, base: Path) -> Config:
     def fix(p: str) -> str:
         if not _is_local(p):
             return p
+        if "\0" in p:  # no file system takes it (os functions raise ValueError: embedded null byte)
+            raise ConfigError(f"{base}: the path {p!r} in the config holds a NUL character; remove it")
         p = os.path.expanduser(os.path.expandvars(p))
         return p if os.path.isabs(p) else str((base / p).resolve())
 

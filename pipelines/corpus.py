@@ -34,6 +34,7 @@ FORMAT_BY_SUFFIX = {
     ".lance": "lance",
 }
 _CHUNK = 1 << 20
+_BLANK = object()  # what a blank line parses to: not a row (a JSON null line is a row, refused as not an object)
 
 
 def iter_jsonl_records(stream: Any) -> Iterator[tuple[int, Any]]:
@@ -49,18 +50,18 @@ def iter_jsonl_records(stream: Any) -> Iterator[tuple[int, Any]]:
         for line in lines:
             line_no += 1
             rec = _parse_json_line(line)
-            if rec is not None:
+            if rec is not _BLANK:
                 yield line_no, rec
     if pending:
         rec = _parse_json_line(pending)
-        if rec is not None:
+        if rec is not _BLANK:
             yield line_no + 1, rec
 
 
 def _parse_json_line(line: bytes) -> Any:
     line = line.rstrip(b"\r")
     if not line.strip():
-        return None  # blank lines are not rows
+        return _BLANK  # blank lines are not rows
     try:
         text = line.decode("utf-8")
     except UnicodeDecodeError as exc:
@@ -70,6 +71,8 @@ def _parse_json_line(line: bytes) -> Any:
         return json.loads(text)
     except json.JSONDecodeError as exc:
         return Malformed("bad_json", f"line is not valid JSON ({exc.msg} at column {exc.colno})", text)
+    except ValueError as exc:  # an integer of more than sys.get_int_max_str_digits() digits
+        return Malformed("bad_json", f"line is not readable JSON ({str(exc).split(';')[0]})", text)
     except RecursionError:
         return Malformed("bad_json", "line is not valid JSON (nested too deeply)", text[:200])
 
@@ -90,10 +93,12 @@ def iter_csv_records(stream: Any, string_columns: list[str]) -> Iterator[tuple[i
             stream,
             read_options=pacsv.ReadOptions(block_size=_CHUNK),
             parse_options=pacsv.ParseOptions(newlines_in_values=True, invalid_row_handler=on_invalid),
-            convert_options=pacsv.ConvertOptions(column_types={c: pa.string() for c in string_columns},
+            # bytes, decoded row by row below: bad UTF-8 quarantines its row, not the whole block
+            convert_options=pacsv.ConvertOptions(column_types={c: pa.binary() for c in string_columns},
                                                  strings_can_be_null=False, quoted_strings_can_be_null=False),
         )
-    except pa.ArrowInvalid as exc:
+        reader.schema.names  # noqa: B018 -- column names that are not UTF-8 raise here
+    except (pa.ArrowInvalid, UnicodeDecodeError) as exc:
         yield 1, Malformed("bad_csv_file", f"CSV header could not be read: {exc}", "")
         return
     n = 0
@@ -110,15 +115,31 @@ def iter_csv_records(stream: Any, string_columns: list[str]) -> Iterator[tuple[i
         bad.clear()
         for rec in batch.to_pylist():
             n += 1
-            yield n, rec
+            yield n, _decode_csv_row(rec, string_columns)
     yield from bad
+
+
+def _decode_csv_row(rec: dict, string_columns: list[str]) -> Any:
+    """The row with its string columns decoded, or ``Malformed`` naming the first field that is not UTF-8."""
+    for name in string_columns:
+        value = rec.get(name)
+        if isinstance(value, bytes):
+            try:
+                rec[name] = value.decode("utf-8")
+            except UnicodeDecodeError as exc:
+                shown = {k: v.decode("utf-8", "replace") if isinstance(v, bytes) else v for k, v in rec.items()}
+                raw = json.dumps(shown, ensure_ascii=False, default=str)
+                return Malformed("bad_utf8", f"field '{name}' is not valid UTF-8 ({exc.reason} at byte {exc.start})",
+                                 raw)
+    return rec
 
 
 def iter_parquet_records(f: Any, columns: list[str], batch_rows: int) -> Iterator[tuple[int, Any]]:
     import pyarrow.parquet as pq
 
     pf = pq.ParquetFile(f)
-    present = [c for c in columns if c in pf.schema_arrow.names]
+    # (no column at all, columns=[], makes pyarrow abort the process on some corrupt files: read one column then)
+    present = [c for c in columns if c in pf.schema_arrow.names] or pf.schema_arrow.names[:1]
     n = 0
     for batch in pf.iter_batches(batch_size=batch_rows, columns=present):
         for rec in batch.to_pylist():
@@ -247,7 +268,7 @@ class _ParquetSource(_CorpusSource):
         try:
             yield from blocks(iter_parquet_records(f, self._spec.source_fields, self._rows),
                               self._spec, path, self._rows)
-        except (pa.ArrowInvalid, OSError) as exc:
+        except (pa.ArrowException, OSError, UnicodeDecodeError) as exc:  # (a corrupt string column: bad UTF-8)
             bad = iter([(None, Malformed("bad_parquet_file", f"Parquet file unreadable: {exc}", ""))])
             yield from blocks(bad, self._spec, path, self._rows)
 
@@ -289,7 +310,13 @@ def _read_files(files: list[str], fmt: str, spec: RowSpec, rows: int, options=No
             records = (iter_jsonl_records(stream) if fmt == "jsonl" else
                        iter_csv_records(stream, spec.source_fields) if fmt == "csv" else
                        iter_parquet_records(stream, spec.source_fields, rows))
-            yield from blocks(records, spec, redact(path), rows, coerce=fmt == "csv")
+            try:
+                yield from blocks(records, spec, redact(path), rows, coerce=fmt == "csv")
+            except (pa.ArrowException, OSError, UnicodeDecodeError) as exc:  # as _ParquetSource: quarantined
+                if fmt != "parquet":
+                    raise
+                bad = iter([(None, Malformed("bad_parquet_file", f"Parquet file unreadable: {redact(str(exc))}", ""))])
+                yield from blocks(bad, spec, redact(path), rows)
 
 
 def _local_files(paths: list[str], fmt: str, options=None) -> list[tuple[str, int]] | None:

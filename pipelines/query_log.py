@@ -36,6 +36,7 @@ from pipelines.validate import Malformed
 LOG_SUFFIXES = {".jsonl": "jsonl", ".json": "jsonl", ".ndjson": "jsonl", ".jsonl.gz": "jsonl", ".json.gz": "jsonl",
                 ".ndjson.gz": "jsonl", ".parquet": "parquet", ".pq": "parquet"}
 RAW_CHARS = 4096  # raw input kept per quarantined line
+MAX_COUNT = (1 << 63) - 1  # a query's count is stored as int64
 
 
 def normalizer_spec(norm_cfg) -> str:
@@ -62,8 +63,8 @@ def query_id(normalized: str) -> str:
 
 def parse_timestamp(value: Any) -> datetime:
     """ISO 8601 text (naive means UTC), epoch seconds / milliseconds / microseconds, or a datetime/date."""
-    if isinstance(value, datetime):
-        return value if value.tzinfo else value.replace(tzinfo=UTC)
+    if isinstance(value, datetime):  # in UTC: a time that is not a datetime there (year 10000) raises OverflowError
+        return (value if value.tzinfo else value.replace(tzinfo=UTC)).astimezone(UTC)
     if isinstance(value, date):
         return datetime(value.year, value.month, value.day, tzinfo=UTC)
     if isinstance(value, bool):
@@ -75,7 +76,7 @@ def parse_timestamp(value: Any) -> datetime:
         return datetime.fromtimestamp(seconds, UTC)
     if isinstance(value, str):
         ts = datetime.fromisoformat(value.strip())
-        return ts if ts.tzinfo else ts.replace(tzinfo=UTC)
+        return (ts if ts.tzinfo else ts.replace(tzinfo=UTC)).astimezone(UTC)
     raise ValueError(f"a {type(value).__name__} is not a time")
 
 
@@ -101,7 +102,10 @@ def time_window(log_cfg, now: datetime | None = None) -> tuple[datetime | None, 
     """``[since, until)`` from the config: explicit bounds, or the last N days before ``until`` (or now)."""
     since, until = log_cfg.since, log_cfg.until
     if log_cfg.last_days is not None:
-        since = (until or now or datetime.now(UTC)) - timedelta(days=log_cfg.last_days)
+        try:
+            since = (until or now or datetime.now(UTC)) - timedelta(days=log_cfg.last_days)
+        except OverflowError:  # the window reaches back before year 1: it starts with the first line
+            since = None
     return since, until
 
 
@@ -122,12 +126,15 @@ def read_query_log(log_cfg, *, now: datetime | None = None, progress=None,
             progress.update(10_000)
         try:
             text, ts, weight = _check(record, log_cfg, spec)
+            inside = not ((since is not None and ts < since) or (until is not None and ts >= until))
+            if inside and text in counts and counts[text][0] + weight > MAX_COUNT:
+                raise _BadLine("bad_count", f"'{log_cfg.count_field}' takes the count of this query over {MAX_COUNT:,}")
         except _BadLine as exc:
             bad.append({S.SOURCE: source, S.ROW: row, S.ID: None, S.REASON_CODE: exc.code, S.REASON: exc.reason,
                         S.RAW: _quarantined_raw(record, exc, log_cfg)})
             reasons[exc.code] = reasons.get(exc.code, 0) + 1
             continue
-        if (since is not None and ts < since) or (until is not None and ts >= until):
+        if not inside:
             outside += 1
             continue
         counted_lines += 1
@@ -183,6 +190,11 @@ def _check(record: Any, log_cfg, spec: dict[str, Any]) -> tuple[str, datetime, i
     norm = normalize(text, spec)
     if not norm:
         raise _BadLine("empty_query", f"'{tf}' is empty or only whitespace")
+    try:
+        norm.encode("utf-8")
+    except UnicodeEncodeError:
+        raise _BadLine("bad_unicode", f"'{tf}' holds an unpaired surrogate (invalid Unicode); fix the log's "
+                                      "encoding") from None
     if len(norm) > log_cfg.max_query_chars:
         raise _BadLine("query_too_long", f"query has {len(norm):,} characters, over query_log.max_query_chars "
                                          f"({log_cfg.max_query_chars:,}); raise the limit if such queries are real")
@@ -199,13 +211,15 @@ def _check(record: Any, log_cfg, spec: dict[str, Any]) -> tuple[str, datetime, i
         weight = record.get(log_cfg.count_field)
         if isinstance(weight, float) and weight.is_integer():
             weight = int(weight)
-        if not isinstance(weight, int) or isinstance(weight, bool) or weight < 1:
-            raise _BadLine("bad_count", f"'{log_cfg.count_field}' must be a whole number >= 1 (got {weight!r})")
+        if not isinstance(weight, int) or isinstance(weight, bool) or not 1 <= weight <= MAX_COUNT:
+            raise _BadLine("bad_count", f"'{log_cfg.count_field}' must be a whole number from 1 to {MAX_COUNT:,} "
+                                        f"(got {weight!r})")
     return norm, ts, weight
 
 
 def _raw(record: Any) -> str:
-    return json.dumps(record, ensure_ascii=False, default=str)[:RAW_CHARS]
+    raw = json.dumps(record, ensure_ascii=False, default=str)[:RAW_CHARS]
+    return raw.encode("utf-8", "replace").decode("utf-8")  # lone surrogates cannot be stored
 
 
 def _quarantined_raw(record: Any, exc: _BadLine, log_cfg) -> str:
@@ -282,5 +296,5 @@ def iter_log_records(log_cfg, storage_options: dict[str, str] | None = None) -> 
             with fs.open_input_file(inner) as f:
                 for row, rec in iter_parquet_records(f, fields, 8192):
                     yield source, row, rec
-        except (pa.ArrowInvalid, OSError) as exc:
+        except (pa.ArrowException, OSError, UnicodeDecodeError) as exc:  # (a corrupt string column: bad UTF-8)
             yield source, None, Malformed("bad_parquet_file", f"Parquet file unreadable: {redact(str(exc))}", "")

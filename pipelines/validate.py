@@ -111,8 +111,13 @@ def _check_meta(name: str, kind: str, v: Any, coerce: bool) -> Any:
     }[kind]
     if not ok:
         raise BadRow("bad_metadata", f"metadata field '{name}' must be {kind} (got {_typename(v)} {v!r:.60})")
+    if kind == "int" and not -(1 << 63) <= v < 1 << 63:
+        raise BadRow("bad_metadata", f"metadata field '{name}' must fit in 64 bits (got {v!r:.60})")
     if kind == "float":
-        v = float(v)
+        try:
+            v = float(v)
+        except OverflowError:  # an integer beyond the float range
+            v = math.inf
         if not math.isfinite(v):
             raise BadRow("bad_metadata", f"metadata field '{name}' must be a finite number (got {v})")
     return v
@@ -188,6 +193,8 @@ def _raw_text(rec: Any) -> str:
             raw = json.dumps(rec, ensure_ascii=False, default=str, allow_nan=True)
         except (TypeError, ValueError):
             raw = repr(rec)
+        except RecursionError:
+            raw = f"<{_typename(rec)} nested too deeply to show>"
     raw = raw.encode("utf-8", "replace").decode("utf-8")  # lone surrogates cannot be stored
     return raw if len(raw) <= RAW_LIMIT else raw[:RAW_LIMIT] + f"... [{len(raw):,} chars]"
 
@@ -195,7 +202,10 @@ def _raw_text(rec: Any) -> str:
 def _raw_id(rec: Any, spec: RowSpec) -> str | None:
     if isinstance(rec, dict):
         v = rec.get(spec.id_field)
-        return None if v is None else str(v)[:200].encode("utf-8", "replace").decode("utf-8")
+        try:
+            return None if v is None else str(v)[:200].encode("utf-8", "replace").decode("utf-8")
+        except RecursionError:
+            return f"<{_typename(v)}>"
     return None
 
 
@@ -207,7 +217,10 @@ def validate_records(
     cols: dict[str, list] = {f.name: [] for f in out_schema}
     for row_no, rec in records:
         try:
-            row = check_record(rec, spec, coerce=coerce)
+            try:
+                row = check_record(rec, spec, coerce=coerce)
+            except RecursionError:  # a value nested so deeply that showing it in the reason overflows the stack
+                raise BadRow("too_deep", "row holds a value nested too deeply to read") from None
         except BadRow as bad:
             row = {S.ID: _raw_id(rec, spec), S.REASON_CODE: bad.code, S.REASON: bad.reason, S.RAW: _raw_text(rec)}
         else:
