@@ -21,7 +21,7 @@ of examples per test, a random seed). The long run:
 
     BATCHRANK_HYPOTHESIS_PROFILE=long .venv/bin/python -m pytest tests/test_properties.py -q
 
-(add ``--hypothesis-show-statistics`` for the examples run per test; about 8 minutes on 2 cores).
+(add ``--hypothesis-show-statistics`` for the examples run per test; about 5 minutes on 2 cores).
 
 A failure prints the shrunk example and a ``@reproduce_failure`` blob to replay it.
 """
