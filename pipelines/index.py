@@ -379,12 +379,10 @@ def _resume_planned(state: _RunState, staged, todo: dict[str, str]) -> None:
 
 def _drop_stale_resumed(state: _RunState, staged) -> None:
     """Staged rows of a killed run that this run did not take over (the corpus changed since) are deleted."""
-    from pipelines.store import _sql_strings
-
     sink = state.sink
     stale = [i for i in sink.done if i not in sink.resumed_ids]
-    for at in range(0, len(stale), 500):
-        staged.delete(f"{S.RUN_ID} != '{state.run_id}' AND {S.ID} IN ({_sql_strings(stale[at:at + 500])})")
+    if stale:
+        staged.delete_ids(stale, not_run=state.run_id)
     if sink.done:
         state.report["resume"].update(taken_over=sink.rows_resumed, dropped=len(stale))
 

@@ -85,10 +85,14 @@ class StagedTable:
             return self.schema.empty_table().select(names)
         return self._table.to_lance().to_table(columns=names)
 
-    def delete(self, where: str) -> None:
-        if self._table is not None:
-            self._table.delete(where)
-            self.rows = self._table.count_rows()
+    def delete_ids(self, ids: list[str], *, not_run: str, chunk: int = 500) -> None:
+        """Delete the rows of ``ids`` staged by runs other than ``not_run`` (a killed run's, superseded)."""
+        if self._table is None or not ids:
+            return
+        for at in range(0, len(ids), chunk):
+            self._table.delete(f"{S.RUN_ID} != {_sql_strings([not_run])} AND "
+                               f"{S.ID} IN ({_sql_strings(ids[at:at + chunk])})")
+        self.rows = self._table.count_rows()
 
     def reader(self, batch_rows: int = 8192) -> pa.RecordBatchReader:
         if self._table is None:
