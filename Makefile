@@ -7,7 +7,6 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.batchrank-installed
 export HF_HUB_OFFLINE ?= 1
 export TRANSFORMERS_OFFLINE ?= 1
-export RAY_AUTH_MODE ?= disabled
 export OMP_WAIT_POLICY ?= PASSIVE
 
 .PHONY: demo test setup clean

@@ -55,6 +55,10 @@ def run_job(job: str, config: Path, verbose: bool = False, **options) -> int:
                                       "train-biencoder": "pipelines.train_biencoder",
                                       "nightly": "pipelines.nightly"}[job])
     try:
+        if options.get("run_id") and job not in ("index", "rerank", "nightly"):  # those check their tables too
+            from pipelines.report import refuse_used_run_id
+
+            refuse_used_run_id(cfg, options["run_id"])
         report = module.run(cfg, **options)
     except ConfigError as exc:
         typer.echo(f"error: {exc}", err=True)
@@ -160,8 +164,14 @@ def lookup(
     cfg = _load(config)
     texts = list(queries or [])
     if from_file is not None:
-        stream = sys.stdin if str(from_file) == "-" else from_file.open(encoding="utf-8")
-        texts += [line.rstrip("\n") for line in stream if line.strip()]
+        try:
+            stream = sys.stdin if str(from_file) == "-" else from_file.open(encoding="utf-8")
+            texts += [line.rstrip("\n") for line in stream if line.strip()]
+        except (OSError, UnicodeDecodeError) as exc:
+            why = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)
+            typer.echo(f"error: cannot read --file {from_file}: {why}; pass a UTF-8 text file with one query per "
+                       "line ('-' reads standard input)", err=True)
+            raise typer.Exit(2) from None
     if not texts:
         typer.echo("error: no query given; pass queries as arguments or with --file", err=True)
         raise typer.Exit(2)
@@ -169,9 +179,9 @@ def lookup(
     from pipelines.store import StoreError
 
     try:
-        rankings = Rankings(cfg, version=int(at) if at and at.isdigit() else at)
+        rankings = Rankings(cfg, version=at)  # a number or a tag; a bad one is a one-line error
         results = rankings.lookup_many(texts, n=n)
-    except (StoreError, ValueError) as exc:
+    except (StoreError, ValueError, OSError) as exc:
         typer.echo(f"error: {exc}", err=True)
         raise typer.Exit(1) from None
     for text, ranking in zip(texts, results):
@@ -205,13 +215,16 @@ def search(
 ) -> None:
     """Search passages for one query (to look at results)."""
     setup_logging()
+    if source not in ("vector", "fts", "hybrid"):  # before the model loads
+        typer.echo(f"error: --source {source!r}: use vector, fts or hybrid", err=True)
+        raise typer.Exit(2)
     cfg = _load(config)
     from pipelines.search import search as do_search
     from pipelines.store import StoreError
 
     try:
         hits = do_search(cfg, query, k=k, source=source, exact=exact)
-    except (StoreError, ValueError) as exc:
+    except (StoreError, ValueError, OSError) as exc:
         typer.echo(f"error: {exc}", err=True)
         raise typer.Exit(1) from None
     for rank, hit in enumerate(hits, 1):
@@ -384,7 +397,9 @@ def runs(
         for r in rows:
             typer.echo(json.dumps(r, default=str))
     else:
-        typer.echo(format_runs(rows) if rows else "no runs recorded yet")
+        known = [e.name for e in sched.schedules]
+        typer.echo(format_runs(rows) if rows else "no runs recorded yet" if name is None or name in known else
+                   f"no runs recorded for schedule {name!r} (the schedules file has: {', '.join(known) or 'none'})")
 
 
 @app.callback(invoke_without_command=True)

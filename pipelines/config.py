@@ -15,9 +15,9 @@ import difflib
 import os
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator, model_validator
 
 CorpusFormat = Literal["auto", "jsonl", "parquet", "csv", "lance"]
 MetadataType = Literal["string", "int", "float", "bool"]
@@ -28,8 +28,28 @@ class ConfigError(ValueError):
     """A config file that cannot run; the message names the key and the fix."""
 
 
+INT64 = (-(1 << 63), (1 << 63) - 1)
+MAY_BE_BLANK = {"separator"}  # the only settings that may be an empty (or all-space) string
+Lax = Field(strict=False)  # for the few settings that take text for their value (times; `exact: "true"`)
+
+
 class _Section(BaseModel):
-    model_config = ConfigDict(extra="forbid", validate_assignment=True, allow_inf_nan=False)
+    # strict: a YAML `true` is not the number 1, nor `0` false, nor `2.0` or "2" an integer (an integer is a float)
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, allow_inf_nan=False, strict=True)
+
+    @field_validator("*")
+    @classmethod
+    def _usable(cls, v: Any, info: ValidationInfo) -> Any:
+        """No setting is an empty list or a blank string (a path, URI, model or field name), and no integer
+        exceeds the 64 bits that Arrow, numpy and Ray hold."""
+        if isinstance(v, list) and not v:
+            raise ValueError("must not be an empty list")
+        for x in v if isinstance(v, list) else (v,):
+            if type(x) is int and not INT64[0] <= x <= INT64[1]:
+                raise ValueError("must fit in a signed 64-bit integer")
+            if isinstance(x, str) and not x.strip() and info.field_name not in MAY_BE_BLANK:
+                raise ValueError("must not be empty")
+        return v
 
 
 class StorageConfig(_Section):
@@ -56,7 +76,21 @@ class StorageConfig(_Section):
     def _table_name(cls, v: str) -> str:
         if not v or not all(c.isalnum() or c in "_-" for c in v):
             raise ValueError("must be a plain table name of letters, digits, '_' or '-'")
+        if v.startswith("_"):
+            raise ValueError("must not start with '_' (batchrank's private tables: staging, locks, reports)")
         return v
+
+    @model_validator(mode="after")
+    def _distinct_tables(self) -> StorageConfig:
+        keys = ("passages_table", "quarantine_table", "rankings_table", "pair_scores_table")
+        seen: dict[str, str] = {}
+        for key in keys:
+            name = getattr(self, key)
+            if name in seen:
+                raise ValueError(f"storage.{key} and storage.{seen[name]} are both '{name}': each table needs its "
+                                 "own name (one job would overwrite the other's table); give them different names")
+            seen[name] = key
+        return self
 
 
 class CorpusConfig(_Section):
@@ -75,6 +109,22 @@ class CorpusConfig(_Section):
     max_delete_fraction: float = Field(0.5, ge=0, le=1, description="snapshot mode: refuse a run that would delete "
                                                                     "more than this share of passages (a truncated "
                                                                     "snapshot); 1 allows any")
+    delete_despite_unreadable: bool = Field(
+        False, description="snapshot mode: when some input rows or files could not be read (no id to be had), a "
+                           "document absent from the snapshot may be one of them, so deletions are withheld (and a "
+                           "model change refused); true deletes every absent id anyway")
+
+    @field_validator("metadata_fields")
+    @classmethod
+    def _not_reserved(cls, v: dict[str, str]) -> dict[str, str]:
+        from pipelines.schema import RESERVED_COLUMNS
+
+        clash = sorted(n for n in v if n in RESERVED_COLUMNS or n.startswith("_") or not n)
+        if clash:
+            raise ValueError(f"{', '.join(repr(n) for n in clash)}: reserved for batchrank's own columns (or "
+                             f"empty, or starting with '_'); rename the field in the input, or leave it out "
+                             f"(reserved: {', '.join(sorted(RESERVED_COLUMNS))})")
+        return v
 
 
 class EmbedConfig(_Section):
@@ -180,10 +230,23 @@ class LockConfig(_Section):
     wait_seconds: float = Field(0.0, ge=0,
                                 description="how long a run waits for another run writing the same table "
                                             "before it is refused (0: refuse at once)")
-    stale_seconds: float = Field(300.0, gt=0,
+    stale_seconds: float = Field(300.0,
                                  description="object stores only: a lock whose holder has not renewed it for this "
-                                             "long is a killed run's and is taken over (local locks free "
-                                             "themselves when their process dies)")
+                                             "long (on the store's clock) is a killed run's and is taken over; at "
+                                             "least 10 (local locks free themselves when their process dies)")
+
+    @field_validator("stale_seconds")
+    @classmethod
+    def _stale_floor(cls, v: float) -> float:
+        from pipelines.locks import MIN_STALE_SECONDS
+
+        if not v >= MIN_STALE_SECONDS:
+            raise ValueError(
+                f"must be at least {MIN_STALE_SECONDS:.0f} seconds: a lease is renewed every stale_seconds / 4 (at "
+                f"most 2.5 s apart) and its age is known to the store's whole second, so a shorter one lets a "
+                f"second run take a live run's lease; set lock.stale_seconds to {MIN_STALE_SECONDS:.0f} or more "
+                f"(default 300)")
+        return v
 
 
 class ReportConfig(_Section):
@@ -204,8 +267,9 @@ class QueryLogConfig(_Section):
     text_field: str = "query"
     time_field: str = "timestamp"
     count_field: str | None = Field(None, description="a field holding how many times the line counts (pre-aggregated logs)")
-    since: datetime | None = Field(None, description="keep lines at or after this time (naive = UTC)")
-    until: datetime | None = Field(None, description="keep lines before this time (naive = UTC)")
+    since: Annotated[datetime, Lax] | None = Field(None, description="keep lines at or after this time "
+                                                                    "(naive = UTC)")
+    until: Annotated[datetime, Lax] | None = Field(None, description="keep lines before this time (naive = UTC)")
     last_days: float | None = Field(None, gt=0, description="keep the last N days before `until` (default: now)")
     min_count: int = Field(1, ge=1)
     head: int | None = Field(None, gt=0, description="keep only the N most frequent queries")
@@ -236,7 +300,7 @@ class RetrieveConfig(_Section):
     source: CandidateSource = Field("vector", description="vector (bi-encoder), fts (BM25) or hybrid (both, "
                                                           "fused by reciprocal rank)")
     rrf_k: int = Field(60, gt=0, description="reciprocal-rank fusion constant: 1 / (rrf_k + rank)")
-    exact: Literal["auto", "lance_flat"] | bool = Field(
+    exact: Literal["auto", "lance_flat"] | Annotated[bool, Lax] = Field(
         "auto", description="auto: exact search as an in-memory matrix product (pipelines/exact_search.py) while the "
                             "vectors fit exact_max_bytes and, with an ANN index, rows <= exact_max_rows, else ANN "
                             "(LanceDB's flat scan without an index); true: always exact (the matrix product, LanceDB's "

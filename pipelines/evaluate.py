@@ -3,7 +3,7 @@
 Reads top to bottom::
 
     collection files → judged queries of the split (first ``max_queries``, qrels order)
-    → leak check: no evaluated query and not the eval judgments file reached any trained model in play
+    → leak check: no evaluated query (by text) and not the eval judgments file reached any trained model in play
     → passages: reused when it holds exactly the corpus (same ids and content hashes), else the index job
     → queries encoded once → per source (vector, fts, hybrid): top max(100, max K) candidates, timed
     → per reranked source: pairs scored in depth order (ranks 1..K1, then K1+1..K2, ...), each slice timed,
@@ -73,7 +73,7 @@ def _evaluate(cfg, report: dict[str, Any], timer: Timer) -> None:
     report["queries"] = {"judged": len(judged), "without_text": len(judged) - len(with_text),
                          "beyond_max_queries": len(with_text) - len(chosen), "evaluated": len(chosen)}
     with timer("leak_check"):
-        report["leak_check"] = check_leaks(cfg, chosen, files["qrels"])
+        report["leak_check"] = check_leaks(cfg, {q: texts[q] for q in chosen}, files["qrels"], files["queries"])
 
     sources = list(dict.fromkeys([*e.sources, *_rerank_sources(cfg)]))
     with timer("passages"):
@@ -245,7 +245,7 @@ def ensure_passages(cfg, corpus_path, *, needs_fts: bool) -> dict[str, Any]:
     corpus = cfg.corpus or CorpusConfig(path=corpus_path, format="jsonl")
     icfg = cfg.model_copy(update={"corpus": corpus})
     store = Store(cfg.storage)
-    if store.passages_model() is None:
+    if _no_local_table(cfg) or store.passages_model() is None:  # the first test before LanceDB loads
         reason = "no passages table yet"
     else:
         table = store.passages_for_queries(cfg.embed.identity)  # refuses a table of another bi-encoder
@@ -266,8 +266,40 @@ def ensure_passages(cfg, corpus_path, *, needs_fts: bool) -> dict[str, Any]:
     from pipelines import index
 
     log.info("indexing %s: %s", corpus.path, reason)
+    _start_ray(cfg)
     done = index.run(icfg)
     return {"action": "indexed", "reason": reason, "index_run_id": done["run_id"], "rows": done["rows"]}
+
+
+def _no_local_table(cfg) -> bool:
+    """True when the passages table surely does not exist (a local database without its folder): known without
+    loading LanceDB, so that Ray, which the index job then needs, starts first (see ``_start_ray``)."""
+    uri = cfg.storage.uri
+    if "://" in uri:
+        return False
+    return not os.path.isdir(os.path.join(os.path.expanduser(uri), f"{cfg.storage.passages_table}.lance"))
+
+
+def _start_ray(cfg) -> None:
+    """Start (or join) Ray for the index job, before it runs.
+
+    Ray starts its processes (GCS, raylet, log monitor, ...) with ``subprocess.Popen(preexec_fn=...)``: fork, then
+    exec. Once LanceDB is loaded, each such fork runs LanceDB's at-fork hook in the child for the moment before
+    exec, and the hook warns "lancedb fork support is experimental" (five lines per start). Where the passages
+    table did not exist, LanceDB is not loaded yet and nothing is hooked. Where it was loaded (to find that
+    passages must be rebuilt), the warning is spurious: it is about children that go on using LanceDB, and these
+    exec Ray's binaries at once. It is silenced for Ray's start only; any other fork still warns."""
+    import sys
+    import warnings
+
+    from pipelines.runtime import init_ray
+
+    if "lancedb" not in sys.modules:
+        init_ray(cfg.ray)
+        return
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="lancedb fork support is experimental", category=RuntimeWarning)
+        init_ray(cfg.ray)
 
 
 def summary(report: dict[str, Any]) -> str:

@@ -25,7 +25,8 @@ import pyarrow.compute as pc
 
 from pipelines import schema as S
 from pipelines.faults import maybe_fail
-from pipelines.report import Progress, Timer, new_run_id, nodes_line, redact_uri, save_report, utcnow
+from pipelines.report import (Progress, Timer, new_run_id, nodes_line, redact_uri, refuse_used_run_id, save_report,
+                              utcnow)
 from pipelines.runtime import count_nodes
 
 log = logging.getLogger("batchrank.index")
@@ -52,6 +53,8 @@ def run(cfg, *, run_id: str | None = None, save: bool = True) -> dict[str, Any]:
     cfg.require("corpus", command="batchrank index")
     from pipelines.locks import RunLock
 
+    if run_id is not None and save:  # a caller's id (a nightly checks its own once, for both tables)
+        refuse_used_run_id(cfg, run_id, (cfg.storage.passages_table,))
     run_id = run_id or new_run_id("index")
     state = _RunState(run_id, cfg.embed.identity)
     lock = RunLock(cfg.storage, cfg.storage.passages_table, run_id, job="index",
@@ -59,6 +62,7 @@ def run(cfg, *, run_id: str | None = None, save: bool = True) -> dict[str, Any]:
     try:
         with lock:
             state.report["lock"] = lock.report
+            state.lock = lock
             _index(cfg, state)
     except BaseException as exc:
         from pipelines.locks import LockBusy
@@ -78,6 +82,7 @@ class _RunState:
         self.sink = _Sink(run_id, model)
         self.known: dict[str, str] = {}  # {id: content hash} in passages when the run started
         self.cluster = None
+        self.lock = None  # the table's RunLock, checked right before the commit
         self.timer, self.t0 = Timer(), time.perf_counter()
         self.report: dict[str, Any] = {"job": "index", "run_id": run_id, "status": "running",
                                        "started_at": utcnow().isoformat()}
@@ -135,7 +140,7 @@ def _index(cfg, state: _RunState) -> None:
             with timer("plan"), Progress("compare", unit="docs") as progress:
                 todo = _plan(cfg, sink, known, progress)
             _resume_planned(state, staged, todo)
-            deletes = _deletions(cfg, sink, known) if known else []
+            deletes = _deletions(cfg, state, known) if known else []
             report["plan"] = {"embed": len(todo), "unchanged": sink.rows_unchanged, "delete": len(deletes)}
             if todo:
                 local = len(todo) <= e.local_max_rows
@@ -164,9 +169,12 @@ def _index(cfg, state: _RunState) -> None:
             staged = _stream(cfg, state, ds.iter_batches(batch_format="pyarrow", batch_size=None, prefetch_batches=1),
                              store, staged)
             _drop_stale_resumed(state, staged)
-        if rebuild:  # the overwrite drops what the new model's set lacks
-            deletes = sorted(set(store.content_hashes()) - sink.written_ids)
-        report["deleted_ids_sample"] = deletes[:20]
+        if rebuild:  # the overwrite drops what the new model's set lacks: guarded like any deletion
+            have = store.content_hashes()
+            deletes = _rebuild_deletions(cfg, state, sorted(set(have) - sink.written_ids), len(have))
+        if staged is not None and sink.done:
+            _keep_one_row_per_id(state, staged)
+        report["deleted_ids_sample"] = [_show_id(i) for i in deletes[:20]]
 
         from pipelines.runtime import actor_restarts
 
@@ -178,6 +186,8 @@ def _index(cfg, state: _RunState) -> None:
             before = store.open(name)
             report["passages_before"] = before.count_rows() if before is not None else 0
             if staged is not None or (deletes and not rebuild):
+                if state.lock is not None:
+                    state.lock.ensure_held()  # a run whose lease another run took must not commit (LockLost)
                 version = store.commit_passages(staged, run_id, deletes=[] if rebuild else deletes,
                                                 replace=rebuild)
                 report["table_tag"] = run_id
@@ -275,6 +285,7 @@ def _stream(cfg, state: _RunState, batches, store, staged=None, *, embedder=None
         if staged is not None and sink.pending_rows:
             with timer("stage_writes"):
                 staged.add(sink.take_pending())
+        maybe_fail("after_staging")  # a run killed with its rows staged, before it settles what it resumed
     return staged
 
 
@@ -296,22 +307,58 @@ def _plan(cfg, sink: _Sink, known: dict[str, str], progress) -> dict[str, str]:
     return todo
 
 
-def _deletions(cfg, sink: _Sink, known: dict[str, str]) -> list[str]:
+def _deletions(cfg, state: _RunState, known: dict[str, str]) -> list[str]:
     """Ids to remove from passages: those a snapshot no longer holds, or those a change feed marks deleted.
-    A snapshot missing more than ``corpus.max_delete_fraction`` of the table is refused (a truncated file)."""
-    from pipelines.store import StoreError
-
-    c = cfg.corpus
+    A snapshot missing more than ``corpus.max_delete_fraction`` of the table is refused (a truncated file); one
+    with rows that could not be read (no id to be had: a torn line, an unreadable file) proves no absence, so its
+    deletions are withheld (``corpus.delete_despite_unreadable`` allows them)."""
+    c, sink = cfg.corpus, state.sink
     if c.mode == "changes":
         return sorted(i for i in sink.delete_markers if i in known)
     gone = sorted(set(known) - sink.seen_ids)
-    if known and len(gone) > c.max_delete_fraction * len(known):
-        raise StoreError(
-            f"the corpus snapshot lacks {len(gone):,} of the {len(known):,} documents in "
-            f"'{cfg.storage.passages_table}' ({len(gone) / len(known):.0%}), over corpus.max_delete_fraction="
-            f"{c.max_delete_fraction}; if the corpus really shrank, raise it (1 allows any deletion); if the input "
-            "holds only changes, set corpus.mode: changes. Nothing was written")
+    _check_delete_fraction(cfg, len(gone), len(known), "the corpus snapshot lacks")
+    if gone and sink.unidentified and not c.delete_despite_unreadable:
+        state.report["deletions_withheld"] = {
+            "documents": len(gone), "ids_sample": [_show_id(i) for i in gone[:20]],
+            "unreadable_rows": sink.unidentified, "reasons": dict(sorted(sink.unidentified_reasons.items()))}
+        log.warning("%s document(s) absent from the snapshot were NOT deleted: %s input row(s) could not be read "
+                    "(no id), and an absent document may be one of them; fix the input (see the quarantine), or "
+                    "set corpus.delete_despite_unreadable: true", f"{len(gone):,}", f"{sink.unidentified:,}")
+        return []
     return gone
+
+
+def _rebuild_deletions(cfg, state: _RunState, gone: list[str], n_table: int) -> list[str]:
+    """What a model change's overwrite drops (documents the new model's set lacks, quarantined ones included),
+    under the same guards as any deletion; a rebuild cannot withhold them, so it is refused instead."""
+    from pipelines.store import StoreError
+
+    sink = state.sink
+    _check_delete_fraction(cfg, len(gone), n_table, "the model change would drop")
+    if gone and sink.unidentified and not cfg.corpus.delete_despite_unreadable:
+        raise StoreError(
+            f"the model change would drop {len(gone):,} document(s) absent from the new model's set (e.g. "
+            f"{_show_id(gone[0])!r}), and {sink.unidentified:,} input row(s) could not be read (no id), so they may be "
+            "among them; fix the input (see the quarantine table) and run again, or set "
+            "corpus.delete_despite_unreadable: true. Nothing was written")
+    return gone
+
+
+def _check_delete_fraction(cfg, n_gone: int, n_table: int, what: str) -> None:
+    from pipelines.store import StoreError
+
+    c = cfg.corpus
+    if n_table and n_gone > c.max_delete_fraction * n_table:
+        raise StoreError(
+            f"{what} {n_gone:,} of the {n_table:,} documents in '{cfg.storage.passages_table}' "
+            f"({n_gone / n_table:.0%}), over corpus.max_delete_fraction={c.max_delete_fraction}; if the corpus really "
+            "shrank, raise it (1 allows any deletion); if the input holds only changes, set corpus.mode: changes. "
+            "Nothing was written")
+
+
+def _show_id(doc_id: str, limit: int = 200) -> str:
+    """An id cut for display only (decisions always use the whole id)."""
+    return doc_id if len(doc_id) <= limit else f"{doc_id[:limit]}... [{len(doc_id):,} chars]"
 
 
 def _keep_planned(batch: pa.Table, todo: dict[str, str]) -> pa.Table:
@@ -322,10 +369,10 @@ def _keep_planned(batch: pa.Table, todo: dict[str, str]) -> pa.Table:
     return batch.filter(pa.array(keep, pa.bool_()))
 
 
-def _skip_resumed(batch: pa.Table, done: dict[str, str]) -> pa.Table:
+def _skip_resumed(batch: pa.Table, done: set[tuple[str, str]]) -> pa.Table:
     """In the read tasks of a resumed run: blank the model input of rows a killed run already staged (same id,
     same content), so that the embedding actors pass them through; the sink counts them."""
-    skip = [done.get(i) == h for i, h in zip(batch[S.ID].to_pylist(), batch[S.CONTENT_HASH].to_pylist())]
+    skip = [(i, h) in done for i, h in zip(batch[S.ID].to_pylist(), batch[S.CONTENT_HASH].to_pylist())]
     if not any(skip):
         return batch
     at = batch.schema.get_field_index(S.EMBED_INPUT)
@@ -356,7 +403,7 @@ def _resume(cfg, state: _RunState, store):
                     cfg.embed.identity)
         staged.drop()
         return None
-    state.sink.done = dict(zip(cols[S.ID].to_pylist(), cols[S.CONTENT_HASH].to_pylist()))
+    state.sink.done = set(zip(cols[S.ID].to_pylist(), cols[S.CONTENT_HASH].to_pylist()))
     state.report["resume"] = {"staged_rows": staged.rows, "from_runs": sorted(set(cols[S.RUN_ID].to_pylist())),
                               "dropped_dead_staging": dead}
     log.info("resuming: %s row(s) staged by killed run(s) %s are not embedded again", f"{staged.rows:,}",
@@ -370,21 +417,40 @@ def _resume_planned(state: _RunState, staged, todo: dict[str, str]) -> None:
     sink = state.sink
     if not sink.done:
         return
-    resumed = [i for i, h in sink.done.items() if todo.get(i) == h]
-    for i in resumed:
-        del todo[i]
-    sink.resume(resumed)
+    resumed = sorted({i for i, h in sink.done if todo.get(i) == h})
+    hashes = [todo.pop(i) for i in resumed]
+    sink.resume(resumed, hashes)
     _drop_stale_resumed(state, staged)
 
 
 def _drop_stale_resumed(state: _RunState, staged) -> None:
     """Staged rows of a killed run that this run did not take over (the corpus changed since) are deleted."""
     sink = state.sink
-    stale = [i for i in sink.done if i not in sink.resumed_ids]
+    stale = sorted({i for i, _ in sink.done if i not in sink.resumed})
     if stale:
         staged.delete_ids(stale, not_run=state.run_id)
     if sink.done:
         state.report["resume"].update(taken_over=sink.rows_resumed, dropped=len(stale))
+
+
+def _keep_one_row_per_id(state: _RunState, staged) -> None:
+    """Before the commit of a resumed run: exactly one staged row per id, the one with the content this run
+    took over (or embedded). Two killed runs can leave two versions of a changed document in the staging table;
+    publishing both would put the id in passages twice."""
+    cols = staged.columns([S.ID, S.CONTENT_HASH, S.RUN_ID])
+    rows: dict[str, list[tuple[str, str]]] = {}
+    for i, h, r in zip(cols[S.ID].to_pylist(), cols[S.CONTENT_HASH].to_pylist(), cols[S.RUN_ID].to_pylist()):
+        rows.setdefault(i, []).append((h, r))
+    keep = {}
+    for i, versions in rows.items():
+        if len(versions) < 2:
+            continue
+        mine = [v for v in versions if v[1] == state.run_id]  # embedded by this run: the corpus's content now
+        wanted = mine or [v for v in versions if v[0] == state.sink.resumed.get(i)] or versions
+        keep[i] = max(wanted, key=lambda v: v[1])
+    if keep:
+        staged.keep_only(keep)
+        state.report.setdefault("resume", {})["duplicates_dropped"] = sum(len(rows[i]) - 1 for i in keep)
 
 
 def _driver_embedder(cfg):
@@ -420,6 +486,9 @@ class _Preload:
         return self._result
 
     def discard(self) -> None:
+        """Drop the model; first let a load still under way finish: a daemon thread killed mid-import at exit
+        prints torch tracebacks over a failed run's one-line error."""
+        self._thread.join()
         self._result = None
 
 
@@ -496,18 +565,21 @@ class _Sink:
         self.embed_seconds = 0.0
         self.nodes: dict[str, int] = {}  # rows embedded per Ray node
         self.reasons: dict[str, int] = {}
+        self.unidentified = 0  # bad rows without an id (a torn line, an unreadable file): they prove no absence
+        self.unidentified_reasons: dict[str, int] = {}
         self._pending: list[pa.Table] = []
         self.pending_rows = 0
         self._bad: list[pa.Table] = []
-        self.done: dict[str, str] = {}  # {id: content hash} staged by a killed run (resumed)
-        self.resumed_ids: set[str] = set()
+        # (id, content hash) pairs staged by killed runs: two killed runs may have staged two versions of one id
+        self.done: set[tuple[str, str]] = set()
+        self.resumed: dict[str, str] = {}  # {id: content hash} taken over from the staging table
         self.rows_resumed = 0
 
-    def resume(self, ids: list[str]) -> None:
+    def resume(self, ids: list[str], hashes: list[str]) -> None:
         """Count rows a killed run staged as written by this run."""
         self.rows_resumed += len(ids)
         self.rows_written += len(ids)
-        self.resumed_ids.update(ids)
+        self.resumed.update(zip(ids, hashes))
         if self.track_ids:
             self.written_ids.update(ids)
 
@@ -527,8 +599,11 @@ class _Sink:
         if bad.num_rows:
             self._bad.append(bad.select([S.SOURCE, S.ROW, S.ID, S.REASON_CODE, S.REASON, S.RAW]))
             self.rows_quarantined += bad.num_rows
-            for code in bad[S.REASON_CODE].to_pylist():
+            for doc_id, code in zip(bad[S.ID].to_pylist(), bad[S.REASON_CODE].to_pylist()):
                 self.reasons[code] = self.reasons.get(code, 0) + 1
+                if doc_id is None:
+                    self.unidentified += 1
+                    self.unidentified_reasons[code] = self.unidentified_reasons.get(code, 0) + 1
         good = batch.filter(pc.and_(pc.invert(is_bad), pc.invert(marker)))
         return good, markers, bad
 
@@ -548,10 +623,12 @@ class _Sink:
         self._count_embedded(batch)
         good, _, bad = self._take_in(batch)
         if self.done:
-            mine = [self.done.get(i) == h for i, h in zip(good[S.ID].to_pylist(), good[S.CONTENT_HASH].to_pylist())]
+            mine = [(i, h) in self.done and i not in self.resumed
+                    for i, h in zip(good[S.ID].to_pylist(), good[S.CONTENT_HASH].to_pylist())]
             if any(mine):
                 mask = pa.array(mine, pa.bool_())
-                self.resume(good.filter(mask)[S.ID].to_pylist())
+                taken = good.filter(mask)
+                self.resume(taken[S.ID].to_pylist(), taken[S.CONTENT_HASH].to_pylist())
                 good = good.filter(pc.invert(mask))
         return self._keep(good), bad
 
@@ -683,6 +760,10 @@ def summary(report: dict[str, Any]) -> str:
     ]
     if report["quarantine_reasons"]:
         lines.append("  quarantined: " + ", ".join(f"{k} {v}" for k, v in report["quarantine_reasons"].items()))
+    if w := report.get("deletions_withheld"):
+        lines.append(f"  deletions: {w['documents']:,} document(s) absent from the snapshot were NOT deleted: "
+                     f"{w['unreadable_rows']:,} input row(s) could not be read, and an absent document may be one of "
+                     "them; fix the input (see the quarantine), or set corpus.delete_despite_unreadable: true")
     if r["written"]:
         lines.append(f"  speed: {report['docs_per_second']} docs/s in the pipeline, "
                      f"{report['docs_per_second_end_to_end']} docs/s end to end"

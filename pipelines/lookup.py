@@ -15,6 +15,7 @@ Example::
 from __future__ import annotations
 
 import json
+import re
 from dataclasses import asdict, dataclass, field
 from datetime import datetime
 from typing import Any
@@ -64,12 +65,55 @@ class Rankings:
         from pipelines.store import Store
 
         self.cfg, self.store = cfg, Store(cfg.storage)
-        self.table = self.store.rankings(version)
+        self.table = self._open(version)
         self.version = self.table.version
         self.with_documents = with_documents
         first = self.table.search().select([S.NORMALIZER]).limit(1).to_arrow()
         self.rules = json.loads(first[S.NORMALIZER][0].as_py()) if first.num_rows else {}
         self._passages: dict[int, Any] = {}
+
+    def _open(self, version: int | str | None):
+        """The rankings table at ``version``; a version or tag it does not have is a ``LookupVersionError`` that
+        says whether it never existed or was cleaned up, and what there is instead."""
+        latest = self.store.rankings()
+        if version is None:
+            return latest
+        if isinstance(version, str) and re.fullmatch(r"[0-9]+", version):
+            version = int(version)
+        name = f"'{self.store.cfg.rankings_table}'"
+        if isinstance(version, int):
+            kept = sorted(v["version"] for v in latest.list_versions())
+            if version not in kept:
+                gone = 1 <= version < latest.version
+                raise LookupVersionError(
+                    f"{name} version {version} {'was cleaned up' if gone else 'does not exist'} (versions kept: "
+                    f"{_spans(kept)}); pass one of those to --at, or a run-id tag: {_tag_hint(latest)}")
+            return self.store.rankings(version)
+        if not isinstance(version, str) or not version.strip():
+            raise LookupVersionError(f"--at is empty; pass a version number of {name} (latest: {latest.version}) "
+                                     f"or a run-id tag: {_tag_hint(latest)}")
+        tags = latest.tags.list()
+        if version not in tags:
+            from pipelines.store import run_tag_time
+
+            number = re.fullmatch(r"[vV]([0-9]+)", version)
+            made = run_tag_time(version)
+            if number:
+                kept = {v["version"] for v in latest.list_versions()}
+                why = (f"no tag {version!r}: for version {int(number[1])} pass --at {int(number[1])} (a plain number)"
+                       if int(number[1]) in kept else
+                       f"no tag {version!r} (and version {int(number[1])} is not kept either: {_spans(sorted(kept))})")
+            elif made is not None:
+                days = self.cfg.maintenance.run_tag_retention_days
+                why = (f"no run tag {version!r}: no run of that id published rankings here, or its tag was dropped "
+                       f"(batchrank drops run tags after maintenance.run_tag_retention_days={days:g} days, and then "
+                       "the version itself may be cleaned up)" if days is not None else
+                       f"no run tag {version!r}: no run of that id published rankings here")
+            else:
+                why = f"no tag {version!r}"
+            raise LookupVersionError(f"{name} has {why}; --at takes a version number (latest: {latest.version}) or "
+                                     f"a run-id tag: {_tag_hint(latest)}")
+        return self.store.rankings(version)
 
     def lookup(self, query: str, *, n: int | None = None) -> Ranking | None:
         """The ranking of one query, or None when the query has no precomputed ranking."""
@@ -127,6 +171,33 @@ class Rankings:
                 notes.append(f"passages v{version} is gone; documents joined from v{table.version}")
             self._passages[version] = (table, notes)
         return self._passages[version]
+
+
+class LookupVersionError(ValueError):
+    """``--at`` names a version or tag the rankings table does not have; the message says what it has."""
+
+
+def _spans(versions: list[int]) -> str:
+    """``[1, 2, 3, 7, 9, 10]`` → ``1-3, 7, 9-10``."""
+    spans: list[list[int]] = []
+    for v in versions:
+        if spans and v == spans[-1][1] + 1:
+            spans[-1][1] = v
+        else:
+            spans.append([v, v])
+    return ", ".join(str(a) if a == b else f"{a}-{b}" for a, b in spans) or "none"
+
+
+def _tag_hint(table, shown: int = 5) -> str:
+    """The newest few tags (read leases left out), for error messages."""
+    from pipelines.store import LEASE_PREFIX
+
+    tags = sorted(((info["version"], tag) for tag, info in table.tags.list().items()
+                   if not tag.startswith(LEASE_PREFIX)), reverse=True)
+    if not tags:
+        return "this table has none"
+    more = f", and {len(tags) - shown} older" if len(tags) > shown else ""
+    return ", ".join(f"{tag} (v{v})" for v, tag in tags[:shown]) + more
 
 
 def lookup(cfg, query: str, *, n: int | None = None) -> Ranking | None:

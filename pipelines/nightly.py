@@ -24,7 +24,7 @@ from __future__ import annotations
 import time
 from typing import Any
 
-from pipelines.report import new_run_id, save_report, utcnow
+from pipelines.report import new_run_id, refuse_used_run_id, save_report, utcnow
 
 
 def run(cfg, *, run_id: str | None = None, now=None) -> dict[str, Any]:
@@ -33,6 +33,8 @@ def run(cfg, *, run_id: str | None = None, now=None) -> dict[str, Any]:
     from pipelines import index, rerank
 
     cfg.require("corpus", "query_log", "rerank", command="batchrank nightly")
+    if run_id is not None:
+        refuse_used_run_id(cfg, run_id, (cfg.storage.passages_table, cfg.storage.rankings_table))
     run_id = run_id or new_run_id("nightly")
     t0 = time.perf_counter()
     report: dict[str, Any] = {"job": "nightly", "run_id": run_id, "status": "running",

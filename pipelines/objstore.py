@@ -7,6 +7,8 @@ Every reader and writer of a URI goes through here:
   S3 it carries the credentials and endpoint and pickles with them, so Ray read tasks in other processes or on
   other nodes reach the store without any environment of their own (``ray.data`` readers take it as
   ``filesystem=``);
+- ``s3_client(uri, options)``: a boto3 S3 client with the same credentials, region and endpoint, for what
+  pyarrow cannot send (conditional writes: the run lock's lease); boto3 is imported only there;
 - ``redact(text, options)`` / ``redact_all(obj, options)``: what is safe to print or store.
 
 ``options`` is ``storage.storage_options``, with the keys LanceDB takes (``aws_access_key_id``,
@@ -51,6 +53,11 @@ def is_uri(path: str) -> bool:
 
 def _is_s3(uri: str) -> bool:
     return is_uri(uri) and uri.split("://", 1)[0].lower() in _S3_SCHEMES
+
+
+def is_s3(uri: str) -> bool:
+    """``s3://`` (or LanceDB's ``s3+ddb://``)."""
+    return _is_s3(uri)
 
 
 def split_credentials(uri: str) -> tuple[str, dict[str, str]]:
@@ -115,6 +122,39 @@ def filesystem(uri: str, options: Mapping[str, Any] | None = None):
     if _true(opts.get("aws_virtual_hosted_style_request") or opts.get("virtual_hosted_style_request")):
         kwargs["force_virtual_addressing"] = True
     return pafs.S3FileSystem(**{k: v for k, v in kwargs.items() if v}), path
+
+
+def s3_client(uri: str, options: Mapping[str, Any] | None = None):
+    """``(boto3 S3 client, bucket, key)`` for an ``s3://`` URI, with the credentials, region and endpoint that
+    ``filesystem`` resolves (``s3_options``; without keys, boto3's own credential chain). Short timeouts and few
+    retries: its callers (the lock's heartbeat) must not hang. For conditional writes (``IfMatch`` /
+    ``IfNoneMatch``), which pyarrow cannot send. Clients are thread-safe and made once per store and keys."""
+    if not _is_s3(uri):
+        raise ValueError(f"not an s3:// URI: {redact(uri, options)}")
+    bucket, _, key = _s3_path(uri).partition("/")
+    return _boto3_client(tuple(sorted(s3_options(uri, options).items())), bucket), bucket, key
+
+
+@functools.lru_cache(maxsize=16)
+def _boto3_client(options: tuple[tuple[str, str], ...], bucket: str):
+    import boto3
+    from botocore.config import Config
+
+    opts = dict(options)
+    endpoint, region = opts.get("aws_endpoint"), opts.get("aws_region")
+    if not endpoint and not region:  # as filesystem() does: the bucket's own region
+        region = _bucket_region(bucket)
+    if endpoint and not is_uri(endpoint):  # host:port
+        endpoint = ("http://" if _true(opts.get("allow_http")) else "https://") + endpoint
+    virtual = _true(opts.get("aws_virtual_hosted_style_request") or opts.get("virtual_hosted_style_request"))
+    # path-style on a custom endpoint, as LanceDB and pyarrow do; boto3's default (virtual on AWS) otherwise
+    style = "virtual" if virtual else ("path" if endpoint else "auto")
+    config = Config(connect_timeout=5, read_timeout=10, retries={"max_attempts": 3, "mode": "standard"},
+                    s3={"addressing_style": style})
+    return boto3.session.Session().client(
+        "s3", endpoint_url=endpoint or None, region_name=region or None, config=config,
+        aws_access_key_id=opts.get("aws_access_key_id"), aws_secret_access_key=opts.get("aws_secret_access_key"),
+        aws_session_token=opts.get("aws_session_token"))
 
 
 def filesystem_paths(uris: list[str], options: Mapping[str, Any] | None = None):

@@ -215,6 +215,7 @@ def evict(store, ce_id_current: str | None = None, older_than_days: float | None
     share this storage. Neither given, or no table: nothing is deleted.
     """
     from pipelines.report import utcnow
+    from pipelines.store import sql_strings
 
     table = store.open(store.cfg.pair_scores_table)
     where = []
@@ -222,7 +223,7 @@ def evict(store, ce_id_current: str | None = None, older_than_days: float | None
         cutoff = (now or utcnow()) - timedelta(days=older_than_days)
         where.append(f"{SCORED_AT} < timestamp '{cutoff.isoformat()}'")
     if ce_id_current is not None:
-        where.append(f"{S.CROSS_ENCODER} != '{ce_id_current.replace(chr(39), chr(39) * 2)}'")
+        where.append(f"{S.CROSS_ENCODER} != {sql_strings([ce_id_current])}")
     if table is None or not where:
         return 0
     return table.delete(" OR ".join(f"({w})" for w in where)).num_deleted_rows

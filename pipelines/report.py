@@ -138,6 +138,43 @@ def default_report_dir(storage_uri: str, configured: str | None) -> str:
     return configured or f"{storage_uri.rstrip('/')}/_reports"
 
 
+def refuse_used_run_id(cfg, run_id: str, tables: tuple[str, ...] = ()) -> None:
+    """Before any work: refuse a run id (given by the caller, e.g. ``--run-id``) that an earlier run already used,
+    as a report or as a tag on one of ``tables``: its commit would land and then fail on the existing tag, and its
+    report would overwrite the earlier one. Raises ``ConfigError`` (exit 2) naming the fix."""
+    from pipelines.config import ConfigError
+
+    where = []
+    folder = default_report_dir(cfg.storage.uri, cfg.report.dir)
+    name = f"{folder.rstrip('/')}/{run_id}.json"
+    try:
+        if "://" in folder:
+            import pyarrow.fs as pafs
+
+            from pipelines.objstore import filesystem
+
+            fs, path = filesystem(name, cfg.storage.storage_options)
+            exists = fs.get_file_info(path).type != pafs.FileType.NotFound
+        else:
+            exists = Path(name).exists()
+    except OSError:
+        exists = False
+    if exists:
+        where.append(f"its report {redact_uri(name)}")
+    if tables:
+        from pipelines.store import Store
+
+        store = Store(cfg.storage)
+        for table_name in tables:
+            table = store.open(table_name)
+            if table is not None and run_id in table.tags.list():
+                where.append(f"a tag on table '{table_name}'")
+    if where:
+        raise ConfigError(f"run id {run_id!r} was already used ({', '.join(where)}): a run id names one run's "
+                          "report and table tags; give this run a new id (or leave --run-id out for a fresh one). "
+                          "Nothing was done")
+
+
 def save_report(report: dict[str, Any], cfg) -> dict[str, Any]:
     """Write the run report where the config says; a report that cannot be written is logged, never fatal
     (``report_path`` is then None), so that a storage failure still ends with a summary. Credentials (in URIs,

@@ -38,7 +38,8 @@ from pipelines import pair_cache as P
 from pipelines import schema as S
 from pipelines.faults import maybe_fail
 from pipelines.fusion import resolve_weight
-from pipelines.report import Progress, Timer, new_run_id, nodes_line, redact_uri, save_report, utcnow
+from pipelines.report import (Progress, Timer, new_run_id, nodes_line, redact_uri, refuse_used_run_id, save_report,
+                              utcnow)
 from pipelines.runtime import count_nodes
 
 log = logging.getLogger("batchrank.rerank")
@@ -61,12 +62,15 @@ def run(cfg, *, run_id: str | None = None, now=None, save: bool = True) -> dict[
     cfg.require("query_log", "rerank", command="batchrank rerank")
     from pipelines.locks import LockBusy, RunLock
 
+    if run_id is not None and save:  # a caller's id (a nightly checks its own once, for both tables)
+        refuse_used_run_id(cfg, run_id, (cfg.storage.rankings_table,))
     state = _RunState(run_id or new_run_id("rerank"), cfg)
     lock = RunLock(cfg.storage, cfg.storage.rankings_table, state.run_id, job="rerank",
                    wait_seconds=cfg.lock.wait_seconds, stale_seconds=cfg.lock.stale_seconds)
     try:
         with lock:
             state.report["lock"] = lock.report
+            state.lock = lock
             _rerank(cfg, state, now)
     except BaseException as exc:
         state.report.update(status="refused" if isinstance(exc, LockBusy) else "failed",
@@ -104,6 +108,7 @@ class _RunState:
         self.timer, self.t0 = Timer(), time.perf_counter()
         self.log = None  # the QueryLog once read
         self.sink = _Sink(run_id, cfg)
+        self.lock = None  # the rankings table's RunLock, checked right before the commit
         self.leases: list[tuple[str, str | None]] = []  # (table, lease tag) pinned for this run's readers
         self.cache_version: int | None = None
         self.resources: dict[str, tuple[float, float]] = {}  # CPUs and GPUs per actor of each pool
@@ -284,6 +289,8 @@ def _publish(cfg, store, staged, qlog, state: _RunState) -> None:
             store.append_quarantine(_quarantine_rows(qlog.quarantine, run_id))
         maybe_fail("before_commit")
         with timer("commit"):
+            if state.lock is not None:
+                state.lock.ensure_held()  # a run whose lease another run took must not commit (LockLost)
             previous = store.open(cfg.storage.rankings_table)
             report["tables"]["rankings_previous_version"] = previous.version if previous is not None else None
             report["tables"]["rankings_version"] = store.commit_rankings(staged, run_id)

@@ -21,6 +21,7 @@ import numpy as np
 import pyarrow as pa
 
 from pipelines import schema as S
+from pipelines.faults import maybe_fail, record
 
 SEARCH_CHUNK = 32  # query vectors per multi-query LanceDB call
 
@@ -173,6 +174,8 @@ class Retriever:
                                           normalize_embeddings=self.normalize, show_progress_bar=False)
             vectors = np.asarray(vectors, dtype=np.float32)
         per_query = self.search(vectors, queries)
+        maybe_fail("retrieve_call")
+        record("retrieve", len(queries))  # BATCHRANK_WORK_LOG: which process retrieved (chaos tests)
         ids = [h[S.ID].to_pylist() for h in per_query]
         texts = [self._doc_texts(h) for h in per_query]
         scores = [h["score"].to_pylist() for h in per_query]

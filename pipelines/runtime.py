@@ -4,8 +4,10 @@ reader tasks always keep a slice of CPU (a pool that takes every CPU starves its
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
+import sys
 from dataclasses import dataclass
 
 log = logging.getLogger(__name__)
@@ -20,24 +22,33 @@ WORKER_ENV = {
     "LANCE_LOG": "error",
     "LANCEDB_LOG": "error",
 }
+# Storage credentials never travel in Ray's job or actor metadata: a runtime_env is stored in the control store
+# and shown by Ray's state API and dashboard to anyone who can reach the cluster. Workers get credentials the way
+# their node provides them: the workers of a local instance inherit this process's environment (Ray's processes
+# are started from it); cluster nodes have an instance profile, IRSA / Pod Identity, or their own environment.
+# (AWS_ACCESS_KEY_ID and AWS_PROFILE go with the secret: a key id without its secret, or a profile of this
+# machine, would break a node's own credential chain.)
+CREDENTIAL_ENV = ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "AWS_PROFILE")
 _PASS_THROUGH = ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE", "HF_HOME", "BATCHRANK_FAILPOINTS", "BATCHRANK_WORK_LOG",
-                 # object storage (pipelines/objstore.py): actors on other nodes open the tables with these
-                 "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "AWS_REGION", "AWS_DEFAULT_REGION",
-                 "AWS_ENDPOINT_URL", "AWS_ENDPOINT_URL_S3", "AWS_ALLOW_HTTP", "AWS_PROFILE")
+                 # object storage settings (pipelines/objstore.py), not secrets: actors on other nodes use them
+                 "AWS_REGION", "AWS_DEFAULT_REGION", "AWS_ENDPOINT_URL", "AWS_ENDPOINT_URL_S3", "AWS_ALLOW_HTTP")
 READ_CPUS = 0.1  # CPUs reserved per reader task; real parsing is cheap next to embedding
+LOOPBACK = "127.0.0.1"
 
 
 def worker_env() -> dict[str, str]:
+    """Environment variables for Ray workers (a job's or an actor's ``runtime_env``): never a credential."""
     env = dict(WORKER_ENV)
     env.update({k: os.environ[k] for k in _PASS_THROUGH if k in os.environ})
     return env
 
 
 def actor_options() -> dict:
-    """Ray options for model actor pools (``map_batches(..., **actor_options())``): the worker environment, and
-    replicas spread over the cluster's nodes (Ray would otherwise pack them onto the first node with room,
-    leaving the others idle while one node's memory and bandwidth are shared by every replica)."""
-    return {"runtime_env": {"env_vars": worker_env()}, "scheduling_strategy": "SPREAD"}
+    """Ray options for model actor pools (``map_batches(..., **actor_options())``): only parameters that
+    ``map_batches`` names (``ray_remote_args`` is deprecated and removed in Ray 2.64), here the worker
+    environment. Ray Data already spreads an actor pool over the cluster's nodes (its default scheduling
+    strategy for actors is SPREAD), so that no node's memory and bandwidth are shared by every replica."""
+    return {"runtime_env": {"env_vars": worker_env()}}
 
 
 @dataclass
@@ -57,15 +68,133 @@ def init_ray(ray_cfg) -> Cluster:
     if not ray.is_initialized():
         if address:
             # No runtime_env here: under `ray job submit` it would clash with the job's own; stages
-            # pass worker_env() where they are applied instead.
-            ray.init(address=address, logging_level=logging.WARNING)
+            # pass worker_env() where they are applied instead. Authentication is the cluster's: its own
+            # RAY_AUTH_MODE / RAY_AUTH_TOKEN are used as they are.
+            if _is_loopback(address):  # this machine's private instance (start_local_ray): connect as one of it
+                with _loopback_only():
+                    ray.init(address=address, _node_ip_address=LOOPBACK, logging_level=logging.WARNING)
+            else:
+                ray.init(address=address, logging_level=logging.WARNING)
         else:
-            os.environ.setdefault("RAY_AUTH_MODE", "disabled")  # a private local instance needs no token
-            ray.init(address="local", num_cpus=ray_cfg.num_cpus, include_dashboard=False,
-                     logging_level=logging.WARNING, runtime_env={"env_vars": worker_env()})
+            start_local_ray(num_cpus=ray_cfg.num_cpus, logging_level=logging.WARNING)
+    _quiet_known_ray_notes()
     res = ray.cluster_resources()
     alive = [n for n in ray.nodes() if n.get("Alive")]
     return Cluster(address or "local", not address, res.get("CPU", 0.0), res.get("GPU", 0.0), len(alive))
+
+
+def start_local_ray(num_cpus: int | None = None, **init_args):
+    """Start a private Ray instance on this machine that listens on the loopback interface only.
+
+    Ray binds a new instance's GCS, raylet, object manager, agents and workers to the node's IP address (every
+    interface for its gRPC servers); anyone who can reach the machine could then submit code to it. Ray keeps
+    a single node on loopback only where clusters are disabled (the default on macOS and Windows,
+    ``RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0``): that setting is applied while the instance starts (its processes
+    inherit it), and the instance's node address is 127.0.0.1. Nothing outside this machine can connect, so
+    token authentication stays off (``RAY_AUTH_MODE=disabled``, unless set otherwise in the environment
+    beforehand): with Ray's default, every start warns and writes a token to ~/.ray. ``init_args`` go to
+    ``ray.init`` (``include_dashboard`` defaults to False, ``runtime_env`` to the worker environment)."""
+    import ray
+
+    os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+    init_args.setdefault("include_dashboard", False)
+    init_args.setdefault("runtime_env", {"env_vars": worker_env()})
+    with _loopback_only():
+        return ray.init(address="local", num_cpus=num_cpus, _node_ip_address=LOOPBACK, **init_args)
+
+
+@contextlib.contextmanager
+def _loopback_only():
+    """While Ray starts (or a driver joins a loopback instance): clusters disabled, so that Ray keeps the node on
+    127.0.0.1; the processes Ray starts inherit the variable, this process's flag is restored after."""
+    from ray._private import ray_constants
+
+    saved_env = os.environ.get(ray_constants.ENABLE_RAY_CLUSTERS_ENV_VAR)
+    saved_flag = ray_constants.ENABLE_RAY_CLUSTER
+    os.environ[ray_constants.ENABLE_RAY_CLUSTERS_ENV_VAR] = "0"
+    ray_constants.ENABLE_RAY_CLUSTER = False  # this process read it when Ray was imported
+    try:
+        yield
+    finally:
+        ray_constants.ENABLE_RAY_CLUSTER = saved_flag
+        if saved_env is None:
+            os.environ.pop(ray_constants.ENABLE_RAY_CLUSTERS_ENV_VAR, None)
+        else:
+            os.environ[ray_constants.ENABLE_RAY_CLUSTERS_ENV_VAR] = saved_env
+
+
+def _is_loopback(address: str) -> bool:
+    """A GCS address (``host:port``) on this machine's loopback interface; not ``auto`` or ``ray://`` addresses."""
+    if "://" in address or ":" not in address:
+        return False
+    host = address.rsplit(":", 1)[0].strip("[]")
+    return host in ("127.0.0.1", "localhost", "::1")
+
+
+class _ActorArgsNote:
+    """Never scheduled: created only so that Ray prints its once-per-process actor-arguments note (see below)."""
+
+    def __init__(self, arg=None):
+        pass
+
+
+_ACTOR_ARGS_NOTE = "has constructor arguments in the object store and max_restarts > 0"
+_notes_quieted = False
+
+
+def _quiet_known_ray_notes() -> None:
+    """Keep two of Ray's notes out of a successful run's output, once per driver process; nothing else is hidden.
+
+    - "Progress bars disabled" (Ray Data, once per process): the jobs turn Ray Data's progress bars off on
+      purpose and print their own progress line.
+    - "Actor ... has constructor arguments in the object store and max_restarts > 0" (Ray core, logged at ERROR
+      level once per process, ray-project/ray#57733, open): Ray Data passes every actor pool's own state to its
+      actors as object-store references and restarts actors by default, so every actor pool triggers it. Those
+      references live as long as the dataset runs, in the driver's object store: a restart can only lose them
+      with the driver's node, which ends the run anyway. The note is printed by Ray's C++ core straight to this
+      process's stderr, once per process: it is triggered here once, by an actor that is never scheduled (it
+      is pinned to a node that does not exist, and killed), with stderr captured for that moment; whatever
+      else was written in that moment is passed on.
+    """
+    global _notes_quieted
+    if _notes_quieted:
+        return
+    _notes_quieted = True
+    from ray.util.debug import log_once
+
+    log_once("ray_data_progress_manager_disabled")
+    try:
+        _consume_actor_args_note()
+    except Exception as exc:  # noqa: BLE001 - cosmetic: never fails a run
+        log.debug("could not pre-empt Ray's actor-arguments note: %s", exc)
+
+
+def _consume_actor_args_note() -> None:
+    import tempfile
+
+    import ray
+    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+    # pinned to a node that does not exist: Ray fails it as unschedulable at once (no pending demand that an
+    # autoscaler would try to meet, no worker started)
+    nowhere = NodeAffinitySchedulingStrategy(node_id=ray.NodeID.from_random().hex(), soft=False)
+    probe = ray.remote(_ActorArgsNote).options(num_cpus=0, max_restarts=1, scheduling_strategy=nowhere)
+    arg = ray.put(None)
+    sys.stderr.flush()
+    saved = os.dup(2)
+    with tempfile.TemporaryFile() as captured:
+        os.dup2(captured.fileno(), 2)
+        try:
+            actor = probe.remote(arg)  # Ray logs the note here, synchronously
+        finally:
+            os.dup2(saved, 2)
+            os.close(saved)
+        ray.kill(actor, no_restart=True)
+        captured.seek(0)
+        text = captured.read().decode("utf-8", errors="replace")
+    rest = "".join(line for line in text.splitlines(keepends=True) if _ACTOR_ARGS_NOTE not in line)
+    if rest:
+        os.write(2, rest.encode("utf-8"))
 
 
 def node_label() -> str:

@@ -186,9 +186,13 @@ class RunsLog:
         table = self._table()
         if table is None:
             return []
+        from pipelines.store import _sql_strings  # the one quoting of strings in filters (ids use it too)
+
         q = table.search()
         if schedule is not None:
-            q = q.where(f"schedule = '{schedule}'")
+            if not schedule.isascii() and not _utf8(schedule):
+                return []  # a lone surrogate (undecodable command-line bytes): no stored name has one
+            q = q.where(f"schedule = {_sql_strings([schedule])}")
         rows = q.limit(None).to_arrow().to_pylist()
         return sorted(rows, key=lambda r: (r["scheduled_for"], r["key"]))
 
@@ -341,6 +345,14 @@ class Scheduler:
             time.sleep(wait)
 
 
+def _utf8(text: str) -> bool:
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
 def _ts(iso: str | None) -> datetime | None:
     return datetime.fromisoformat(iso).astimezone(UTC) if iso else None
 
@@ -350,7 +362,7 @@ def format_runs(rows: list[dict[str, Any]]) -> str:
     table = [("schedule", "scheduled for", "status", "duration", "submission id", "report / message")]
     for r in rows:
         when = r["scheduled_for"].astimezone(ZoneInfo(r["timezone"] or "UTC")).isoformat(timespec="seconds")
-        tail = r["report"] if r["status"] == "SUCCEEDED" else (r["message"] or r["report"] or "")
+        tail = (r["report"] if r["status"] == "SUCCEEDED" else r["message"] or r["report"]) or ""
         table.append((r["schedule"], when, r["status"], f"{r['duration_s']:.1f}s" if r["duration_s"] is not None
                       else "-", r["submission_id"] or "-",
                       tail + (f" (caught up {r['missed']} missed)" if r["missed"] else "")))

@@ -76,6 +76,12 @@ TIMESTAMP = pa.timestamp("us", tz="UTC")
 _META_TYPES = {"string": pa.string(), "int": pa.int64(), "float": pa.float64(), "bool": pa.bool_()}
 
 
+# Columns batchrank itself writes or carries with a corpus row: a metadata field may not take one of these names
+# (it would collide after embedding); names starting with "_" are batchrank's in-flight columns.
+RESERVED_COLUMNS = frozenset({ID, TITLE, TEXT, VECTOR, CONTENT_HASH, MODEL, EMBEDDED_AT, RUN_ID, SOURCE, ROW,
+                              REASON_CODE, REASON, RAW, JOB, QUARANTINED_AT})
+
+
 def metadata_fields(metadata: dict[str, str]) -> list[pa.Field]:
     return [pa.field(name, _META_TYPES[kind]) for name, kind in metadata.items()]
 

@@ -35,6 +35,8 @@ log = logging.getLogger(__name__)
 LEASE_PREFIX = "lease-"
 _ANN_MERGED = "batchrank.ann_rows_merged"  # table config: rows added to the ANN index since it was trained
 _RUN_TAG = re.compile(r"^(?:lease-)?[a-z][a-z_-]*-(\d{8}T\d{6}Z)-[0-9a-f]{6}$")
+# a run id batchrank generated (``new_run_id``), by the jobs that stage: matched whole, never as a prefix
+_RUN_ID = r"(?:index|rerank|nightly|eval)-\d{8}T\d{6}Z-[0-9a-f]{6}"
 
 
 def run_tag_time(tag: str) -> datetime | None:
@@ -92,6 +94,18 @@ class StagedTable:
         for at in range(0, len(ids), chunk):
             self._table.delete(f"{S.RUN_ID} != {_sql_strings([not_run])} AND "
                                f"{S.ID} IN ({_sql_strings(ids[at:at + chunk])})")
+        self.rows = self._table.count_rows()
+
+    def keep_only(self, keep: dict[str, tuple[str, str]], chunk: int = 200) -> None:
+        """For each id of ``keep``, delete its staged rows except the one with ``(content hash, run id)``."""
+        if self._table is None or not keep:
+            return
+        ids = sorted(keep)
+        for at in range(0, len(ids), chunk):
+            part = ids[at:at + chunk]
+            mine = " OR ".join(f"({S.ID} = {_sql_strings([i])} AND {S.CONTENT_HASH} = {_sql_strings([keep[i][0]])} "
+                               f"AND {S.RUN_ID} = {_sql_strings([keep[i][1]])})" for i in part)
+            self._table.delete(f"{S.ID} IN ({_sql_strings(part)}) AND NOT ({mine})")
         self.rows = self._table.count_rows()
 
     def reader(self, batch_rows: int = 8192) -> pa.RecordBatchReader:
@@ -228,12 +242,15 @@ class Store:
     def stage(self, table: str, run_id: str, schema: pa.Schema, *, resumable: bool = False) -> StagedTable:
         """A private table for a run's rows. ``resumable``: one fixed name per target table (the run lock keeps
         it to one writer), so that the next run finds what a killed one staged (``StagedTable.resume``)."""
-        return StagedTable(self, f"_staging-{table}" if resumable else f"_staging-{table}-{run_id}", schema)
+        # '.' parts the table from the run id: table names cannot hold one, so a name belongs to exactly one table
+        return StagedTable(self, f"_staging-{table}" if resumable else f"_staging-{table}.{run_id}", schema)
 
     def drop_dead_staging(self, table: str) -> list[str]:
         """Drop the per-run staging tables of ``table`` left by killed runs. Only call it holding the table's
-        run lock: then no live run owns one."""
-        dead = [n for n in self.table_names() if n.startswith(f"_staging-{table}-")]
+        run lock: then no live run owns one. Names are matched exactly: ``_staging-passages-v2`` (the resumable
+        staging of table ``passages-v2``) is never taken for one of ``passages``'."""
+        old = re.compile(rf"^_staging-{re.escape(table)}-{_RUN_ID}$")  # older releases: '-' before a standard run id
+        dead = [n for n in self.table_names() if n.startswith(f"_staging-{table}.") or old.match(n)]
         for name in dead:
             self.db.drop_table(name)
         return dead
@@ -319,7 +336,7 @@ class Store:
             return S.QUARANTINE_SCHEMA.empty_table()
         query = table.search()
         if run_id:
-            query = query.where(f"{S.RUN_ID} = '{run_id.replace(chr(39), chr(39) * 2)}'")
+            query = query.where(f"{S.RUN_ID} = {sql_strings([run_id])}")
         return query.limit(None).to_arrow()
 
     # -- upkeep -----------------------------------------------------------------------------
@@ -516,8 +533,13 @@ class Store:
         return query
 
 
-def _sql_strings(values) -> str:
+def sql_strings(values) -> str:
+    """SQL string literals for a filter (``id IN (...)``): every value a user or a corpus supplies goes through
+    here, so that quotes, backslashes and NUL stay data (LanceDB filters are DataFusion SQL: '' escapes ')."""
     return ", ".join("'" + v.replace("'", "''") + "'" for v in values)
+
+
+_sql_strings = sql_strings
 
 
 def distance_to_score(distance, metric: str):

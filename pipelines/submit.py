@@ -30,6 +30,8 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any
 
+from pipelines.runtime import CREDENTIAL_ENV  # never sent in a job's runtime_env
+
 log = logging.getLogger("batchrank.submit")
 
 # CLI name → module run by the job's entrypoint (``python -m jobs.<module>``).
@@ -45,7 +47,6 @@ EXCLUDES = [
 ]
 DATA_DIRS = ("data",)  # dataset folders: only what the config reads from them is uploaded
 METADATA_PREFIX = "batchrank_"
-CREDENTIAL_ENV = ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "AWS_PROFILE")
 AGENT_RETRIES = 6  # "No available agent to submit job": the head's job agent is not up yet (about a minute)
 
 
@@ -216,6 +217,10 @@ def prepare(job: str, config: str | os.PathLike, *, address: str | None = None, 
     excludes = excludes_for(root, _config_inputs(cfg))
     # The submitter's own credentials stay here: job info is readable on the dashboard, and the cluster's nodes
     # bring theirs (an instance profile, IRSA, or the config's storage_options).
+    if secret := sorted(set(env or {}) & set(CREDENTIAL_ENV)):
+        raise SubmitError(f"{', '.join(secret)} may not travel in a job's runtime_env (Ray shows it to anyone who "
+                          "can reach the cluster): give the cluster's nodes their own credentials (instance "
+                          "profile, IRSA, the nodes' environment)")
     env_vars = {k: v for k, v in worker_env().items() if k not in CREDENTIAL_ENV}
     runtime_env: dict[str, Any] = {"working_dir": str(root), "excludes": excludes,
                                    "env_vars": {**env_vars, **(env or {})}}

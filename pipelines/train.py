@@ -19,6 +19,8 @@ Example::
 
 from __future__ import annotations
 
+import contextlib
+import logging
 from pathlib import Path
 from typing import Any
 
@@ -128,6 +130,18 @@ def _fusion(cfg, data: training.Data, candidates: dict, scores: list) -> dict[st
                        "curve": {str(w): round(v, 4) for w, v in curve.items()}, "validation_queries": n}}
 
 
+@contextlib.contextmanager
+def _quiet_logger(name: str, level: int):
+    """Raise one library logger's level for a block (its expected messages are said by batchrank itself)."""
+    logger = logging.getLogger(name)
+    before = logger.level
+    logger.setLevel(level)
+    try:
+        yield
+    finally:
+        logger.setLevel(before)
+
+
 def _head(path: str) -> str:
     """``kept`` for a one-label cross-encoder (its trained head goes on training), ``new`` for anything else (a
     bi-encoder's or a plain encoder's weights: a fresh one-logit head)."""
@@ -165,7 +179,11 @@ def _fit(t, columns: dict[str, list], samples: list[dict] | None, folder: Path) 
     device, path = pick_device(t.device), resolve_model(t.base_model)
     head = _head(path)
     set_seed(t.seed)  # a new head's initial weights too
-    model = CrossEncoder(path, num_labels=None if head == "kept" else 1, max_length=t.max_length, device=device)
+    if head == "new":  # expected, and said in the summary ("head new"): not a warning a user must interpret
+        logging.getLogger(__name__).info("starting the cross-encoder from %s's encoder with a new one-logit head",
+                                         path)
+    with _quiet_logger("sentence_transformers.base.model", logging.ERROR):
+        model = CrossEncoder(path, num_labels=None if head == "kept" else 1, max_length=t.max_length, device=device)
     listwise = t.loss == "listwise"
     loss = losses.MultipleNegativesRankingLoss(model) if listwise else losses.BinaryCrossEntropyLoss(model)
     evaluator = CrossEncoderRerankingEvaluator(samples, at_k=10, always_rerank_positives=False, name="validation",

@@ -165,7 +165,8 @@ def _run(cfg, section: str, fit: Callable, report: dict, timer: Timer, force: bo
                 "queries", "judgments", "pairs", "self_supervised")}, **meta}
             meta.update(negatives=dict(t.negatives.model_dump(mode="json"),
                                        source=t.negatives.source or cfg.retrieve.source),
-                        trained_at=utcnow().isoformat(), config=t.model_dump(mode="json"))
+                        trained_at=utcnow().isoformat(), config=t.model_dump(mode="json"),
+                        query_keys=leak_record(data))  # what the eval's leak check matches, by text
             meta["training"]["seconds"] = timer.seconds["train"]
             (tmp / META).write_text(json.dumps(meta, indent=2) + "\n", encoding="utf-8")
             (tmp / PAIRS).write_text("".join(json.dumps(line) + "\n" for line in pair_lines(data.groups)),
@@ -241,6 +242,15 @@ def doc_text(group: Group, row: dict, fields, separator: str) -> str:
     if group.query_id is None:
         return row.get(S.TEXT) or ""
     return document_text(row.get(S.TITLE), row.get(S.TEXT), fields, separator)
+
+
+def leak_record(data: Data) -> dict[str, Any]:
+    """Which queries the model learned from, identified by their text (ids are per collection): the train and
+    validation queries, and each self-supervised (title, document) pair. See pipelines/leaks.py."""
+    from pipelines.leaks import training_record
+
+    return training_record([data.queries[q] for q in data.train_ids], [data.queries[q] for q in data.validation_ids],
+                           [(g.query, g.positive) for g in data.groups if g.query_id is None])
 
 
 def count_pairs(groups: list[Group]) -> dict[str, int]:

@@ -203,7 +203,11 @@ def _raw_id(rec: Any, spec: RowSpec) -> str | None:
     if isinstance(rec, dict):
         v = rec.get(spec.id_field)
         try:
-            return None if v is None else str(v)[:200].encode("utf-8", "replace").decode("utf-8")
+            # the whole id: a snapshot keeps every id it holds, bad rows' too, so a cut id would not protect its
+            # document from deletion (reports cut ids for display; decisions never do)
+            if v is None:
+                return None
+            return (v if isinstance(v, str) else str(v)[:200]).encode("utf-8", "replace").decode("utf-8")
         except RecursionError:
             return f"<{_typename(v)}>"
     return None

@@ -79,10 +79,9 @@ def ray_local(tmp_path_factory):
     """One local Ray for the whole session (2 CPUs, like CI); stopped at the end."""
     import ray
 
-    from pipelines.runtime import worker_env
+    from pipelines.runtime import start_local_ray
 
-    ray.init(address="local", num_cpus=2, include_dashboard=False, runtime_env={"env_vars": worker_env()},
-             logging_level="WARNING", configure_logging=True)
+    start_local_ray(num_cpus=2, logging_level="WARNING", configure_logging=True)
     yield ray
     ray.shutdown()
 
@@ -92,10 +91,9 @@ def ray_per_module():
     """A local Ray for one test module (2 CPUs, like CI): ``pytestmark = pytest.mark.usefixtures("ray_per_module")``."""
     import ray
 
-    from pipelines.runtime import worker_env
+    from pipelines.runtime import start_local_ray
 
-    ray.init(address="local", num_cpus=2, include_dashboard=False, runtime_env={"env_vars": worker_env()},
-             logging_level="WARNING")
+    start_local_ray(num_cpus=2, logging_level="WARNING")
     yield ray
     ray.shutdown()
 

@@ -36,10 +36,9 @@ FIGURES: list[dict] = []  # the note's table, printed at the end of the module
 def _ray():
     import ray
 
-    from pipelines.runtime import worker_env
+    from pipelines.runtime import start_local_ray
 
-    ray.init(address="local", num_cpus=2, include_dashboard=False, runtime_env={"env_vars": worker_env()},
-             logging_level="WARNING")
+    start_local_ray(num_cpus=2, logging_level="WARNING")
     yield ray.get_runtime_context().gcs_address
     ray.shutdown()
     if FIGURES:
@@ -121,13 +120,19 @@ def test_cross_encoder_actor_killed_mid_run(tmp_path, make_config, tiny_cross_en
     index.run(cfg)
     log = tmp_path / "work.log"
     monkeypatch.setenv("BATCHRANK_WORK_LOG", str(log))
-    monkeypatch.setenv("BATCHRANK_FAILPOINTS", "score_call:sleep=0.3")
+    monkeypatch.setenv("BATCHRANK_FAILPOINTS", "score_call:sleep=0.3,retrieve_call:sleep=0.2")
     killed: list[int] = []
-    killer = threading.Thread(target=kill_first_worker, args=(log, "score", 3, killed))
-    killer.start()
+    killed_retriever: list[int] = []
+    killers = [threading.Thread(target=kill_first_worker, args=(log, "score", 3, killed)),
+               threading.Thread(target=kill_first_worker, args=(log, "retrieve", 3, killed_retriever))]
+    for killer in killers:
+        killer.start()
     report = rerank.run(cfg)
-    killer.join()
+    for killer in killers:
+        killer.join()
     assert killed, "the run ended before a scorer could be killed"
+    assert killed_retriever, "the run ended before a retriever could be killed"
+    assert report["actors"]["retrieve"]["restarts"] >= 1  # the killed retrieve actor's restart is reported
     rows = Store(cfg.storage).rankings().to_arrow()
     per_query = Counter(rows["query"].to_pylist())
     assert report["status"] == "succeeded"
@@ -136,7 +141,8 @@ def test_cross_encoder_actor_killed_mid_run(tmp_path, make_config, tiny_cross_en
     assert report["actors"]["score"]["restarts"] >= 1
     scored = sum(r for _, r in work(log, "score"))
     pairs = report["pairs"]["total"]
-    FIGURES.append(dict(situation="cross-encoder actor killed mid-run", what=f"SIGKILL actor pid {killed[0]}",
+    FIGURES.append(dict(situation="cross-encoder and retrieve actors killed mid-run",
+                        what=f"SIGKILL scorer pid {killed[0]}, retriever pid {killed_retriever[0]}",
                         **{"in": f"{report['query_log']['lines_read']} log lines"}, out=f"{len(per_query)} rankings",
                         quarantined=report["query_log"]["lines_quarantined"], duplicates=sum(v - 1 for v in per_query.values()),
                         redone=f"{scored - pairs} pairs of {pairs}"))

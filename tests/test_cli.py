@@ -45,3 +45,59 @@ def test_job_with_missing_corpus_exits_1_with_the_path(tmp_path):
                                                               "HF_HUB_OFFLINE": "1"})
     assert out.returncode == 1
     assert "missing.jsonl" in out.stderr and "does not exist" in out.stderr
+
+
+def test_search_hybrid_prints_the_fusion_of_the_vector_and_full_text_lists(tmp_path, make_config, tiny_model):
+    """`batchrank search --source hybrid` on passages written in-process (no Ray): its hits are exactly the
+    reciprocal-rank fusion (1 / (60 + rank), summed) of the vector hits, which match an exact search recomputed
+    here, and the full-text hits, best first; the plain output lists the same documents."""
+    import json
+
+    import numpy as np
+    import yaml
+    from conftest import good_docs
+    from sentence_transformers import SentenceTransformer
+    from test_train import build_passages
+    from typer.testing import CliRunner
+
+    from pipelines.cli import app
+    from pipelines.store import Store
+
+    docs, query, k = good_docs(30), "cancer risk number 11", 5
+    cfg = make_config(tmp_path / "docs.jsonl")  # (the corpus file is never read: passages are written directly)
+    build_passages(cfg, docs, tiny_model)
+    Store(cfg.storage).ensure_indexes(cfg.index)  # the full-text index, as the index job builds it
+    path = tmp_path / "job.yaml"
+    path.write_text(yaml.safe_dump(cfg.model_dump(mode="json")))
+
+    def search(source: str, *extra: str) -> str:
+        result = CliRunner().invoke(app, ["search", "--config", str(path), query, "-k", str(k), "--source", source,
+                                          *extra])
+        assert result.exit_code == 0, result.output
+        return result.stdout
+
+    def hits(source: str) -> list[dict]:
+        return [json.loads(line) for line in search(source, "--json").splitlines() if line.startswith("{")]
+
+    vector, fts, hybrid = hits("vector"), hits("fts"), hits("hybrid")
+    model = SentenceTransformer(tiny_model, device="cpu")
+    doc_vecs = model.encode([f"{d['title']} {d['text']}" for d in docs], normalize_embeddings=True)
+    exact = np.argsort(-(doc_vecs @ model.encode([query], normalize_embeddings=True)[0]), kind="stable")[:k]
+    assert [h["id"] for h in vector] == [docs[i]["_id"] for i in exact]
+    assert len(fts) == k and all({"cancer", "risk", "11"} & set(h["text"].split()) for h in fts)
+    assert {h["id"] for h in vector} != {h["id"] for h in fts}  # two different lists: the fusion is not trivial
+
+    fused: dict[str, float] = {}
+    for ranked in ([h["id"] for h in vector], [h["id"] for h in fts]):
+        for rank, doc in enumerate(ranked, 1):
+            fused[doc] = fused.get(doc, 0.0) + 1 / (60 + rank)
+    expected = sorted(fused.items(), key=lambda item: -item[1])[:k]  # stable: the vector side's order breaks ties
+    assert [h["id"] for h in hybrid] == [d for d, _ in expected], (hybrid, expected)
+    assert np.allclose([h["score"] for h in hybrid], [s for _, s in expected], rtol=1e-6)
+    assert [h["rank"] for h in hybrid] == list(range(1, k + 1))
+    by_id = {d["_id"]: d for d in docs}
+    assert all(h["text"] == by_id[h["id"]]["text"] and h["title"] == by_id[h["id"]]["title"] for h in hybrid)
+
+    lines = search("hybrid").splitlines()  # the plain listing: rank, score, [id] title
+    assert [line.split("[", 1)[1].split("]", 1)[0] for line in lines] == [h["id"] for h in hybrid]
+    assert lines[0].split()[:2] == ["1.", f"{hybrid[0]['score']:.4f}"]

@@ -6,14 +6,19 @@ run reports showing work on both nodes, submission ids refused twice, and the sc
 
 from __future__ import annotations
 
+import ast
+import importlib.metadata
 import io
 import json
 import os
+import re
 import shutil
 import socket
+import subprocess
 import sys
 import tempfile
 import time
+import tomllib
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
@@ -30,6 +35,7 @@ pytestmark = pytest.mark.ray
 ROOT = Path(__file__).resolve().parents[1]
 ENV = {"HF_HUB_OFFLINE": "1", "OMP_WAIT_POLICY": "PASSIVE", "TOKENIZERS_PARALLELISM": "false",
        "RAY_AUTH_MODE": "disabled"}
+SESSIONS: dict[str, Path] = {}  # job server address -> the head node's session folder (runtime envs live there)
 
 
 def _free_port() -> int:
@@ -58,6 +64,7 @@ def cluster():
     node_dir = tempfile.mkdtemp(prefix="rn-", dir="/tmp")  # short: socket paths live under it
     c.add_node(num_cpus=2, object_store_memory=300 * 2**20, temp_dir=node_dir)
     address = f"http://127.0.0.1:{port}"
+    SESSIONS[address] = Path(c.head_node.get_session_dir_path())  # not /tmp/ray/session_latest: any Ray's latest
     deadline = time.monotonic() + 60
     while True:  # the job server answers once the head's dashboard and job agent are up
         try:
@@ -203,10 +210,76 @@ def test_index_and_rerank_jobs_run_on_both_nodes(cluster, project):
     assert sum(rr["nodes"]["score"].values()) == 48
 
 
+def _dist(spec: str) -> str:
+    """A requirement's distribution name, normalised (``ray[data]>=2`` -> ``ray``; ``PyYAML`` -> ``pyyaml``)."""
+    return re.sub(r"[-_.]+", "-", re.split(r"[\s\[<>=!~;@]", spec.strip(), maxsplit=1)[0]).lower()
+
+
+def _installed_by(requirements: list[str]) -> set[str]:
+    """Every distribution pip installs for ``requirements``: them and, transitively, what they require (with the
+    extras asked for, on this platform), read from the metadata of the packages installed here."""
+    from packaging.requirements import Requirement
+
+    seen: set[tuple[str, frozenset]] = set()
+    todo = [Requirement(r) for r in requirements]
+    while todo:
+        req = todo.pop()
+        key = (_dist(req.name), frozenset(req.extras))
+        if key in seen:
+            continue
+        seen.add(key)
+        try:
+            requires = importlib.metadata.distribution(req.name).requires or []
+        except importlib.metadata.PackageNotFoundError:
+            continue  # not installed here: its own requirements are unknown (the name itself still counts)
+        for sub in map(Requirement, requires):
+            if sub.marker is None or any(sub.marker.evaluate({"extra": e}) for e in req.extras or {""}):
+                todo.append(sub)
+    return {name for name, _ in seen}
+
+
+def undeclared_imports(root: Path) -> dict[str, list[str]]:
+    """{distribution: files} of what batchrank's code (``pipelines/``, ``jobs/``) imports that an install of the
+    declared dependencies would not bring: neither in ``[project.dependencies]``, nor required by one of them, nor in
+    an extra a user opts into (``models``, ``onnx``: not ``dev``, which only the test machines install)."""
+    project = tomllib.loads((root / "pyproject.toml").read_text(encoding="utf-8"))["project"]
+    extras = project.get("optional-dependencies", {})
+    allowed = _installed_by(project["dependencies"]) | {_dist(s) for name, specs in extras.items() if name != "dev"
+                                                         for s in specs}
+    owners = importlib.metadata.packages_distributions()  # top-level module -> the distributions providing it
+    missing: dict[str, set[str]] = {}
+    for path in sorted([*(root / "pipelines").rglob("*.py"), *(root / "jobs").rglob("*.py")]):
+        for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+            if isinstance(node, ast.Import):
+                modules = [alias.name for alias in node.names]
+            elif isinstance(node, ast.ImportFrom) and not node.level and node.module:
+                modules = [node.module]
+            else:
+                continue
+            for top in {m.split(".")[0] for m in modules} - set(sys.stdlib_module_names) - {"pipelines", "jobs"}:
+                for dist in map(_dist, owners.get(top, [f"{top} (not installed here)"])):
+                    if dist not in allowed:
+                        missing.setdefault(dist, set()).add(str(path.relative_to(root)))
+    return {dist: sorted(files) for dist, files in missing.items()}
+
+
+def test_the_declared_dependencies_cover_what_the_code_imports():
+    """The check the cluster test below makes of the project it submits, on this checkout (no cluster needed)."""
+    missing = undeclared_imports(ROOT)
+    assert not missing, (f"imported but not installed by pyproject.toml's dependencies: {missing}; add them to "
+                         "[project.dependencies] (or to an extra, imported behind an error naming the install line)")
+
+
 def test_forced_resubmission_gets_a_new_id_and_declared_dependencies_install(cluster, project):
     """Two submissions under one id: the second only with force, as <id>-2. Both run in the default runtime env,
-    whose pip environment is built from the project's declared dependencies: the job imports batchrank there and
-    stops at the config (it has no eval section)."""
+    whose pip environment is built from exactly the project's declared dependencies (less Ray, the cluster's own),
+    which cover every package batchrank's code imports: pip builds that environment on the head node of this
+    cluster, every declared package resolves in it, and the job imports batchrank there and stops at the config
+    (it has no eval section)."""
+    missing = undeclared_imports(project)  # the job's environment would lack them (first: no cluster time spent)
+    assert not missing, f"imported but not installed by the declared dependencies: {missing}"
+    dependencies = tomllib.loads((project / "pyproject.toml").read_text(encoding="utf-8"))["project"]["dependencies"]
+    expected = [d for d in dependencies if _dist(d) != "ray"]
     config = project / "configs" / "cluster.yaml"
     first = submit.submit("eval", config, address=cluster, working_dir=project, submission_id="eval-forced")
     second = submit.submit("eval", config, address=cluster, working_dir=project, submission_id="eval-forced",
@@ -216,8 +289,13 @@ def test_forced_resubmission_gets_a_new_id_and_declared_dependencies_install(clu
         assert submit.wait(cluster, s.submission_id, timeout=240, poll=0.5) == "FAILED"
         logs = submit.client(cluster).get_job_logs(s.submission_id)
         assert "needs the config section(s) eval" in logs, logs[-3000:]
-        assert submit.client(cluster).get_job_info(s.submission_id).runtime_env["pip"]["packages"]
-    assert list(Path("/tmp/ray/session_latest/runtime_resources/pip").glob("*/virtualenv/bin/python"))
+        assert submit.client(cluster).get_job_info(s.submission_id).runtime_env["pip"]["packages"] == expected
+    envs = list((SESSIONS[cluster] / "runtime_resources" / "pip").glob("*/virtualenv/bin/python"))
+    assert len(envs) == 1, envs  # one environment for both submissions (the same declared packages)
+    names = [_dist(d) for d in expected]
+    check = subprocess.run([str(envs[0]), "-c", "import importlib.metadata as m, sys; "
+                            "print({n: m.version(n) for n in sys.argv[1:]})", *names], capture_output=True, text=True)
+    assert check.returncode == 0, check.stderr[-2000:]  # every declared package resolves in the job's environment
 
 
 def test_schedule_never_overlaps_and_records_every_occurrence(cluster, project, tmp_path):
@@ -254,23 +332,38 @@ def test_schedule_never_overlaps_and_records_every_occurrence(cluster, project, 
     assert listed.exit_code == 0 and all(sid in listed.output for sid in submitted) and "SKIPPED" in listed.output
 
 
-def test_catch_up_runs_once_after_downtime(tmp_path, project):
-    """The scheduler was down for five occurrences of an hourly schedule: on restart, only the latest is due,
-    and the record says how many it stands for."""
-    spec = {"runs": {"uri": str(tmp_path / "runs")},
-            "schedules": [{"name": "hourly", "cron": "0 * * * *", "timezone": "UTC", "job": "nightly",
-                           "config": str(project / "configs" / "cluster.yaml")}]}
+def test_catch_up_runs_once_after_downtime(cluster, project, tmp_path):
+    """The scheduler was down for five occurrences of an hourly schedule (last run 01:00, restarted at 06:30): its
+    first tick submits one run to the cluster, for 06:00 only, recorded with the four occurrences it stands for
+    (02:00..05:00) in ``missed``; the next tick submits nothing; the record follows the run to its end. (The job,
+    eval, stops at once: the config has no eval section.)"""
+    spec = {"address": cluster, "runs": {"uri": str(tmp_path / "runs")}, "poll_seconds": 0.5,
+            "schedules": [{"name": "hourly", "cron": "0 * * * *", "timezone": "UTC", "job": "eval",
+                           "config": str(project / "configs" / "cluster.yaml"), "pip": False}]}
     (tmp_path / "s.yaml").write_text(yaml.safe_dump(spec))
     sched = load_schedules(tmp_path / "s.yaml")
-    last = datetime(2026, 11, 30, 1, 0, tzinfo=UTC)
-    RunsLog(sched.runs).upsert([{"key": f"hourly@{last.isoformat()}", "schedule": "hourly", "job": "nightly",
+    last, six = datetime(2026, 11, 30, 1, 0, tzinfo=UTC), datetime(2026, 11, 30, 6, 0, tzinfo=UTC)
+    RunsLog(sched.runs).upsert([{"key": f"hourly@{last.isoformat()}", "schedule": "hourly", "job": "eval",
                                  "scheduled_for": last, "status": "SUCCEEDED", "timezone": "UTC", "missed": 0}])
     scheduler = Scheduler(sched, now=lambda: datetime(2026, 11, 30, 6, 30, tzinfo=UTC))
-    when, missed = scheduler.due(sched.schedules[0], datetime(2026, 11, 30, 6, 30, tzinfo=UTC))
-    assert when == datetime(2026, 11, 30, 6, 0, tzinfo=UTC) and missed == 4  # 02:00..05:00 folded into 06:00
-    assert occurrence_id(sched.schedules[0], when) == "nightly-hourly-20261130T0600"
-    daily = sched.schedules[0].model_copy(update={"cron": "30 2 * * *"})
-    assert occurrence_id(daily, datetime(2026, 11, 30, 2, 30, tzinfo=UTC)) == "nightly-hourly-20261130"
+
+    tick = scheduler.tick()
+    sid = "eval-hourly-20261130T0600"
+    assert (tick.submitted, tick.skipped) == ([sid], []), RunsLog(sched.runs).rows()
+    rows = RunsLog(sched.runs).rows("hourly")
+    assert [(r["scheduled_for"], r["missed"], r["submission_id"]) for r in rows] == [(last, 0, None), (six, 4, sid)]
+    assert rows[-1]["status"] == "SUBMITTED" and rows[-1]["message"] == "caught up: 4 earlier occurrence(s) not run"
+    assert submit.wait(cluster, sid, timeout=180, poll=0.5) == "FAILED"  # it reached the cluster and ran there
+    assert "needs the config section(s) eval" in submit.client(cluster).get_job_logs(sid)
+
+    again = scheduler.tick()  # still 06:30: nothing else is due, and the run's end is recorded
+    assert (again.submitted, again.skipped, again.updated) == ([], [], 1)
+    rows = RunsLog(sched.runs).rows("hourly")
+    assert len(rows) == 2 and (rows[-1]["status"], rows[-1]["missed"], rows[-1]["submission_id"]) == ("FAILED", 4, sid)
+    listed = CliRunner().invoke(app, ["runs", "--config", str(tmp_path / "s.yaml")])
+    assert listed.exit_code == 0 and sid in listed.output and "caught up 4 missed" in listed.output, listed.output
+    daily = sched.schedules[0].model_copy(update={"cron": "30 2 * * *"})  # a daily schedule's ids carry the day
+    assert occurrence_id(daily, datetime(2026, 11, 30, 2, 30, tzinfo=UTC)) == "eval-hourly-20261130"
 
 
 def test_bad_schedules_are_refused_with_the_fix(tmp_path, project):

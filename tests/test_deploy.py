@@ -29,6 +29,7 @@ KUBERAY = ROOT / "deploy" / "kuberay"
 RAYJOB = KUBERAY / "rayjob-nightly.yaml"
 RAYCRONJOB = KUBERAY / "raycronjob-nightly.yaml"
 DOCKERFILE = KUBERAY / "Dockerfile"
+NETWORK_POLICY = KUBERAY / "networkpolicy.yaml"
 MANIFESTS = {RAYJOB.name: ("RayJob", RAYJOB), RAYCRONJOB.name: ("RayCronJob", RAYCRONJOB)}
 # `batchrank <command>` names of the jobs, and the modules that `python -m` runs for them
 JOB_COMMANDS = {"index", "rerank", "nightly", "eval", "train-reranker", "train-biencoder"}
@@ -259,7 +260,9 @@ _WORKER_GROUP = {"type": "object", "required": ["groupName", "template"], "addit
 _RAY_CLUSTER_SPEC = {
     "type": "object", "required": ["headGroupSpec"], "additionalProperties": False,  # closed
     "properties": {
-        "authOptions": {"type": "object"},
+        "authOptions": {"type": "object", "additionalProperties": False,  # closed (KubeRay 1.6.2's AuthOptions)
+                        "properties": {"mode": {"enum": ["disabled", "token"]}, "secretName": {"type": "string"},
+                                       "enableK8sTokenAuth": {"type": "boolean"}}},
         "autoscalerOptions": {"type": "object", "properties": {
             "idleTimeoutSeconds": {"type": "integer"},
             "upscalingMode": {"enum": ["Default", "Aggressive", "Conservative"]},
@@ -409,3 +412,169 @@ def test_raycronjob_runs_the_rayjob_nightly_without_overlap():
     assert daily, "expected one run a day"
     # RayCronJob has no concurrencyPolicy: a night must end before the next one starts
     assert cron["spec"]["jobTemplate"]["activeDeadlineSeconds"] < 24 * 3600
+
+
+# --------------------------------------------------------------------------------------------------
+# deploy/kuberay: who can reach the Ray clusters (token authentication and NetworkPolicy)
+# --------------------------------------------------------------------------------------------------
+
+def test_kuberay_clusters_require_a_token(manifest):
+    """KubeRay (1.5.1+) generates a token per Ray cluster and gives it to the head, the workers and the
+    submitter; Ray (2.52+) then refuses GCS, dashboard and Jobs API calls without it."""
+    spec = _job_spec(manifest)["rayClusterSpec"]
+    assert spec.get("authOptions", {}).get("mode") == "token", "token authentication is off"
+    assert tuple(int(x) for x in spec["rayVersion"].split(".")[:2]) >= (2, 52), "token auth needs Ray 2.52+"
+    containers = [spec["headGroupSpec"]["template"]["spec"]["containers"][0]] + [
+        g["template"]["spec"]["containers"][0] for g in spec["workerGroupSpecs"]]
+    for container in containers:
+        env = {e["name"]: e.get("value") for e in container.get("env", [])}
+        assert "RAY_AUTH_MODE" not in env and "RAY_AUTH_TOKEN" not in env, f"{container['name']} overrides auth"
+    assert "RAY_AUTH_MODE" not in DOCKERFILE.read_text(encoding="utf-8")
+    text = MANIFESTS[f"{'rayjob' if manifest['kind'] == 'RayJob' else 'raycronjob'}-nightly.yaml"][1].read_text(
+        encoding="utf-8")
+    assert "kubectl apply -f deploy/kuberay/networkpolicy.yaml" in text, "the manifest does not say to apply it"
+
+
+# A trimmed copy of the networking.k8s.io/v1 NetworkPolicy schema (Kubernetes API reference), closed
+# where a misspelt field would silently widen or narrow a policy.
+_LABEL_SELECTOR = {"type": "object", "additionalProperties": False, "properties": {
+    "matchLabels": _STRINGS,
+    "matchExpressions": {"type": "array", "items": {
+        "type": "object", "required": ["key", "operator"], "additionalProperties": False,
+        "properties": {"key": {"type": "string"}, "operator": {"enum": ["In", "NotIn", "Exists", "DoesNotExist"]},
+                       "values": {"type": "array", "items": {"type": "string"}}}}}}}
+_PEER = {"type": "object", "additionalProperties": False, "minProperties": 1, "properties": {
+    "podSelector": _LABEL_SELECTOR, "namespaceSelector": _LABEL_SELECTOR,
+    "ipBlock": {"type": "object", "required": ["cidr"], "additionalProperties": False,
+                "properties": {"cidr": {"type": "string"}, "except": {"type": "array", "items": {"type": "string"}}}}}}
+_NP_PORT = {"type": "object", "additionalProperties": False, "properties": {
+    "protocol": {"enum": ["TCP", "UDP", "SCTP"]}, "port": {"type": ["integer", "string"]},
+    "endPort": {"type": "integer"}}}
+_NP_RULE = {"type": "object", "additionalProperties": False, "properties": {
+    "from": {"type": "array", "items": _PEER}, "to": {"type": "array", "items": _PEER},
+    "ports": {"type": "array", "items": _NP_PORT}}}
+NETWORK_POLICY_SCHEMA = {
+    "type": "object", "required": ["apiVersion", "kind", "metadata", "spec"],
+    "properties": {
+        "apiVersion": {"const": "networking.k8s.io/v1"}, "kind": {"const": "NetworkPolicy"},
+        "metadata": {"type": "object", "required": ["name"], "not": {"required": ["namespace"]},  # kubectl -n decides
+                     "properties": {"name": {"type": "string"}, "labels": _STRINGS}},
+        "spec": {"type": "object", "required": ["podSelector"], "additionalProperties": False, "properties": {
+            "podSelector": _LABEL_SELECTOR, "policyTypes": {"type": "array", "items": {"enum": ["Ingress", "Egress"]}},
+            "ingress": {"type": "array", "items": _NP_RULE}, "egress": {"type": "array", "items": _NP_RULE}}}}}
+
+
+def _policies() -> list[dict]:
+    docs = [d for d in yaml.safe_load_all(NETWORK_POLICY.read_text(encoding="utf-8")) if d is not None]
+    assert docs, "no NetworkPolicy"
+    return docs
+
+
+def _selects(selector: dict, labels: dict) -> bool:
+    """A Kubernetes label selector applied to a label set (an empty selector selects everything)."""
+    if any(labels.get(k) != v for k, v in selector.get("matchLabels", {}).items()):
+        return False
+    for expr in selector.get("matchExpressions", []):
+        key, op, values = expr["key"], expr["operator"], expr.get("values", [])
+        ok = {"In": key in labels and labels[key] in values, "NotIn": key not in labels or labels[key] not in values,
+              "Exists": key in labels, "DoesNotExist": key not in labels}[op]
+        if not ok:
+            return False
+    return True
+
+
+def _peer_matches(peer: dict, source: dict) -> bool:
+    """``source``: {"labels": {...}, "namespace": {...} (its namespace's labels), "same_namespace": bool} or
+    {"external": True} (an address outside the cluster's pods)."""
+    if source.get("external"):
+        return "ipBlock" in peer
+    if "ipBlock" in peer:
+        return False  # a pod's own address in an ipBlock: left aside (plugin-dependent); none is used here
+    if "namespaceSelector" in peer:
+        if not _selects(peer["namespaceSelector"], source["namespace"]):
+            return False
+    elif not source["same_namespace"]:
+        return False
+    return _selects(peer.get("podSelector", {}), source["labels"])
+
+
+def _reachable(target: dict, port: int, source: dict, policies: list[dict]) -> bool:
+    """Whether ``source`` may open a TCP connection to ``port`` of a pod with ``target`` labels."""
+    selecting = [p["spec"] for p in policies if _selects(p["spec"]["podSelector"], target)
+                 and "Ingress" in p["spec"].get("policyTypes", ["Ingress"])]
+    if not selecting:
+        return True  # not isolated: Kubernetes' default lets everything in
+    names = {"dashboard": 8265, "gcs-server": 6379, "client": 10001}
+    for spec in selecting:
+        for rule in spec.get("ingress", []):
+            ports = rule.get("ports")
+            port_ok = not ports or any(
+                p.get("protocol", "TCP") == "TCP"
+                and (p.get("port") is None or names.get(p["port"], p["port"]) == port
+                     or (p.get("endPort") and p["port"] <= port <= p["endPort"])) for p in ports)
+            peers = rule.get("from")
+            if port_ok and (not peers or any(_peer_matches(peer, source) for peer in peers)):
+                return True
+    return False
+
+
+def test_network_policy_matches_the_schema():
+    validator = jsonschema.Draft7Validator(NETWORK_POLICY_SCHEMA)
+    for policy in _policies():
+        errors = sorted(validator.iter_errors(policy), key=lambda e: list(e.path))
+        assert not errors, "\n".join(f"{'.'.join(map(str, e.path))}: {e.message}" for e in errors)
+        assert policy["spec"].get("policyTypes") == ["Ingress"], "ingress only: egress (S3, DNS) stays open"
+        for rule in policy["spec"].get("ingress", []):
+            assert rule.get("from"), f"{policy['metadata']['name']}: a rule without `from` admits every source"
+            for peer in rule["from"]:
+                assert "ipBlock" not in peer, "no address range is admitted"
+
+
+def test_network_policy_admits_only_the_cluster_the_operator_and_the_submitter(manifest):
+    """The head's GCS, Ray client and dashboard/Jobs API, and the workers, as KubeRay labels the pods of
+    this manifest's clusters: reachable by the Ray pods of batchrank; 8265 also by the KubeRay operator and
+    the submitter Job; nothing else, from this namespace or another."""
+    policies = _policies()
+    spec = _job_spec(manifest)["rayClusterSpec"]
+    head_template = spec["headGroupSpec"]["template"]
+    ports = {p["name"]: p["containerPort"] for p in head_template["spec"]["containers"][0]["ports"]}
+    assert ports.get("dashboard") == 8265 and ports.get("gcs-server") == 6379
+
+    def pod(template: dict, node_type: str, group: str) -> dict:  # what KubeRay puts on a Ray pod
+        return {**template.get("metadata", {}).get("labels", {}), "ray.io/node-type": node_type,
+                "ray.io/is-ray-node": "yes", "ray.io/cluster": "batchrank-nightly-x7k2p", "ray.io/group": group}
+
+    head = pod(head_template, "head", "headgroup")
+    workers = [pod(g["template"], "worker", g["groupName"]) for g in spec["workerGroupSpecs"]]
+    ns = {"kubernetes.io/metadata.name": "batchrank"}
+    here = {"namespace": ns, "same_namespace": True}
+    sources = {
+        "worker": [{"labels": w, **here} for w in workers],
+        "head": [{"labels": head, **here}],
+        "operator": [{"labels": {"app.kubernetes.io/name": "kuberay-operator", "app.kubernetes.io/component":
+                                 "kuberay-operator", "app.kubernetes.io/instance": "kuberay-operator"},
+                      "namespace": {"kubernetes.io/metadata.name": "kuberay-system"}, "same_namespace": False}],
+        "submitter": [{"labels": {"batch.kubernetes.io/job-name": "batchrank-nightly-x7k2p",
+                                  "job-name": "batchrank-nightly-x7k2p",
+                                  "batch.kubernetes.io/controller-uid": "0f1e"}, **here}],
+        "other pod here": [{"labels": {"app": "web"}, **here}, {"labels": {}, **here}],
+        "other namespace": [{"labels": {"app": "web"}, "namespace": {"kubernetes.io/metadata.name": "web"},
+                             "same_namespace": False},
+                            {"labels": head, "namespace": {"kubernetes.io/metadata.name": "web"},
+                             "same_namespace": False}],
+        "outside": [{"external": True}],
+    }
+    expected = {  # (target, port) -> the sources that may connect
+        ("head", 8265): {"worker", "head", "operator", "submitter"},
+        ("head", 6379): {"worker", "head"},
+        ("head", 10001): {"worker", "head"},
+        ("worker", 10002): {"worker", "head"},  # a worker process's port (Ray picks them at random)
+    }
+    for (target_name, port), allowed in expected.items():
+        targets = [head] if target_name == "head" else workers
+        for target in targets:
+            for source_name, group in sources.items():
+                for source in group:
+                    got = _reachable(target, port, source, policies)
+                    assert got == (source_name in allowed), \
+                        f"{source_name} -> {target_name}:{port}: {'admitted' if got else 'refused'}"

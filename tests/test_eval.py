@@ -30,10 +30,9 @@ RERANKED = ["vector", "hybrid"]
 def _ray():
     import ray
 
-    from pipelines.runtime import worker_env
+    from pipelines.runtime import start_local_ray
 
-    ray.init(address="local", num_cpus=2, include_dashboard=False, runtime_env={"env_vars": worker_env()},
-             logging_level="WARNING")
+    start_local_ray(num_cpus=2, logging_level="WARNING")
     yield
     ray.shutdown()
 
@@ -66,10 +65,15 @@ def collection(tmp_path) -> Path:
 def fake_reranker(tmp_path: Path, tiny_cross_encoder: str, collection: Path, name: str = "reranker",
                   train_ids=TRAIN_IDS[:6], validation_ids=TRAIN_IDS[6:], qrels: Path | None = None) -> str:
     """The tiny cross-encoder with the metadata `batchrank train-reranker` saves next to a trained model."""
+    from pipelines.beir import read_queries
+    from pipelines.leaks import training_record
+
     out = tmp_path / name
     shutil.copytree(tiny_cross_encoder, out)
     qrels = qrels or collection / "qrels" / "train.tsv"
+    texts = read_queries(str(collection / "queries.jsonl"))
     meta = {"query_ids": {"train": list(train_ids), "validation": list(validation_ids)},
+            "query_keys": training_record([texts[q] for q in train_ids], [texts[q] for q in validation_ids]),
             "qrels": {"path": str(qrels), "sha256": sha256(qrels)}, "fusion": {"cross_encoder": 0.35}}
     (out / "batchrank-train.json").write_text(json.dumps(meta))
     return str(out)
@@ -255,3 +259,41 @@ def test_max_queries_takes_the_first_judged_and_only_those_are_checked(tmp_path,
     report = info.value.batchrank_report
     assert report["queries"] == {"judged": 6, "without_text": 0, "beyond_max_queries": 4, "evaluated": 2}
     assert report["leak_check"]["status"] == "clean"
+
+
+_START_RAY = """
+import json, sys
+from pipelines import evaluate
+from pipelines.config import parse_config
+cfg = parse_config(json.loads(sys.argv[1]))
+if sys.argv[2] == "table":  # the passages check ran first: LanceDB is loaded when Ray starts
+    from pipelines.store import Store
+    Store(cfg.storage).passages_model()
+    assert "lancedb" in sys.modules
+else:
+    assert evaluate._no_local_table(cfg) and "lancedb" not in sys.modules
+import ray
+evaluate._start_ray(cfg)
+ray.shutdown()
+print("started")
+"""
+
+
+@pytest.mark.ray
+@pytest.mark.parametrize("order", ["no-table", "table"])
+def test_starting_ray_for_the_index_job_prints_no_lancedb_fork_warning(tmp_path, tiny_model, order):
+    """The eval starts Ray for the index job; LanceDB's at-fork hook warns in each process Ray forks and execs
+    once LanceDB is loaded (five lines per eval before). No table: Ray starts before LanceDB loads. A table
+    (checked with LanceDB): the spurious warning is silenced for Ray's start."""
+    import os
+    import subprocess
+    import sys
+
+    data = {"storage": {"uri": str(tmp_path / "db")}, "embed": {"model": tiny_model},
+            "ray": {"num_cpus": 1}}
+    env = {**os.environ, "RAY_AUTH_MODE": "disabled", "PYTHONPATH": str(Path(evaluate.__file__).parents[1])}
+    env.pop("RAY_ADDRESS", None)
+    done = subprocess.run([sys.executable, "-c", _START_RAY, json.dumps(data), order], env=env, capture_output=True,
+                          text=True, timeout=300, cwd=tmp_path)
+    assert done.returncode == 0 and "started" in done.stdout, done.stderr[-3000:]
+    assert "fork support is experimental" not in done.stderr, done.stderr[-3000:]

@@ -22,10 +22,9 @@ ROOT = Path(__file__).resolve().parents[1]
 def _ray(tmp_path_factory):
     import ray
 
-    from pipelines.runtime import worker_env
+    from pipelines.runtime import start_local_ray
 
-    ray.init(address="local", num_cpus=2, include_dashboard=False, runtime_env={"env_vars": worker_env()},
-             logging_level="WARNING")
+    start_local_ray(num_cpus=2, logging_level="WARNING")
     yield
     ray.shutdown()
 

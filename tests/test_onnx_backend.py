@@ -4,6 +4,8 @@ the index job records the backend with the model, so vectors of two backends nev
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import pytest
 from conftest import good_docs, write_jsonl
@@ -34,13 +36,39 @@ def test_bi_encoder_fp32_equals_torch_and_int8_is_close(tiny_model):
     assert tuple(int8.encode(TEXTS[:1], convert_to_tensor=True).shape) == (1, fp32.get_embedding_dimension())
 
 
-def test_cross_encoder_fp32_equals_torch_and_int8_is_close(tiny_cross_encoder):
+@pytest.fixture(scope="module")
+def spread_cross_encoder(tiny_model) -> str:
+    """A tiny random cross-encoder whose scores differ: the tiny BERT initialised with 10x the usual weights (std 0.2,
+    not 0.02), so that different pairs get different [CLS] vectors. The default initialisation scores every pair
+    within ~1e-4 of 0.5, where any tolerance would hide a wrong score or order."""
+    import torch
+    from sentence_transformers import CrossEncoder
+    from transformers import AutoTokenizer, BertConfig, BertForSequenceClassification
+
+    raw = Path(tiny_model).parent / "raw"
+    torch.manual_seed(0)
+    config = BertConfig.from_pretrained(raw, num_labels=1, initializer_range=0.2)
+    out = Path(tiny_model).parent / "spread-cross-encoder"
+    BertForSequenceClassification(config).save_pretrained(out)
+    AutoTokenizer.from_pretrained(raw).save_pretrained(out)
+    CrossEncoder(str(out), num_labels=1, max_length=64, device="cpu").save(str(out))
+    return str(out)
+
+
+def test_cross_encoder_fp32_equals_torch_and_int8_is_close(spread_cross_encoder):
     pairs = [(q, d) for q in ("cell protein", "brain data") for d in TEXTS]
-    ref = load_cross_encoder(tiny_cross_encoder, device="cpu").predict(pairs, batch_size=3, convert_to_numpy=True)
-    fp32 = load_cross_encoder(tiny_cross_encoder, device="cpu", backend="onnx", threads=1).predict(pairs, batch_size=3)
-    assert np.allclose(fp32, ref, atol=1e-5)
-    int8 = load_cross_encoder(tiny_cross_encoder, device="cpu", backend="onnx-int8", threads=1).predict(pairs)
-    assert np.abs(int8 - ref).max() < 0.05  # (a random tiny model's scores are too flat to compare orders)
+    ref = load_cross_encoder(spread_cross_encoder, device="cpu").predict(pairs, batch_size=3, convert_to_numpy=True)
+    spread = float(ref.max() - ref.min())
+    assert spread > 0.1, ref  # scores far enough apart for the tolerances below to mean something
+    gaps = np.abs(ref[:, None] - ref[None, :])
+    fp32 = load_cross_encoder(spread_cross_encoder, device="cpu", backend="onnx", threads=1).predict(pairs,
+                                                                                                     batch_size=3)
+    assert np.abs(fp32 - ref).max() < 1e-4 * spread, fp32 - ref  # the same numbers, to float rounding
+    int8 = load_cross_encoder(spread_cross_encoder, device="cpu", backend="onnx-int8", threads=1).predict(pairs)
+    assert np.abs(int8 - ref).max() < 0.05 * spread, (int8 - ref) / spread  # measured: ~2% of the spread
+    # the order of every two pairs whose torch scores are more than 5% of the spread apart is kept
+    apart = gaps > 0.05 * spread
+    assert (np.sign(int8[:, None] - int8[None, :]) == np.sign(ref[:, None] - ref[None, :]))[apart].all(), (ref, int8)
 
 
 def test_exports_are_cached_and_follow_the_model_files(tiny_model, tmp_path, monkeypatch):

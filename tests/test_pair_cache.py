@@ -176,10 +176,9 @@ def test_a_retrained_cross_encoder_misses_every_pair(tmp_path, tiny_cross_encode
 def ray_module():
     import ray
 
-    from pipelines.runtime import worker_env
+    from pipelines.runtime import start_local_ray
 
-    ray.init(address="local", num_cpus=2, include_dashboard=False, runtime_env={"env_vars": worker_env()},
-             logging_level="WARNING")
+    start_local_ray(num_cpus=2, logging_level="WARNING")
     yield
     ray.shutdown()
 

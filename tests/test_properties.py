@@ -37,12 +37,13 @@ import re
 import tempfile
 from datetime import UTC, datetime
 from pathlib import Path
+from typing import NamedTuple
 
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 import yaml
-from hypothesis import HealthCheck, assume, given, settings
+from hypothesis import HealthCheck, assume, example, given, settings
 from hypothesis import strategies as st
 
 from pipelines import corpus as corpus_mod
@@ -301,10 +302,18 @@ csv_values = st.one_of(
 )
 
 
+class CsvFile(NamedTuple):
+    data: bytes
+    records: int  # records after the header, as written
+    bad_width_and_utf8: bool  # a record has both the wrong number of fields and bytes that are not UTF-8
+    header: list[str]
+    ends: list[int]  # the byte offset where each record ends (after its line ending)
+
+
 @st.composite
-def csv_files(draw) -> tuple[bytes, int, bool, list[str]]:
-    """A CSV file (header + records), its number of records, whether a record has both the wrong number of fields
-    and bytes that are not UTF-8 (see test_csv_corpus_every_record_accounted_for), and the header."""
+def csv_files(draw) -> CsvFile:
+    """A CSV file (header + records) and what is known of it from writing it (see
+    test_csv_corpus_every_record_accounted_for for the known limits)."""
     header = draw(st.lists(st.sampled_from(CSV_COLUMNS), min_size=1, max_size=len(CSV_COLUMNS), unique=True))
     records = []
     for _ in range(draw(st.integers(0, 12))):
@@ -314,16 +323,30 @@ def csv_files(draw) -> tuple[bytes, int, bool, list[str]]:
     ending = draw(st.sampled_from(["\n", "\r\n"]))
     # QUOTE_MINIMAL quotes only the characters of the line ending: with "\n" a bare "\r" would end the record
     writer = csv.writer(out, lineterminator=ending, quoting=csv.QUOTE_MINIMAL if ending == "\r\n" else csv.QUOTE_ALL)
-    writer.writerow(header)
-    writer.writerows(records)
+    parts: list[bytes] = []
+    for row in [header, *records]:  # one record at a time, to know where each one ends
+        writer.writerow(row)
+        parts.append(out.getvalue().encode("utf-8", "surrogateescape"))
+        out.seek(0)
+        out.truncate()
+    ends = [sum(map(len, parts[:i + 1])) for i in range(1, len(parts))]
     bad_width_and_utf8 = any(len(r) != len(header) and any("\udc80" <= ch <= "\udcff" for v in r for ch in v)
                              for r in records)
-    return out.getvalue().encode("utf-8", "surrogateescape"), len(records), bad_width_and_utf8, header
+    return CsvFile(b"".join(parts), len(records), bad_width_and_utf8, header, ends)
+
+
+def _csv_records_at_most(data: bytes) -> int:
+    """An upper bound on the records of any CSV file, counted from its bytes alone: each record after the header
+    takes at least one line of its own (a line ends at \\r\\n, \\r or \\n; quoted values may span lines)."""
+    lines = re.split(rb"\r\n|\r|\n", data)
+    if lines[-1] == b"":
+        lines.pop()  # the final line ending ends the last line; it does not start another
+    return max(len(lines) - 1, 0)
 
 
 @given(csv_files(), st.integers(1, 8), st.sampled_from(["snapshot", "changes"]))
 def test_csv_corpus_every_record_accounted_for(file, rows_per_block, mode):
-    data, records, bad_width_and_utf8, header = file
+    data, records, bad_width_and_utf8, header, _ = file
     with tempfile.TemporaryDirectory() as folder:
         path = os.path.join(folder, "corpus.csv")
         Path(path).write_bytes(data)
@@ -337,6 +360,7 @@ def test_csv_corpus_every_record_accounted_for(file, rows_per_block, mode):
     # it are not counted one by one); only they may:
     reason = rows[-1][S.REASON]
     assert codes.index("bad_csv_file") == len(codes) - 1
+    assert len(rows) - 1 <= records, "no record comes out twice before the file is refused"
     # 1. pyarrow hands a record with the wrong number of fields to the invalid-row handler as text, decoded strictly:
     #    one that is also not UTF-8 fails its whole block (up to 1 MiB of records); the reason names the record.
     bad_width_row = bad_width_and_utf8 and "Expected" in reason
@@ -350,20 +374,36 @@ def test_csv_corpus_every_record_accounted_for(file, rows_per_block, mode):
     assert bad_width_row or retyped_column or huge_record, reason
 
 
+# bytes that, inserted anywhere but before a quote or inside a line ending, change no record boundary
+NEUTRAL_BYTES = [b"\xff", b"\xc3", b"\x00", b","]
+
+
 @st.composite
-def damaged_csv(draw) -> bytes:
+def damaged_csv(draw) -> tuple[bytes, int, int]:
+    """Damaged CSV bytes and bounds (low, high) on their records, known independently of any reader: from the
+    records written and where each ended, else from the bytes' line count alone."""
     kind = draw(st.sampled_from(["random", "truncated", "bad_byte"]))
     if kind == "random":
-        return draw(st.binary(max_size=300))
-    data, _, _, _ = draw(csv_files())
+        data = draw(st.binary(max_size=300))
+        return data, 0, _csv_records_at_most(data)
+    file = draw(csv_files())
+    data = file.data
     at = draw(st.integers(0, len(data)))
-    if kind == "truncated":
-        return data[:at]
-    return data[:at] + draw(st.sampled_from([b"\xff", b"\xc3", b"\x00", b'"', b"\r", b","])) + data[at:]
+    if kind == "truncated":  # the records that ended before the cut, and perhaps the start of the next one
+        whole = sum(end <= at for end in file.ends)
+        return data[:at], whole, whole + 1
+    byte = draw(st.sampled_from([*NEUTRAL_BYTES, b'"', b"\r"]))
+    damaged = data[:at] + byte + data[at:]
+    if byte in NEUTRAL_BYTES and 0 < at < len(data) and data[at:at + 1] != b'"' and data[at - 1:at] != b"\r":
+        return damaged, file.records, file.records  # a damaged value, or a field too many: still one row
+    return damaged, 0, _csv_records_at_most(damaged)
 
 
 @given(damaged_csv(), st.integers(1, 8))
-def test_csv_corpus_random_bytes_and_truncation(data, rows_per_block):
+@example(file=(b"_id,text\nd1,one\nd2,two\nd3,th", 2, 3), rows_per_block=2)  # cut in the last record
+@example(file=(b"_id,text\r\nd1,one\r\nd2,t\xffwo\r\nd3,three\r\n", 3, 3), rows_per_block=2)  # a bad byte
+def test_csv_corpus_random_bytes_and_truncation(file, rows_per_block):
+    data, low, high = file
     with tempfile.TemporaryDirectory() as folder:
         path = os.path.join(folder, "corpus.csv")
         Path(path).write_bytes(data)
@@ -372,6 +412,9 @@ def test_csv_corpus_random_bytes_and_truncation(data, rows_per_block):
     if "bad_csv_file" in codes:  # a file-level refusal ends the file's rows, and names what happened
         assert codes.index("bad_csv_file") == len(codes) - 1
         assert "CSV" in rows[-1][S.REASON]
+        assert len(rows) - 1 <= high, f"{len(rows) - 1} rows before the refusal from at most {high} records"
+    else:
+        assert low <= len(rows) <= high, f"{len(rows)} rows out of {low}..{high} records in"
 
 
 # -- corpus: Parquet -----------------------------------------------------------------------------------------------------
@@ -420,29 +463,52 @@ def test_parquet_corpus_every_row_accounted_for(table, row_group_size, rows_per_
 
 
 @st.composite
-def damaged_parquet(draw) -> bytes:
+def damaged_parquet(draw) -> tuple[bytes, str]:
     kind = draw(st.sampled_from(["random", "truncated", "flipped"]))
     if kind == "random":
-        return draw(st.binary(max_size=300))
+        return draw(st.binary(max_size=300)), kind
     data = _parquet_bytes(draw(parquet_tables()), draw(st.integers(1, 5)))
     if kind == "truncated":
-        return data[: draw(st.integers(0, len(data) - 1))]
+        return data[: draw(st.integers(0, len(data) - 1))], kind
     out = bytearray(data)
     for _ in range(draw(st.integers(1, 4))):
         out[draw(st.integers(0, len(out) - 1))] = draw(st.integers(0, 255))
-    return bytes(out)
+    return bytes(out), kind
+
+
+def _parquet_rows(data: bytes, whole: bool) -> int | None:
+    """Rows of a Parquet file as pyarrow itself counts them, without batchrank's reader: read whole (every column),
+    or as its footer declares them; None when pyarrow cannot."""
+    try:
+        return pq.read_table(io.BytesIO(data)).num_rows if whole else pq.ParquetFile(io.BytesIO(data)).metadata.num_rows
+    except Exception:  # noqa: BLE001 -- any failure: a damaged file has no count to compare with
+        return None
+
+
+INTACT_PARQUET = _parquet_bytes(pa.table({"_id": [f"d{i}" for i in range(5)], "text": ["t"] * 5}), 2)
 
 
 @given(damaged_parquet(), st.integers(1, 8))
-def test_parquet_corpus_random_bytes_truncation_and_corruption(data, rows_per_block):
+@example(file=(INTACT_PARQUET, "flipped"), rows_per_block=2)  # a byte flipped to itself: read to the end
+@example(file=(INTACT_PARQUET[:-1], "truncated"), rows_per_block=2)
+def test_parquet_corpus_random_bytes_truncation_and_corruption(file, rows_per_block):
+    data, kind = file
     with tempfile.TemporaryDirectory() as folder:
         path = os.path.join(folder, "corpus.parquet")
         Path(path).write_bytes(data)
         rows = _read_and_account(_corpus_cfg(folder, path, "parquet", rows_per_block), None)
     codes = [r[S.REASON_CODE] for r in rows]
+    readable = _parquet_rows(data, whole=True)
+    if kind == "truncated":  # the footer is gone: nothing can be read, and the file says so
+        assert codes == ["bad_parquet_file"], codes
     if "bad_parquet_file" in codes:  # a file-level refusal ends the file's rows, and names what happened
         assert codes.index("bad_parquet_file") == len(codes) - 1
         assert "Parquet" in rows[-1][S.REASON]
+        assert readable is None, f"a file pyarrow reads whole ({readable} rows) is refused: {rows[-1][S.REASON]}"
+    else:  # read to the end: exactly the rows the file holds, numbered in order
+        expected = readable if readable is not None else _parquet_rows(data, whole=False)
+        assert len(rows) == expected, f"{len(rows)} rows out of {expected} in"
+        assert [r[S.ROW] for r in rows] == list(range(1, len(rows) + 1))
 
 
 # -- query log -------------------------------------------------------------------------------------------------------
@@ -686,11 +752,72 @@ def test_config_misspelled_key_is_named(target, via_yaml):
         assert "did you mean" in msg, msg
 
 
-bad_values = st.one_of(st.sampled_from([*BAD_NUMBERS, 10**30, -(10**30), 1e308, -1, 0, 0.5, "", "abc", "nan", [],
-                                         {}, None, True, [math.nan], {"x": 1}]), numbers, texts, values)
+bad_values = st.one_of(st.sampled_from([*BAD_NUMBERS, 10**30, -(10**30), 1e308, -1, 0, 0.5, 2.0, "", " ", "abc",
+                                         "nan", "true", [], {}, None, True, False, [math.nan], {"x": 1}]),
+                       numbers, texts, values)
+
+
+def _names_the_key(msg: str, path: tuple) -> bool:
+    """Whether a line of the refusal is about the key at ``path``: its subject (what comes before the first space or
+    colon) is the dotted key, or a part of its value (``corpus.path.str``: a branch of a union; ``eval.depths.0``:
+    an item); or a section above it, when the line then names the rest of the key as a word (a check across keys:
+    ``embed rows_per_call (1) must be >= batch_size (16)``, ``<top level> rerank.top_n (30) must be <= ...``).
+    Not a substring anywhere: ``k`` or ``uri`` appear in many messages about other keys."""
+    dotted = ".".join(path)
+    for line in msg.split("\n  - ")[1:]:
+        subject = "<top level>" if line.startswith("<top level>") else re.split(r"[ :]", line, maxsplit=1)[0]
+        if subject == dotted or subject.startswith(dotted + "."):
+            return True
+        section = () if subject == "<top level>" else tuple(subject.split("."))
+        if len(section) < len(path) and path[:len(section)] == section:
+            rest = re.escape(".".join(path[len(section):]))
+            if re.search(rf"(?<![\w.]){rest}(?![\w.])", line[len(subject):]):
+                return True
+    return False
+
+
+def _value_at(cfg: Config, path: tuple):
+    for key in path:
+        cfg = getattr(cfg, key)
+    return cfg
+
+
+def _check_taken(where: str, value, got) -> None:
+    """A value the config accepted is one a job can use, kept as given: a YAML boolean only by a switch and a switch
+    only a boolean; an integer setting an integer within 64 bits (not true, 2.0 or "2"); a float setting a finite
+    number (an integer becomes its float); text as given and not blank (every text of the demo config names a path,
+    a URI, a model, a field or a split); a list not empty."""
+    if isinstance(got, list):
+        assert got, f"{where} took an empty list ({value!r})"
+        for item in got:
+            assert not isinstance(item, bool) and (not isinstance(item, str) or item.strip()), f"{where} took {value!r}"
+            assert not isinstance(item, int) or INT64[0] <= item <= INT64[1], f"{where} took {value!r}"
+    elif got is None:
+        assert value is None, f"{where} took {value!r} as null"
+    elif isinstance(value, bool) or isinstance(got, bool):
+        assert got is value, f"{where} took {value!r} as {got!r}: a boolean is a switch, never a number or text"
+    elif isinstance(got, int):
+        assert type(value) is int and got == value, f"{where} took {value!r} as the integer {got!r}"
+        assert INT64[0] <= got <= INT64[1], f"{where} took {value!r}, beyond a 64-bit integer"
+    elif isinstance(got, float):
+        assert type(value) in (int, float) and got == float(value), f"{where} took {value!r} as {got!r}"
+        assert math.isfinite(got), f"{where} took {value!r}"
+    elif isinstance(got, str):
+        assert got == value and got.strip(), f"{where} took {value!r} as {got!r}"
 
 
 @given(st.sampled_from(LEAVES), bad_values)
+# the values an earlier, weaker version of this test let through, always tried
+@example(leaf=(("embed", "actors"), 2), value=True)
+@example(leaf=(("embed", "actors"), 2), value=10**30)
+@example(leaf=(("embed", "actors"), 2), value=2.0)
+@example(leaf=(("corpus", "path"), "x"), value="")
+@example(leaf=(("corpus", "path"), "x"), value=[])
+@example(leaf=(("storage", "uri"), "x"), value="")
+@example(leaf=(("storage", "uri"), "x"), value=" ")
+@example(leaf=(("rerank", "cache"), True), value=0)
+@example(leaf=(("train", "learning_rate"), 2e-5), value=True)
+@example(leaf=(("retrieve", "k"), 20), value=1)  # refused across keys: rerank.top_n (10) > retrieve.k
 def test_config_bad_value_is_refused_naming_the_key(leaf, value):
     path, _ = leaf
     data = _replace(DEMO, path, value=value)
@@ -698,10 +825,24 @@ def test_config_bad_value_is_refused_naming_the_key(leaf, value):
         cfg = parse_config(data)
     except ConfigError as exc:
         msg = str(exc)
-        assert path[-1] in msg, f"the refusal names {'.'.join(path)}: {msg}"
+        assert _names_the_key(msg, path), f"the refusal names {'.'.join(path)}: {msg}"
     else:
         assert isinstance(cfg, Config)
         assert not (isinstance(value, float) and not math.isfinite(value)), f"{'.'.join(path)} took {value}"
+        _check_taken(".".join(path), value, _value_at(cfg, path))
+
+
+def test_key_naming_is_exact():
+    """The check above reads the message's structure, not its substrings."""
+    msg = "<config>: invalid config\n  - retrieve.rrf_k input should be greater than 0 (got 0)"
+    assert _names_the_key(msg, ("retrieve", "rrf_k")) and not _names_the_key(msg, ("retrieve", "k"))
+    assert not _names_the_key("<config>: invalid config\n  - embed.batch_size must be > 0", ("embed", "batch"))
+    assert _names_the_key("<config>: invalid config\n  - corpus.path.str input should be a valid string",
+                          ("corpus", "path"))
+    across = "<config>: invalid config\n  - <top level> rerank.top_n (10) must be <= retrieve.k (1); lower it"
+    assert _names_the_key(across, ("retrieve", "k")) and not _names_the_key(across, ("retrieve", "rrf_k"))
+    section = "<config>: invalid config\n  - embed rows_per_call (1) must be >= batch_size (16)"
+    assert _names_the_key(section, ("embed", "batch_size")) and not _names_the_key(section, ("embed", "actors"))
 
 
 config_keys = st.one_of(st.sampled_from(sorted({k for p in KEY_PATHS for k in p})), st.text(max_size=10))

@@ -23,12 +23,32 @@ def test_report_written_whole(tmp_path):
     assert not list((tmp_path / "reports").glob("*.tmp"))
 
 
-def test_timer_accumulates_sections():
+def test_timer_accumulates_sections(monkeypatch):
+    """Each section's wall time on a clock the test sets: repeated sections add up, a section that raises still
+    counts, and seconds are rounded to milliseconds."""
+    from types import SimpleNamespace
+
+    from pipelines import report
+
+    now = [100.0]
+    monkeypatch.setattr(report, "time", SimpleNamespace(perf_counter=lambda: now[0]))
+
+    def section(name: str, seconds: float, fail: bool = False) -> None:
+        with timer(name):
+            now[0] += seconds
+            if fail:
+                raise RuntimeError("boom")
+
     timer = Timer()
-    for _ in range(2):
-        with timer("a"):
-            pass
-    assert set(timer.seconds) == {"a"} and timer.seconds["a"] >= 0
+    section("read", 0.25)
+    section("embed", 2.0)
+    section("read", 0.5)
+    try:
+        section("commit", 1.23456, fail=True)
+    except RuntimeError:
+        pass
+    section("tiny", 0.0004)
+    assert timer.seconds == {"read": 0.75, "embed": 2.0, "commit": 1.235, "tiny": 0.0}
 
 
 def test_progress_heartbeat_and_close(capsys):

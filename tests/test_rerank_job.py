@@ -28,10 +28,9 @@ QUERIES = ["cell protein", "Cancer  Risk", "vitamin study", "brain data", "gene 
 def _ray():
     import ray
 
-    from pipelines.runtime import worker_env
+    from pipelines.runtime import start_local_ray
 
-    ray.init(address="local", num_cpus=2, include_dashboard=False, runtime_env={"env_vars": worker_env()},
-             logging_level="WARNING")
+    start_local_ray(num_cpus=2, logging_level="WARNING")
     yield
     ray.shutdown()
 

@@ -25,6 +25,7 @@ import pytest
 from conftest import good_docs
 
 from pipelines import index, rerank
+from pipelines import schema as S
 from pipelines.config import parse_config
 from pipelines.faults import InjectedFailure
 from pipelines.store import Store
@@ -275,8 +276,10 @@ def test_credentials_from_the_aws_environment(s3, tiny_model, monkeypatch, tmp_p
     assert read_query_log(cfg.query_log).selected["query"].to_pylist() == ["gene model"]
     path = write_report({"run_id": "env-test"}, f"s3://{BUCKET}/env/db/_reports")
     assert json.loads(s3.read(path)) == {"run_id": "env-test"}
-    assert {k: worker_env()[k] for k in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_ENDPOINT_URL")} == {
-        "AWS_ACCESS_KEY_ID": s3.key_id, "AWS_SECRET_ACCESS_KEY": s3.secret, "AWS_ENDPOINT_URL": s3.endpoint}
+    env = worker_env()  # what actors get in their runtime_env: the endpoint, never a credential (issue 17, item 11)
+    assert env["AWS_ENDPOINT_URL"] == s3.endpoint
+    assert not {"AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN"} & set(env)
+    assert s3.secret not in json.dumps(env)
 
     monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "not-the-secret")  # refused: the credentials are really used
     with pytest.raises(OSError):
@@ -286,33 +289,45 @@ def test_credentials_from_the_aws_environment(s3, tiny_model, monkeypatch, tmp_p
     assert Store(cfg.storage).open("t").count_rows() == 2
 
 
-def test_lance_commit_on_s3_is_a_conditional_put(s3):
-    """Lance writes each manifest with ``If-None-Match: *``; moto refuses it when the version exists, so a writer
-    that loses the race for a version retries on top of the winner instead of overwriting it."""
-    from pipelines.objstore import lance_location
+def test_two_batchrank_commits_racing_on_s3_both_land_once(s3, tiny_model):
+    """Two index commits (``Store.commit_passages``, batchrank's own: a merge_insert of a staging table, tagged)
+    race for the same table version: Lance writes each manifest with ``If-None-Match: *``, moto refuses the loser's
+    with 412, and the loser's commit is retried on top of the winner's. Both runs' documents land, each id once,
+    each run's tag on its own version; nothing either wrote is lost."""
+    cfg = config(s3, "race", tiny_model)
+    store_a, store_b = Store(cfg.storage), Store(cfg.storage)
+    schema = S.passages_schema({}, 2)
 
-    uri, options = lance_location(f"s3://{BUCKET}/race/db", s3.options())
-    import lancedb
+    def staged(store, run_id, ids):
+        rows = pa.table({S.ID: ids, S.TITLE: [""] * len(ids), S.TEXT: [f"text {i}" for i in ids],
+                         S.VECTOR: pa.array([[1.0, 0.0]] * len(ids), pa.list_(pa.float32(), 2)),
+                         S.CONTENT_HASH: [f"h-{i}-{run_id}" for i in ids], S.MODEL: ["m"] * len(ids),
+                         S.EMBEDDED_AT: pa.array([None] * len(ids), S.TIMESTAMP), S.RUN_ID: [run_id] * len(ids)})
+        table = store.stage(cfg.storage.passages_table, run_id, schema)
+        table.add(rows)
+        return table
 
-    writer_a = lancedb.connect(uri, storage_options=options)
-    writer_a.create_table("t", data=pa.table({"a": [1]}))
-    table_a = writer_a.open_table("t")
-    table_b = lancedb.connect(uri, storage_options=options).open_table("t")
-    manifests = f"/{BUCKET}/race/db/t.lance/_versions/"
+    store_a.commit_passages(staged(store_a, "run-0", ["d0", "d1"]), "run-0")
+    a = staged(store_a, "run-a", ["d1", "a1"])  # d1 changed by run a
+    b = staged(store_b, "run-b", ["b1", "b2"])
+    manifests = f"/{BUCKET}/race/db/{cfg.storage.passages_table}.lance/_versions/"
 
-    def let_a_commit_first(path: str) -> None:  # B is about to PUT the manifest of version 2: A commits it now
+    def let_a_commit_first(path: str) -> None:  # B is about to PUT its manifest: A commits now, taking the version
         if path.startswith(manifests) and s3.before_put is not None:
             s3.before_put = None
-            table_a.add(pa.table({"a": [2]}))
+            store_a.commit_passages(a, "run-a")
 
     s3.puts.clear()
     s3.before_put = let_a_commit_first
-    table_b.add(pa.table({"a": [3]}))
-    commits = [(p.removeprefix(manifests), inm, status) for p, inm, status in s3.puts if p.startswith(manifests)]
-    v2, v3 = (f"{(1 << 64) - 1 - v:020d}.manifest" for v in (2, 3))
-    assert commits == [(v2, "*", 200), (v2, "*", 412), (v3, "*", 200)]  # A's commit, B's refused, B's retry
-    fresh = lancedb.connect(uri, storage_options=options).open_table("t")
-    assert fresh.version == 3 and sorted(fresh.to_arrow()["a"].to_pylist()) == [1, 2, 3]
+    version_b = store_b.commit_passages(b, "run-b")
+    refused = [p for p, inm, status in s3.puts if p.startswith(manifests) and status == 412]
+    assert len(refused) == 1 and all(inm == "*" for p, inm, _ in s3.puts if p.startswith(manifests))
+    table = Store(cfg.storage).passages()  # a fresh reader
+    ids = table.to_arrow()[S.ID].to_pylist()
+    assert sorted(ids) == ["a1", "b1", "b2", "d0", "d1"]  # each id once, both runs' rows
+    assert table.search().where("id = 'd1'").to_arrow()[S.RUN_ID][0].as_py() == "run-a"
+    tags = table.tags.list()
+    assert tags["run-b"]["version"] == version_b == table.version and tags["run-a"]["version"] == version_b - 1
 
 
 def test_credentials_never_printed(s3, tiny_model):
@@ -355,3 +370,30 @@ def test_run_lock_on_an_object_store(s3):
         assert lock.report["took_over"]["run_id"] == "index-1"
         assert "locks/db/_locks/passages.lock.json" in s3.keys("locks/db/_locks")
     assert "locks/db/_locks/passages.lock.json" not in s3.keys("locks/db/_locks")  # released
+
+
+def test_a_run_whose_lease_another_run_took_does_not_commit(s3, ray_per_module, tiny_model, monkeypatch):
+    """The lease is checked right before the commit: a run that lost it (it stalled, and another run took the
+    table over) fails with LockLost naming that run, and publishes nothing."""
+    from pipelines.locks import LockLost
+
+    s3.put_jsonl("lost/in/docs.jsonl", good_docs(12))
+    cfg = config(s3, "lost", tiny_model)
+    index.run(cfg)
+    before = Store(cfg.storage).passages().version
+    s3.put_jsonl("lost/in/docs.jsonl", good_docs(15))
+    real = index.maybe_fail
+
+    def another_run_takes_the_lease(point: str) -> None:
+        if point == "before_commit":  # as if this run had stalled past lock.stale_seconds and run B took over
+            s3.client.put_object(Bucket=BUCKET, Key="lost/db/_locks/passages.lock.json", Body=json.dumps(
+                {"run_id": "index-20261206T000000Z-b0b0b0", "job": "index", "pid": 1, "host": "elsewhere",
+                 "token": "run-b", "state": "held"}).encode())
+        real(point)
+
+    monkeypatch.setattr(index, "maybe_fail", another_run_takes_the_lease)
+    with pytest.raises(LockLost, match="index-20261206T000000Z-b0b0b0"):
+        index.run(cfg)
+    assert Store(cfg.storage).passages().version == before and Store(cfg.storage).passages().count_rows() == 12
+    lease = json.loads(s3.client.get_object(Bucket=BUCKET, Key="lost/db/_locks/passages.lock.json")["Body"].read())
+    assert lease["token"] == "run-b"  # the run that lost the lease left run B's lease alone

@@ -70,9 +70,31 @@ def cfg(collection, make_config, encoder):
         "output": str(folder / "reranker"), "base_model": str(Path(encoder).parent / "raw"),
         "negatives": {"per_query": 3, "range_max": 10}, "validation_fraction": 0.25, "max_steps": 2,
         "batch_size": 8, "max_length": 64, "validation_k": 10, "device": "cpu",
+        "warmup_ratio": 0.0,  # with 2 steps, a warmup step would run at learning rate 0 (and may be the best kept)
     })
     build_passages(config, good_docs(30), encoder)
     return config
+
+
+def encoder_weights(model) -> dict:
+    """The transformer's weights of a loaded CrossEncoder, SentenceTransformer or Hugging Face model, by name."""
+    from sentence_transformers import CrossEncoder, SentenceTransformer
+
+    if isinstance(model, CrossEncoder):
+        model = model.model
+    elif isinstance(model, SentenceTransformer):
+        model = model[0].auto_model
+    return {k: v.detach().clone() for k, v in model.base_model.state_dict().items()}  # (without a classifier head)
+
+
+def assert_trained_at(learning_rate: float, steps: int, before: dict, after: dict) -> None:
+    """The weights moved as Adam's steps at this learning rate move them: a step changes each weight by at most
+    about the learning rate (Adam divides the gradient by its own size; the first step by exactly that much),
+    so the largest change is neither ~0 (no training, or a learning rate of 0) nor well above
+    ``learning_rate x steps`` (another learning rate). Measured here: 1.0x after one step, 1.5x after two."""
+    assert before.keys() == after.keys()
+    moved = max(float((after[k].float() - before[k].float()).abs().max()) for k in before)
+    assert 0.5 * learning_rate <= moved <= 1.5 * learning_rate * steps, (moved, learning_rate, steps)
 
 
 def pairs_of(output: str) -> list[dict]:
@@ -96,14 +118,19 @@ def fake_fit(t, columns, samples, folder):
 
 def test_trains_validates_fits_fusion_and_the_model_loads(cfg):
     from sentence_transformers import CrossEncoder
+    from transformers import AutoModel
 
     report = train.run(cfg)
     assert report["status"] == "succeeded" and report["training"]["steps"] == 2 and report["head"] == "new"
     out = Path(cfg.train.output)
     meta = meta_of(out)
     assert meta["fingerprint"] == report["fingerprint"] and meta["job"] == "train" and meta["head"] == "new"
-    scores = CrossEncoder(str(out)).predict([("cancer risk", "title 1 cancer risk number 1"), ("a", "b"), ("c", "d")])
+    trained = CrossEncoder(str(out))
+    scores = trained.predict([("cancer risk", "title 1 cancer risk number 1"), ("a", "b"), ("c", "d")])
     assert scores.shape == (3,) and np.isfinite(scores).all()
+    # the kept checkpoint (step 1 or 2) was trained from the base model's encoder, at train.learning_rate
+    assert_trained_at(cfg.train.learning_rate, meta["training"]["best_step"],
+                      encoder_weights(AutoModel.from_pretrained(cfg.train.base_model)), encoder_weights(trained))
 
     q, j, p = report["queries"], report["judgments"], report["pairs"]
     assert q == {"judged": N_QUERIES, "not_in_queries_file": 0, "beyond_max_queries": 0,
@@ -177,6 +204,7 @@ def test_mining_honours_range_and_margins(cfg, monkeypatch, margins):
 
 def test_listwise_loss_trains(cfg):
     from sentence_transformers import CrossEncoder
+    from transformers import AutoModel
 
     cfg.train.loss, cfg.train.validation_fraction = "listwise", 0.0
     cfg.train.negatives = cfg.train.negatives.model_copy(update={"per_query": 2})
@@ -186,7 +214,10 @@ def test_listwise_loss_trains(cfg):
     assert report["pairs"]["positive"] == N_QUERIES and report["pairs"]["negative"] == 2 * N_QUERIES
     meta = meta_of(cfg.train.output)
     assert "fusion" not in meta and meta["validation"] is None and meta["query_ids"]["validation"] == []
-    assert CrossEncoder(cfg.train.output).predict([("a", "b")]).shape == (1,)
+    trained = CrossEncoder(cfg.train.output)
+    assert trained.predict([("a", "b")]).shape == (1,)
+    assert_trained_at(cfg.train.learning_rate, 2, encoder_weights(AutoModel.from_pretrained(cfg.train.base_model)),
+                      encoder_weights(trained))
 
 
 def test_self_supervised_pairs_are_added_and_counted(cfg, monkeypatch):

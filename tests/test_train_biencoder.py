@@ -8,7 +8,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 from conftest import good_docs
-from test_train import N_QUERIES, build_passages, collection, encoder  # noqa: F401 - fixtures
+from test_train import N_QUERIES, assert_trained_at, build_passages, collection, encoder, encoder_weights  # noqa: F401
 
 from pipelines import train_biencoder as tb
 from pipelines.training import META, PAIRS
@@ -21,6 +21,7 @@ def cfg(collection, make_config, encoder):  # noqa: F811
         "queries": str(folder / "queries.jsonl"), "qrels": str(folder / "qrels.tsv"),
         "output": str(folder / "bi-encoder"), "validation_fraction": 0.25, "max_steps": 2, "batch_size": 4,
         "max_seq_length": 64, "device": "cpu", "negatives": {"per_query": 1, "range_min": 1, "range_max": 10},
+        "warmup_ratio": 0.0,  # with 2 steps, a warmup step would run at learning rate 0 (and may be the best kept)
     })
     build_passages(config, good_docs(30), encoder)
     return config
@@ -33,7 +34,8 @@ def test_trains_saves_and_the_model_encodes(cfg):
     assert report["status"] == "succeeded" and report["training"]["steps"] == 2
     assert report["base_model"] == cfg.embed.model and report["loss"]["name"] == "mnrl"
     out = Path(cfg.train_biencoder.output)
-    vectors = SentenceTransformer(str(out), device="cpu").encode(["cancer risk", "title 1 cancer risk number 1"])
+    trained = SentenceTransformer(str(out), device="cpu")
+    vectors = trained.encode(["cancer risk", "title 1 cancer risk number 1"])
     assert vectors.shape == (2, 32) and np.isfinite(vectors).all()
 
     meta = json.loads((out / META).read_text())
@@ -48,6 +50,9 @@ def test_trains_saves_and_the_model_encodes(cfg):
     assert v["queries"] == 2 and 2 <= v["corpus"] <= 30 and set(v["ndcg@10"]) == {"before", "after"}
     assert meta["training"]["best_step"] in (1, 2) and [c["step"] for c in v["checkpoints"]] == [1, 2]
     assert v["ndcg@10"]["after"] == max(c["ndcg@10"] for c in v["checkpoints"])
+    # the kept checkpoint was trained from embed.model at train_biencoder.learning_rate
+    assert_trained_at(cfg.train_biencoder.learning_rate, meta["training"]["best_step"],
+                      encoder_weights(SentenceTransformer(cfg.embed.model, device="cpu")), encoder_weights(trained))
     text = tb.summary(report)
     assert "set embed.model to" in text and "new table" in text and "6 train, 2 validation" in text
     assert sorted(p.name for p in out.parent.iterdir() if p.name.startswith("bi-encoder")) == ["bi-encoder"]
