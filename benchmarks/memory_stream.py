@@ -1,7 +1,7 @@
 """Streaming memory: peak resident memory of an index run, all processes together, against corpus size.
 
     HF_HUB_OFFLINE=1 OMP_WAIT_POLICY=PASSIVE RAY_AUTH_MODE=disabled \
-        .venv/bin/python benchmarks/memory_stream.py [--docs 250000 1000000] [--work /work/scratch/...]
+        .venv/bin/python benchmarks/memory_stream.py [--docs 250000 1000000] [--work DIR]
 
 The issue's criterion: a synthetic corpus of 1,000,000 short documents indexed with a tiny model uses at most
 4 GiB of resident memory, all processes together, and memory does not grow between 250k and 1M documents.
@@ -40,6 +40,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 from pathlib import Path
@@ -562,7 +563,7 @@ def summarise(n, meta, sampler, events, result, wall, run_dir) -> dict:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--docs", type=int, nargs="+", default=[250_000, 1_000_000])
-    ap.add_argument("--work", default="/work/scratch/batchrank-memory-stream",
+    ap.add_argument("--work", default=os.path.join(tempfile.gettempdir(), "batchrank-memory-stream"),
                     help="corpus, model, tables and logs (not /tmp)")
     ap.add_argument("--files", type=int, default=16, help="JSONL files per corpus")
     ap.add_argument("--words", type=int, nargs=2, default=[8, 30], metavar=("MIN", "MAX"),
