@@ -124,7 +124,7 @@ def main() -> None:
             hits += len(exact & approx)
         search_s = time.perf_counter() - t
         recall[name] = {"recall@10": round(hits / (10 * len(qvecs)), 4), "params": variant,
-                        "build_seconds": round(build_s, 2) if name != CHOSEN else report["seconds"]["index"],
+                        "build_seconds": round(build_s, 2) if name != CHOSEN else report["seconds"]["upkeep"],  # the job builds it in upkeep
                         "ann_info": built.get("ann"), "search_pairs_seconds": round(search_s, 2)}
     store.passages().drop_index("vector_idx")
     cfg.index.ann = cfg.index.ann.model_validate({**ANN_VARIANTS[CHOSEN], "min_rows": 0})
