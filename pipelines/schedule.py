@@ -186,13 +186,13 @@ class RunsLog:
         table = self._table()
         if table is None:
             return []
-        from pipelines.store import _sql_strings  # the one quoting of strings in filters (ids use it too)
+        from pipelines.store import sql_strings  # the one quoting of strings in filters (ids use it too)
 
         q = table.search()
         if schedule is not None:
             if not schedule.isascii() and not _utf8(schedule):
                 return []  # a lone surrogate (undecodable command-line bytes): no stored name has one
-            q = q.where(f"schedule = {_sql_strings([schedule])}")
+            q = q.where(f"schedule = {sql_strings([schedule])}")
         rows = q.limit(None).to_arrow().to_pylist()
         return sorted(rows, key=lambda r: (r["scheduled_for"], r["key"]))
 

@@ -92,8 +92,8 @@ class StagedTable:
         if self._table is None or not ids:
             return
         for at in range(0, len(ids), chunk):
-            self._table.delete(f"{S.RUN_ID} != {_sql_strings([not_run])} AND "
-                               f"{S.ID} IN ({_sql_strings(ids[at:at + chunk])})")
+            self._table.delete(f"{S.RUN_ID} != {sql_strings([not_run])} AND "
+                               f"{S.ID} IN ({sql_strings(ids[at:at + chunk])})")
         self.rows = self._table.count_rows()
 
     def keep_only(self, keep: dict[str, tuple[str, str]], chunk: int = 200) -> None:
@@ -103,9 +103,9 @@ class StagedTable:
         ids = sorted(keep)
         for at in range(0, len(ids), chunk):
             part = ids[at:at + chunk]
-            mine = " OR ".join(f"({S.ID} = {_sql_strings([i])} AND {S.CONTENT_HASH} = {_sql_strings([keep[i][0]])} "
-                               f"AND {S.RUN_ID} = {_sql_strings([keep[i][1]])})" for i in part)
-            self._table.delete(f"{S.ID} IN ({_sql_strings(part)}) AND NOT ({mine})")
+            mine = " OR ".join(f"({S.ID} = {sql_strings([i])} AND {S.CONTENT_HASH} = {sql_strings([keep[i][0]])} "
+                               f"AND {S.RUN_ID} = {sql_strings([keep[i][1]])})" for i in part)
+            self._table.delete(f"{S.ID} IN ({sql_strings(part)}) AND NOT ({mine})")
         self.rows = self._table.count_rows()
 
     def reader(self, batch_rows: int = 8192) -> pa.RecordBatchReader:
@@ -165,7 +165,7 @@ class Store:
         ids = sorted(set(ids))
         parts: list[pa.Table] = []
         for i in range(0, len(ids), chunk):
-            parts.append(table.search().where(f"{key} IN ({_sql_strings(ids[i:i + chunk])})").select(columns).limit(None).to_arrow())
+            parts.append(table.search().where(f"{key} IN ({sql_strings(ids[i:i + chunk])})").select(columns).limit(None).to_arrow())
         if not parts:
             return table.search().select(columns).limit(0).to_arrow()
         return pa.concat_tables(parts)
@@ -279,7 +279,7 @@ class Store:
                                                     f"OR target.{S.CONTENT_HASH} IS NULL")
                      .when_not_matched_insert_all())
             if deletes:
-                merge = merge.when_not_matched_by_source_delete(f"{S.ID} IN ({_sql_strings(deletes)})")
+                merge = merge.when_not_matched_by_source_delete(f"{S.ID} IN ({sql_strings(deletes)})")
             merge.execute(source)
         version = table.version
         table.tags.create(run_id, version)
@@ -539,7 +539,6 @@ def sql_strings(values) -> str:
     return ", ".join("'" + v.replace("'", "''") + "'" for v in values)
 
 
-_sql_strings = sql_strings
 
 
 def distance_to_score(distance, metric: str):

@@ -1,5 +1,5 @@
 """Filter strings built from user input: every one goes through the store's single quoting of string literals
-(``pipelines.store._sql_strings``), so a value is a value whatever it holds: quotes, an injected ``OR``,
+(``pipelines.store.sql_strings``), so a value is a value whatever it holds: quotes, an injected ``OR``,
 backslashes, NUL, 5,000 characters. No Ray, no models."""
 
 from __future__ import annotations
