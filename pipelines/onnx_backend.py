@@ -161,8 +161,25 @@ def _quantize(path: Path) -> None:
     from onnxruntime.quantization import QuantType, quantize_dynamic
 
     out = path.with_name("model.int8.onnx")
-    quantize_dynamic(str(path), str(out), weight_type=QuantType.QInt8, per_channel=True, reduce_range=False)
+    # onnxruntime advises "pre-processing before quantization" on the root logger for every model without its
+    # pre-process metadata; dynamic int8 of a transformer does not need it (sentence-transformers' own export skips
+    # it too), so that one advisory is filtered while quantize_dynamic runs and nothing else.
+    advisory = _DropMessage("pre-processing before quantization")
+    logging.getLogger().addFilter(advisory)
+    try:
+        quantize_dynamic(str(path), str(out), weight_type=QuantType.QInt8, per_channel=True, reduce_range=False)
+    finally:
+        logging.getLogger().removeFilter(advisory)
     os.replace(out, path)
+
+
+class _DropMessage(logging.Filter):
+    def __init__(self, fragment: str):
+        super().__init__()
+        self.fragment = fragment
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return self.fragment not in record.getMessage()
 
 
 class _Session:
