@@ -8,7 +8,7 @@ cluster, and encodes and scores on the driver's device (a GPU when the driver ha
 
 import sys
 
-from pipelines.cli import job_main
+from pipelines.runs import job_main
 
 if __name__ == "__main__":
     sys.exit(job_main("eval"))

@@ -6,7 +6,7 @@ Locally it starts Ray on this machine; under ``ray job submit --working-dir . --
 
 import sys
 
-from pipelines.cli import job_main
+from pipelines.runs import job_main
 
 if __name__ == "__main__":
     sys.exit(job_main("index"))

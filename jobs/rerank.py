@@ -7,7 +7,7 @@ publishes a new rankings version. Locally it starts Ray; under ``ray job submit 
 
 import sys
 
-from pipelines.cli import job_main
+from pipelines.runs import job_main
 
 if __name__ == "__main__":
     sys.exit(job_main("rerank"))

@@ -8,7 +8,7 @@ set ``embed.model`` to that folder and index into a new table.
 
 import sys
 
-from pipelines.cli import job_main
+from pipelines.runs import job_main
 
 if __name__ == "__main__":
     sys.exit(job_main("train-biencoder"))

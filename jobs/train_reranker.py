@@ -7,7 +7,7 @@ on (under ``ray job submit``, the head node unless ``--entrypoint-num-gpus`` pla
 
 import sys
 
-from pipelines.cli import job_main
+from pipelines.runs import job_main
 
 if __name__ == "__main__":
-    sys.exit(job_main("train"))
+    sys.exit(job_main("train-reranker"))

@@ -3,29 +3,19 @@
 from __future__ import annotations
 
 import json
-import logging
-import os
 import sys
 from pathlib import Path
 from typing import Annotated
 
 import typer
 
+from pipelines.runs import run_job, setup_logging
+
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
                   help="Offline two-stage ranking: index a corpus with a bi-encoder, rerank a query log with a "
                        "cross-encoder into a versioned rankings table, look rankings up.")
 
 ConfigOpt = Annotated[Path, typer.Option("--config", "-c", help="YAML config of the job")]
-
-
-def setup_logging(verbose: bool = False) -> None:
-    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
-    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
-    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    logging.basicConfig(level=logging.DEBUG if verbose else logging.INFO,
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr)
-    for noisy in ("ray", "ray.data", "sentence_transformers", "httpx", "filelock"):
-        logging.getLogger(noisy).setLevel(logging.WARNING)
 
 
 def _load(config: Path):
@@ -36,70 +26,6 @@ def _load(config: Path):
     except ConfigError as exc:
         typer.echo(f"error: {exc}", err=True)
         sys.exit(2)
-
-
-def run_job(job: str, config: Path, verbose: bool = False, **options) -> int:
-    """Shared by the CLI and ``python -m jobs.<job>``: run one job, print its summary; exit code 0 on success.
-
-    ``job`` is ``index``, ``rerank``, ``nightly``, ``train``, ``train-biencoder`` or ``eval``. Config errors exit 2; failed runs exit 1, after which
-    the previous table versions are intact.
-    """
-    import importlib
-
-    from pipelines.config import ConfigError
-
-    setup_logging(verbose)
-    cfg = _load(config)
-    module = importlib.import_module({"index": "pipelines.index", "rerank": "pipelines.rerank",
-                                      "train": "pipelines.train", "eval": "pipelines.evaluate",
-                                      "train-biencoder": "pipelines.train_biencoder",
-                                      "nightly": "pipelines.nightly"}[job])
-    try:
-        if options.get("run_id") and job not in ("index", "rerank", "nightly"):  # those check their tables too
-            from pipelines.report import refuse_used_run_id
-
-            refuse_used_run_id(cfg, options["run_id"])
-        report = module.run(cfg, **options)
-    except ConfigError as exc:
-        typer.echo(f"error: {exc}", err=True)
-        return 2
-    except Exception as exc:
-        logging.getLogger("batchrank").debug("%s run failed", job, exc_info=True)
-        report = getattr(exc, "batchrank_report", None)
-        if report is not None:
-            typer.echo(module.summary(report), err=True)
-        typer.echo(f"error: {job} run failed: {exc}", err=True)
-        return 1
-    typer.echo(module.summary(report))
-    return 0
-
-
-def run_index(config: Path, verbose: bool = False) -> int:
-    return run_job("index", config, verbose)
-
-
-def job_main(job: str, argv: list[str] | None = None) -> int:
-    """``python -m jobs.<job> --config FILE``: the entrypoint given to ``ray job submit``."""
-    import argparse
-
-    module = {"index": "jobs.index", "rerank": "jobs.rerank", "train": "jobs.train_reranker", "eval": "jobs.eval",
-              "train-biencoder": "jobs.train_biencoder", "nightly": "jobs.nightly"}[job]
-    parser = argparse.ArgumentParser(prog=f"python -m {module}")
-    parser.add_argument("--config", "-c", required=True, type=Path, help="YAML config of the job")
-    parser.add_argument("--verbose", "-v", action="store_true")
-    parser.add_argument("--run-id", help="the run id (table tags, report name); `batchrank submit` sets it")
-    trains = job in ("train", "train-biencoder")
-    if trains:
-        parser.add_argument("--force", action="store_true", help="retrain even if an up-to-date model exists")
-    args = parser.parse_args(argv)
-    options = {"force": args.force} if trains else {}
-    if args.run_id:
-        import re
-
-        if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,127}", args.run_id):
-            parser.error(f"--run-id {args.run_id!r}: use letters, digits, '_', '.' and '-' (it names table tags)")
-        options["run_id"] = args.run_id
-    return run_job(job, args.config, args.verbose, **options)
 
 
 Verbose = Annotated[bool, typer.Option("--verbose", "-v")]
@@ -131,7 +57,7 @@ def train_reranker(
     verbose: Verbose = False,
 ) -> None:
     """Fine-tune a cross-encoder on training judgments, with hard negatives mined from passages."""
-    raise typer.Exit(run_job("train", config, verbose, force=force))
+    raise typer.Exit(run_job("train-reranker", config, verbose, force=force))
 
 
 @app.command("train-biencoder")

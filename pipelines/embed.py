@@ -3,18 +3,20 @@
 ``__call__`` maps a validated Arrow batch to the same batch plus a ``vector`` column
 (fixed-size list of float32, unit length when ``normalize``). Rows already marked bad
 pass through with a null vector so that the sink can quarantine them, and so do a change
-feed's delete markers and the rows a killed run already staged (their input is null). (Unchanged documents never get here: the index job plans first and
-sends only new and changed rows.) The same class embeds small deltas on the driver.
+feed's delete markers and the rows a killed run already staged (their input is null).
+(Unchanged documents never get here: the index job plans first and sends only new and
+changed rows.) The same class embeds small deltas on the driver.
 
 Example (no Ray needed)::
 
-    stage = Embedder("all-MiniLM-L6-v2", batch_size=16)
+    stage = Embedder("all-MiniLM-L6-v2", batch_size=16)   # or Embedder.from_config(cfg.embed, device="cpu", ...)
     out = stage(validated_table)
 """
 
 from __future__ import annotations
 
 import time
+from typing import Any
 
 import numpy as np
 import pyarrow as pa
@@ -45,6 +47,22 @@ class Embedder:
         self.normalize = normalize
         self.dim = self.model.get_embedding_dimension()
         self.node = node_label()
+
+    @staticmethod
+    def config_kwargs(embed_cfg, *, device: str, num_threads: float | None) -> dict[str, Any]:
+        """The constructor's keywords from the ``embed`` config section: what an actor pool's
+        ``fn_constructor_kwargs`` takes (plain values, cheap to pickle). ``device`` and ``num_threads`` depend on
+        where the stage runs (an actor's GPUs and CPUs, or the driver's)."""
+        e = embed_cfg
+        return dict(model=e.model, batch_size=e.batch_size, device=device, dtype=e.dtype,
+                    max_seq_length=e.max_seq_length, normalize=e.normalize, trust_remote_code=e.trust_remote_code,
+                    num_threads=num_threads, backend=e.backend, batch_tokens=e.batch_tokens)
+
+    @classmethod
+    def from_config(cls, embed_cfg, *, device: str, num_threads: float | None) -> Embedder:
+        """The stage built from the ``embed`` config section, e.g.
+        ``Embedder.from_config(cfg.embed, device=cfg.embed.device, num_threads=os.cpu_count())``."""
+        return cls(**cls.config_kwargs(embed_cfg, device=device, num_threads=num_threads))
 
     def encode(self, texts: list[str]) -> np.ndarray:
         emb = self.model.encode(texts, batch_size=self.batch_size, convert_to_numpy=True,

@@ -45,7 +45,9 @@ def _defaults() -> tuple[int, int]:
 
 def has_ann_index(table) -> bool:
     """Whether the table (at its checked-out version) has a vector index on ``vector``."""
-    return any(S.VECTOR in ix.columns for ix in table.list_indices())
+    from pipelines.store import has_vector_index
+
+    return has_vector_index(table)
 
 
 def choose_method(exact, *, rows: int, dim: int, has_ann: bool, max_rows: int | None = None,
@@ -195,7 +197,9 @@ class ExactSearch:
                  batch_rows: int = LOAD_BATCH_ROWS):
         if metric not in ("cosine", "dot", "l2"):
             raise ValueError(f"unknown metric {metric!r}; use cosine, dot or l2")
-        self.ds = table.to_lance() if hasattr(table, "to_lance") else table  # the checked-out version
+        from pipelines.store import dataset
+
+        self.ds = dataset(table)  # the checked-out version, as a Lance dataset (whole columns, rows by position)
         self.metric, self.chunk_bytes = metric, max(4, int(chunk_bytes))
         self.columns = list(dict.fromkeys([S.ID, *columns]))
         self.version = self.ds.version

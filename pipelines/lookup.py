@@ -68,7 +68,7 @@ class Rankings:
         self.table = self._open(version)
         self.version = self.table.version
         self.with_documents = with_documents
-        first = self.table.search().select([S.NORMALIZER]).limit(1).to_arrow()
+        first = self.store.scan(self.table, [S.NORMALIZER], limit=1)
         self.rules = json.loads(first[S.NORMALIZER][0].as_py()) if first.num_rows else {}
         self._passages: dict[int, Any] = {}
 
@@ -82,24 +82,25 @@ class Rankings:
             version = int(version)
         name = f"'{self.store.cfg.rankings_table}'"
         if isinstance(version, int):
-            kept = sorted(v["version"] for v in latest.list_versions())
+            kept = self.store.versions(latest)
             if version not in kept:
                 gone = 1 <= version < latest.version
                 raise LookupVersionError(
                     f"{name} version {version} {'was cleaned up' if gone else 'does not exist'} (versions kept: "
-                    f"{_spans(kept)}); pass one of those to --at, or a run-id tag: {_tag_hint(latest)}")
+                    f"{_spans(kept)}); pass one of those to --at, or a run-id tag: "
+                    f"{_tag_hint(self.store.tags(latest))}")
             return self.store.rankings(version)
         if not isinstance(version, str) or not version.strip():
             raise LookupVersionError(f"--at is empty; pass a version number of {name} (latest: {latest.version}) "
-                                     f"or a run-id tag: {_tag_hint(latest)}")
-        tags = latest.tags.list()
+                                     f"or a run-id tag: {_tag_hint(self.store.tags(latest))}")
+        tags = self.store.tags(latest)
         if version not in tags:
             from pipelines.store import run_tag_time
 
             number = re.fullmatch(r"[vV]([0-9]+)", version)
             made = run_tag_time(version)
             if number:
-                kept = {v["version"] for v in latest.list_versions()}
+                kept = set(self.store.versions(latest))
                 why = (f"no tag {version!r}: for version {int(number[1])} pass --at {int(number[1])} (a plain number)"
                        if int(number[1]) in kept else
                        f"no tag {version!r} (and version {int(number[1])} is not kept either: {_spans(sorted(kept))})")
@@ -112,7 +113,7 @@ class Rankings:
             else:
                 why = f"no tag {version!r}"
             raise LookupVersionError(f"{name} has {why}; --at takes a version number (latest: {latest.version}) or "
-                                     f"a run-id tag: {_tag_hint(latest)}")
+                                     f"a run-id tag: {_tag_hint(tags)}")
         return self.store.rankings(version)
 
     def lookup(self, query: str, *, n: int | None = None) -> Ranking | None:
@@ -188,12 +189,11 @@ def _spans(versions: list[int]) -> str:
     return ", ".join(str(a) if a == b else f"{a}-{b}" for a, b in spans) or "none"
 
 
-def _tag_hint(table, shown: int = 5) -> str:
-    """The newest few tags (read leases left out), for error messages."""
+def _tag_hint(tags: dict[str, int], shown: int = 5) -> str:
+    """The newest few of a table's ``{tag: version}`` (read leases left out), for error messages."""
     from pipelines.store import LEASE_PREFIX
 
-    tags = sorted(((info["version"], tag) for tag, info in table.tags.list().items()
-                   if not tag.startswith(LEASE_PREFIX)), reverse=True)
+    tags = sorted(((v, tag) for tag, v in tags.items() if not tag.startswith(LEASE_PREFIX)), reverse=True)
     if not tags:
         return "this table has none"
     more = f", and {len(tags) - shown} older" if len(tags) > shown else ""

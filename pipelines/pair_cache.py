@@ -11,7 +11,8 @@ a ranking made from cached scores is the ranking the model would have made.
 
 * ``cross_encoder_id``: the identity of the scoring function (folder contents, not its path).
 * ``PairCache``: the read side, opened inside each Scorer actor at the version read at run start.
-* ``write``: the driver adds newly scored pairs (idempotent upsert on ``pair_key``, index kept current).
+* ``write``: the driver adds newly scored pairs (``Store.upsert`` on ``pair_key``, first write wins, index kept
+  current).
 * ``evict``: table upkeep drops entries older than ``maintenance.pair_cache_days``.
 
 Example::
@@ -33,23 +34,8 @@ import pyarrow.compute as pc
 
 from pipelines import schema as S
 
-# pair_scores columns (query, cross_encoder and run_id are named as in the other tables)
-PAIR_KEY = "pair_key"
-DOC_ID = "doc_id"
-DOC_HASH = "doc_hash"
-SCORE = "score"
-SCORED_AT = "scored_at"
-
-SCHEMA = pa.schema([
-    pa.field(PAIR_KEY, pa.string(), nullable=False),
-    pa.field(S.CROSS_ENCODER, pa.string()),
-    pa.field(S.QUERY, pa.string()),
-    pa.field(DOC_ID, pa.string()),
-    pa.field(DOC_HASH, pa.string()),
-    pa.field(SCORE, pa.float32()),
-    pa.field(S.RUN_ID, pa.string()),
-    pa.field(SCORED_AT, S.TIMESTAMP),
-])
+# pair_scores columns and schema: pipelines/schema.py (named here too, for the Scorer and tests)
+PAIR_KEY, DOC_ID, DOC_HASH, SCORE, SCORED_AT = S.PAIR_KEY, S.DOC_ID, S.DOC_HASH, S.SCORE, S.SCORED_AT
 
 # in flight, Scorer → rerank sink (never stored in rankings): per query, the pairs the model scored in this call
 NEW_KEYS = "_new_pair_keys"
@@ -173,11 +159,11 @@ def new_pairs(batch: pa.Table, ce_id: str, run_id: str, scored_at: datetime) -> 
         DOC_HASH: pc.list_flatten(batch[NEW_DOC_HASHES].combine_chunks()),
         SCORE: pc.list_flatten(batch[NEW_SCORES].combine_chunks()).cast(pa.float32()),
         S.RUN_ID: pa.array([run_id] * n, pa.string()), SCORED_AT: pa.array([scored_at] * n, S.TIMESTAMP),
-    }, schema=SCHEMA)
+    }, schema=S.PAIR_SCORES_SCHEMA)
 
 
 def write(store, rows: pa.Table) -> int:
-    """Add scored pairs (rows of ``SCHEMA``) to the cache; return how many were new.
+    """Add scored pairs (rows of ``PAIR_SCORES_SCHEMA``) to the cache; return how many were new.
 
     Idempotent: a pair already cached is left as it is (``merge_insert`` on ``pair_key``), so a rerun of a killed
     run never duplicates. Creates the table and its BTree index on ``pair_key`` on first use, and folds new rows
@@ -185,24 +171,14 @@ def write(store, rows: pa.Table) -> int:
     """
     if rows.num_rows == 0:
         return 0
-    rows = rows.select(SCHEMA.names).cast(SCHEMA)
+    rows = rows.select(S.PAIR_SCORES_SCHEMA.names).cast(S.PAIR_SCORES_SCHEMA)
     first: dict[str, int] = {}
     for i, key in enumerate(rows[PAIR_KEY].to_pylist()):
         first.setdefault(key, i)
     if len(first) < rows.num_rows:  # a merge inserts every source row that is not in the table, repeats too
         rows = rows.take(pa.array(sorted(first.values()), pa.int64()))
-    name = store.cfg.pair_scores_table
-    table = store.open(name)
-    if table is None:
-        from lancedb.index import BTree
-
-        table = store.db.create_table(name, data=rows, schema=SCHEMA)
-        table.create_index(PAIR_KEY, config=BTree())
-        return rows.num_rows
-    inserted = table.merge_insert(PAIR_KEY).when_not_matched_insert_all().execute(rows).num_inserted_rows
-    if inserted:
-        table.to_lance().optimize.optimize_indices(index_names=[f"{PAIR_KEY}_idx"])
-    return inserted
+    return store.upsert(store.cfg.pair_scores_table, rows, PAIR_KEY, schema=S.PAIR_SCORES_SCHEMA, update=False,
+                        index=True).inserted
 
 
 def evict(store, ce_id_current: str | None = None, older_than_days: float | None = None, *,
@@ -217,13 +193,12 @@ def evict(store, ce_id_current: str | None = None, older_than_days: float | None
     from pipelines.report import utcnow
     from pipelines.store import sql_strings
 
-    table = store.open(store.cfg.pair_scores_table)
     where = []
     if older_than_days is not None:
         cutoff = (now or utcnow()) - timedelta(days=older_than_days)
         where.append(f"{SCORED_AT} < timestamp '{cutoff.isoformat()}'")
     if ce_id_current is not None:
         where.append(f"{S.CROSS_ENCODER} != {sql_strings([ce_id_current])}")
-    if table is None or not where:
+    if not where:
         return 0
-    return table.delete(" OR ".join(f"({w})" for w in where)).num_deleted_rows
+    return store.delete_where(store.cfg.pair_scores_table, " OR ".join(f"({w})" for w in where))

@@ -30,6 +30,7 @@ from typing import Any
 import pyarrow as pa
 
 from pipelines import schema as S
+from pipelines.files import expand_paths, iter_jsonl_records, iter_parquet_records
 from pipelines.objstore import filesystem, redact
 from pipelines.validate import Malformed
 
@@ -241,14 +242,8 @@ def log_files(paths: str | list[str], fmt: str, storage_options: dict[str, str] 
     """``(path, format)`` of every log file: globs expanded, folders listed (hidden and ``_`` files skipped)."""
     import pyarrow.fs as pafs
 
-    from pipelines.corpus import expand_paths
-
     out: list[tuple[str, str]] = []
-    try:
-        expanded = expand_paths(paths, storage_options)
-    except FileNotFoundError as exc:
-        raise FileNotFoundError(str(exc).replace("corpus.path", "query_log.path")) from None
-    for p in expanded:
+    for p in expand_paths(paths, storage_options, key="query_log.path"):
         fs, path = filesystem(p, storage_options)
         info = fs.get_file_info(path)
         if info.type == pafs.FileType.Directory:
@@ -267,7 +262,8 @@ def log_files(paths: str | list[str], fmt: str, storage_options: dict[str, str] 
                                  "or parquet")
             out.append((p, f))
     if not out:
-        raise FileNotFoundError(f"query_log.path {redact(repr(paths))} holds no .jsonl or .parquet files; check the path")
+        raise FileNotFoundError(f"query_log.path {redact(repr(paths))} holds no .jsonl or .parquet files; "
+                                "check the path")
     return out
 
 
@@ -280,8 +276,6 @@ def _format_of(path: str, fmt: str) -> str | None:
 
 def iter_log_records(log_cfg, storage_options: dict[str, str] | None = None) -> Iterator[tuple[str, int | None, Any]]:
     """``(source, row, record)`` for every line of every log file; unreadable input comes back ``Malformed``."""
-    from pipelines.corpus import iter_jsonl_records, iter_parquet_records
-
     fields = [f for f in (log_cfg.text_field, log_cfg.time_field, log_cfg.count_field) if f]
     for path, fmt in log_files(log_cfg.path, log_cfg.format, storage_options):
         fs, inner = filesystem(path, storage_options)

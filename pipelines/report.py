@@ -166,8 +166,7 @@ def refuse_used_run_id(cfg, run_id: str, tables: tuple[str, ...] = ()) -> None:
 
         store = Store(cfg.storage)
         for table_name in tables:
-            table = store.open(table_name)
-            if table is not None and run_id in table.tags.list():
+            if run_id in store.tags(table_name):  # no tags when the table does not exist
                 where.append(f"a tag on table '{table_name}'")
     if where:
         raise ConfigError(f"run id {run_id!r} was already used ({', '.join(where)}): a run id names one run's "

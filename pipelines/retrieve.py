@@ -8,6 +8,7 @@ add the candidates, best retrieval first: ids, the text the cross-encoder reads,
 Example (no Ray needed)::
 
     stage = Retriever(cfg.storage, cfg.index, passages_version=3, model="all-MiniLM-L6-v2", k=100, source="hybrid")
+    stage = Retriever.from_config(cfg, passages_version=3, device="cpu")  # or: every setting from the config
     out = stage(pa.table({"query_id": [...], "query": ["vitamin d and bone density"], ...}))
 """
 
@@ -16,6 +17,7 @@ from __future__ import annotations
 import logging
 import time
 from concurrent.futures import ThreadPoolExecutor
+from typing import Any
 
 import numpy as np
 import pyarrow as pa
@@ -33,6 +35,12 @@ def document_text(title: str | None, text: str | None, fields, separator: str = 
     Shared by the rerank job and the reranker's training, so that both see the same text."""
     parts = {"title": title, "text": text}
     return separator.join(parts[f] for f in fields if parts[f])
+
+
+def search_settings(rt) -> dict[str, Any]:
+    """``CandidateSearch``'s (and ``Retriever``'s) search keywords from ``rt``, the ``retrieve`` config section."""
+    return {"k": rt.k, "source": rt.source, "rrf_k": rt.rrf_k, "exact": rt.exact, "exact_max_rows": rt.exact_max_rows,
+            "exact_max_bytes": rt.exact_max_bytes, "threads": rt.search_threads}
 
 
 class CandidateSearch:
@@ -72,6 +80,12 @@ class CandidateSearch:
                                           chunk_bytes=exact_chunk_bytes or CHUNK_BYTES)
             log.info("vector candidates: %s (%s)", self.method, self.method_reason)
         self.pool = ThreadPoolExecutor(max_workers=threads, thread_name_prefix="search")
+
+    @classmethod
+    def from_config(cls, store, table, cfg, **overrides: Any) -> CandidateSearch:
+        """Candidates as ``cfg.retrieve`` and ``cfg.index`` set them; ``overrides`` (e.g. ``k``, ``source``,
+        ``exact``, ``columns``, ``threads``) replace the config's."""
+        return cls(store, table, cfg.index, **{**search_settings(cfg.retrieve), **overrides})
 
     def __enter__(self) -> CandidateSearch:
         return self
@@ -159,6 +173,24 @@ class Retriever:
         self.search = CandidateSearch(store, store.passages(passages_version), index_cfg, k=k, source=source,
                                       rrf_k=rrf_k, exact=exact, exact_max_rows=exact_max_rows,
                                       exact_max_bytes=exact_max_bytes, columns=columns, threads=threads)
+
+    @staticmethod
+    def config_kwargs(cfg, *, passages_version: int, **overrides: Any) -> dict[str, Any]:
+        """The constructor's keywords from the config (``retrieve``: the search and CPUs per actor; ``embed``: the
+        bi-encoder; ``rerank``: the document fields the cross-encoder reads): what ``map_batches(Retriever,
+        fn_constructor_kwargs=...)`` takes. ``overrides`` replace the config's (``device`` as resolved for the
+        actor)."""
+        rt, e, rr = cfg.retrieve, cfg.embed, cfg.rerank
+        documents = {} if rr is None else {"doc_fields": tuple(rr.input_fields), "separator": rr.separator}
+        return {"storage_cfg": cfg.storage, "index_cfg": cfg.index, "passages_version": passages_version,
+                "model": e.model, **search_settings(rt), **documents, "device": e.device, "dtype": e.dtype,
+                "max_seq_length": e.max_seq_length, "normalize": e.normalize, "trust_remote_code": e.trust_remote_code,
+                "num_threads": rt.cpus_per_actor, "backend": e.backend, "batch_tokens": e.batch_tokens, **overrides}
+
+    @classmethod
+    def from_config(cls, cfg, *, passages_version: int, **overrides: Any) -> Retriever:
+        """A retriever set up from the config (``overrides``: as for ``config_kwargs``)."""
+        return cls(**cls.config_kwargs(cfg, passages_version=passages_version, **overrides))
 
     def _doc_texts(self, hits: pa.Table) -> list[str]:
         titles = hits[S.TITLE].to_pylist() if S.TITLE in self.doc_fields else [None] * hits.num_rows

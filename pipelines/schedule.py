@@ -18,7 +18,7 @@ A schedules file (YAML)::
 * after downtime, at most one catch-up: of the occurrences missed since the last recorded one, only the
   latest runs; the record counts the others in ``missed``;
 * every occurrence is a row of the ``runs`` table (scheduled time, submission id, status, duration, report
-  location), updated as the cluster reports progress. ``batchrank runs`` lists it.
+  location; ``schema.RUNS_SCHEMA``), updated as the cluster reports progress. ``batchrank runs`` lists it.
 
 The cron arithmetic (time zones, DST, ranges) is croniter's; nothing here parses cron expressions.
 """
@@ -38,32 +38,14 @@ import pyarrow as pa
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from pipelines.config import validation_message
-from pipelines.submit import JOBS, TERMINAL, SubmitError
+from pipelines.registry import JOBS
+from pipelines.schema import RUNS_SCHEMA
+from pipelines.submit import TERMINAL, SubmitError
 
 log = logging.getLogger("batchrank.schedule")
 
 ACTIVE = {"SUBMITTED", "PENDING", "RUNNING"}  # a run in one of these blocks its schedule's next occurrence
 MAX_COUNTED_MISSES = 100_000
-
-RUNS_SCHEMA = pa.schema([
-    pa.field("key", pa.string(), nullable=False),  # <schedule>@<scheduled time, UTC ISO>
-    pa.field("schedule", pa.string()),
-    pa.field("job", pa.string()),
-    pa.field("config", pa.string()),
-    pa.field("scheduled_for", pa.timestamp("us", tz="UTC")),
-    pa.field("timezone", pa.string()),
-    pa.field("submission_id", pa.string()),
-    pa.field("run_id", pa.string()),
-    pa.field("status", pa.string()),  # SUBMITTED, PENDING, RUNNING, SUCCEEDED, FAILED, STOPPED, SKIPPED, NOT_SUBMITTED
-    pa.field("message", pa.string()),
-    pa.field("missed", pa.int64()),  # earlier occurrences not run because the scheduler was down (caught up once)
-    pa.field("submitted_at", pa.timestamp("us", tz="UTC")),
-    pa.field("started_at", pa.timestamp("us", tz="UTC")),
-    pa.field("finished_at", pa.timestamp("us", tz="UTC")),
-    pa.field("duration_s", pa.float64()),
-    pa.field("report", pa.string()),
-])
-
 
 class ScheduleError(ValueError):
     """A schedules file that cannot run; the message names the entry and the fix."""
@@ -169,7 +151,7 @@ def occurrence_id(entry: ScheduleEntry, when: datetime) -> str:
 
 
 class RunsLog:
-    """The ``runs`` table: one row per occurrence, upserted by key."""
+    """The ``runs`` table (``schema.RUNS_SCHEMA``): one row per occurrence, upserted by key."""
 
     def __init__(self, runs: RunsTable):
         from pipelines.config import StorageConfig
@@ -179,38 +161,28 @@ class RunsLog:
         self.store = Store(StorageConfig(uri=runs.uri, storage_options=runs.storage_options))
         self.writes = 0
 
-    def _table(self):
-        return self.store.open(self.name)
-
     def rows(self, schedule: str | None = None) -> list[dict[str, Any]]:
-        table = self._table()
-        if table is None:
-            return []
         from pipelines.store import sql_strings  # the one quoting of strings in filters (ids use it too)
 
-        q = table.search()
+        where = None
         if schedule is not None:
             if not schedule.isascii() and not _utf8(schedule):
                 return []  # a lone surrogate (undecodable command-line bytes): no stored name has one
-            q = q.where(f"schedule = {sql_strings([schedule])}")
-        rows = q.limit(None).to_arrow().to_pylist()
-        return sorted(rows, key=lambda r: (r["scheduled_for"], r["key"]))
+            where = f"schedule = {sql_strings([schedule])}"
+        rows = self.store.scan(self.name, where=where)
+        if rows is None:
+            return []
+        return sorted(rows.to_pylist(), key=lambda r: (r["scheduled_for"], r["key"]))
 
     def upsert(self, rows: list[dict[str, Any]]) -> None:
         if not rows:
             return
         data = pa.Table.from_pylist([{f: r.get(f) for f in RUNS_SCHEMA.names} for r in rows], RUNS_SCHEMA)
-        table = self._table()
-        if table is None:
-            try:
-                self.store.db.create_table(self.name, data=data, schema=RUNS_SCHEMA)
-                return
-            except (OSError, ValueError, RuntimeError):  # created meanwhile: merge below
-                table = self._table()
-        (table.merge_insert("key").when_matched_update_all().when_not_matched_insert_all().execute(data))
+        if self.store.upsert(self.name, data, "key", schema=RUNS_SCHEMA).created:
+            return
         self.writes += 1
         if self.writes % 50 == 0:  # a fast schedule writes often: keep the table to a few files
-            table.optimize(cleanup_older_than=timedelta(days=1))
+            self.store.optimize(self.name, cleanup_older_than=timedelta(days=1))
 
 
 @dataclass

@@ -10,6 +10,11 @@ Tables (in the LanceDB database at ``storage.uri``):
   commit (a new table version, tagged with the run id); lookups go by ``query_id``.
 - ``quarantine``: one row per rejected input row: ``run_id, job, source, row, id,
   reason_code, reason, raw, quarantined_at``. Append-only log.
+- ``pair_scores``: the rerank job's cache, one cross-encoder score per (cross-encoder, query,
+  document text): ``pair_key, cross_encoder, query, doc_id, doc_hash, score, run_id, scored_at``.
+  Upserted by ``pair_key`` (first write wins); see ``pipelines/pair_cache.py``.
+- ``runs`` (in the scheduler's own database, ``runs.uri``): one row per scheduled occurrence,
+  upserted by ``key``; see ``pipelines/schedule.py``.
 
 Between reading and writing, rows travel through Ray Data as Arrow tables with the
 "validated" columns below: good rows have ``reason_code = null``; bad rows keep the
@@ -57,6 +62,13 @@ PASSAGES_VERSION = "passages_version"
 NORMALIZER = "normalizer"  # JSON of the query normalisation rules, applied again at lookup
 RANKED_AT = "ranked_at"
 SETTINGS = "settings"  # digest of everything a ranking depends on besides the query and passages (models, k, ...)
+
+# pair_scores (query, cross_encoder and run_id are named as in rankings)
+PAIR_KEY = "pair_key"  # blake2b of (cross-encoder id, normalised query, the document text it reads)
+DOC_ID = "doc_id"
+DOC_HASH = "doc_hash"
+SCORE = "score"
+SCORED_AT = "scored_at"
 
 # in-flight only (never stored)
 EMBED_INPUT = "_embed_input"
@@ -138,6 +150,20 @@ QUARANTINE_SCHEMA = pa.schema(
 )
 
 
+def quarantine_rows(rows: pa.Table | list[dict] | None, run_id: str, job: str) -> pa.Table:
+    """Rejected rows (``source, row, id, reason_code, reason, raw``) with the run's columns added, as the
+    quarantine table stores them; an empty quarantine table when there are none."""
+    from datetime import UTC, datetime
+
+    if rows is None or len(rows) == 0:
+        return QUARANTINE_SCHEMA.empty_table()
+    table = rows if isinstance(rows, pa.Table) else pa.Table.from_pylist(rows)
+    n, now = table.num_rows, datetime.now(UTC)
+    return (table.append_column(RUN_ID, pa.array([run_id] * n))
+            .append_column(JOB, pa.array([job] * n))
+            .append_column(QUARANTINED_AT, pa.array([now] * n, TIMESTAMP)))
+
+
 RANKINGS_SCHEMA = pa.schema(
     [
         pa.field(QUERY_ID, pa.string(), nullable=False),
@@ -160,3 +186,54 @@ RANKINGS_SCHEMA = pa.schema(
         pa.field(SETTINGS, pa.string()),
     ]
 )
+
+
+PAIR_SCORES_SCHEMA = pa.schema(
+    [
+        pa.field(PAIR_KEY, pa.string(), nullable=False),
+        pa.field(CROSS_ENCODER, pa.string()),
+        pa.field(QUERY, pa.string()),
+        pa.field(DOC_ID, pa.string()),
+        pa.field(DOC_HASH, pa.string()),
+        pa.field(SCORE, pa.float32()),
+        pa.field(RUN_ID, pa.string()),
+        pa.field(SCORED_AT, TIMESTAMP),
+    ]
+)
+
+
+RUNS_SCHEMA = pa.schema(
+    [
+        pa.field("key", pa.string(), nullable=False),  # <schedule>@<scheduled time, UTC ISO>
+        pa.field("schedule", pa.string()),
+        pa.field("job", pa.string()),
+        pa.field("config", pa.string()),
+        pa.field("scheduled_for", TIMESTAMP),
+        pa.field("timezone", pa.string()),
+        pa.field("submission_id", pa.string()),
+        pa.field("run_id", pa.string()),
+        pa.field("status", pa.string()),  # SUBMITTED, PENDING, RUNNING, SUCCEEDED, FAILED, STOPPED, SKIPPED,
+        #                                   NOT_SUBMITTED
+        pa.field("message", pa.string()),
+        pa.field("missed", pa.int64()),  # earlier occurrences not run because the scheduler was down (caught up once)
+        pa.field("submitted_at", TIMESTAMP),
+        pa.field("started_at", TIMESTAMP),
+        pa.field("finished_at", TIMESTAMP),
+        pa.field("duration_s", pa.float64()),
+        pa.field("report", pa.string()),
+    ]
+)
+
+
+def fingerprint_rows(rows: pa.Table) -> str:
+    """A digest of (id, content hash) rows in any order: equal exactly when the documents are equal."""
+    import hashlib
+
+    import pyarrow.compute as pc
+
+    rows = rows.take(pc.sort_indices(rows, [(ID, "ascending")]))
+    h = hashlib.blake2b(digest_size=16)
+    for batch in rows.to_batches(65536):
+        h.update("\x1e".join(f"{a}\x1f{b}" for a, b in zip(batch[ID].to_pylist(),
+                                                        batch[CONTENT_HASH].to_pylist())).encode())
+    return h.hexdigest()

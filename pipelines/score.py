@@ -15,7 +15,7 @@ the model's float32 scores, so rankings are the same with or without the cache.
 
 Example (no Ray needed)::
 
-    stage = Scorer("path/to/cross-encoder", top_n=10)
+    stage = Scorer("path/to/cross-encoder", top_n=10)  # or Scorer.from_config(cfg.rerank, device="cpu")
     ranked = stage(retrieved_batch)
 """
 
@@ -69,6 +69,21 @@ class Scorer:
                 threading.Thread(target=self.load, name="batchrank-load-cross-encoder", daemon=True).start()
         else:
             self.load()  # every pair needs the model: load it with the actor, not inside the first call
+
+    @staticmethod
+    def config_kwargs(rr, **run_settings: Any) -> dict[str, Any]:
+        """The constructor's keywords from ``rr`` (the ``rerank`` config section): what
+        ``map_batches(Scorer, fn_constructor_kwargs=...)`` takes. ``run_settings`` add what a run decides and
+        override the config's: ``device`` as resolved for the actor, ``num_threads``, ``fusion_weight``, the
+        pair cache (``cache_storage``, ``cache_version``, ``cross_encoder_id``), ``preload``."""
+        return {"model": rr.model, "top_n": rr.top_n, "batch_size": rr.batch_size, "max_length": rr.max_length,
+                "device": rr.device, "dtype": rr.dtype, "trust_remote_code": rr.trust_remote_code,
+                "backend": rr.backend, "batch_tokens": rr.batch_tokens, **run_settings}
+
+    @classmethod
+    def from_config(cls, rr, **run_settings: Any) -> Scorer:
+        """A scorer set up from the ``rerank`` config section (``run_settings``: as for ``config_kwargs``)."""
+        return cls(**cls.config_kwargs(rr, **run_settings))
 
     def load(self):
         """The cross-encoder, loaded once: on first use, or by the preload thread (waited for)."""

@@ -1,4 +1,5 @@
-"""Ad-hoc search over ``passages``: embed one query with the table's bi-encoder, then vector, full-text or hybrid search.
+"""Ad-hoc search over ``passages``: one query embedded with the table's bi-encoder, then vector, full-text or hybrid
+search (``CandidateSearch``, through the store).
 
 Example::
 

@@ -3,8 +3,9 @@
 A submission is ``python -m jobs.<job> --config <config> --run-id <run id>`` run in a runtime environment
 built from the project: its folder as the working dir (``.git``, virtual environments, caches, local
 tables and datasets the config does not read are excluded, so uploads stay small), the project's
-dependencies declared as ``pip`` packages (installed on top of the cluster's environment: packages the
-cluster already has are not installed again), and the worker environment variables batchrank sets.
+dependencies declared as ``pip`` packages (the core, plus the optional groups the job needs and those asked
+for; installed on top of the cluster's environment: packages the cluster already has are not installed
+again), and the worker environment variables batchrank sets.
 
 The default submission id is ``<job>-<config name>-<YYYYMMDD>``: a second submission of the same night's
 run is refused by the cluster, unless forced (the id then gets a ``-2``, ``-3``, ... suffix).
@@ -30,13 +31,11 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any
 
+from pipelines.registry import JOBS
 from pipelines.runtime import CREDENTIAL_ENV  # never sent in a job's runtime_env
 
 log = logging.getLogger("batchrank.submit")
 
-# CLI name → module run by the job's entrypoint (``python -m jobs.<module>``).
-JOBS = {"index": "index", "rerank": "rerank", "nightly": "nightly", "eval": "eval",
-        "train-reranker": "train_reranker", "train-biencoder": "train_biencoder"}
 TERMINAL = {"SUCCEEDED", "FAILED", "STOPPED"}
 # Never part of a job's upload (gitignore syntax, relative to the project folder). Ray also applies the
 # project's .gitignore and .rayignore.
@@ -198,6 +197,7 @@ def prepare(job: str, config: str | os.PathLike, *, address: str | None = None, 
 
     if job not in JOBS:
         raise SubmitError(f"unknown job {job!r}; use one of {', '.join(JOBS)}")
+    entry = JOBS[job].entry
     config = Path(config).resolve()
     try:
         cfg = load_config(config)
@@ -205,15 +205,15 @@ def prepare(job: str, config: str | os.PathLike, *, address: str | None = None, 
         raise SubmitError(str(exc)) from None
     _check_portable(config)
     root = Path(working_dir).resolve() if working_dir else project_root(config.parent)
-    if not (root / "jobs" / f"{JOBS[job]}.py").is_file():
-        raise SubmitError(f"{root} has no jobs/{JOBS[job]}.py; pass --working-dir with the batchrank project folder")
+    if not (root / "jobs" / f"{entry}.py").is_file():
+        raise SubmitError(f"{root} has no jobs/{entry}.py; pass --working-dir with the batchrank project folder")
     if root not in config.parents:
         raise SubmitError(f"the config {config} is outside the project folder {root}, which is what the job "
                           f"receives; move it under {root / 'configs'} (or pass --working-dir with a folder "
                           "that holds both)")
     run_id = run_id or new_run_id(job)
     rel = config.relative_to(root).as_posix()
-    entrypoint = f"python -m jobs.{JOBS[job]} --config {rel} --run-id {run_id}"
+    entrypoint = f"python -m jobs.{entry} --config {rel} --run-id {run_id}"
     excludes = excludes_for(root, _config_inputs(cfg))
     # The submitter's own credentials stay here: job info is readable on the dashboard, and the cluster's nodes
     # bring theirs (an instance profile, IRSA, or the config's storage_options).
@@ -224,8 +224,9 @@ def prepare(job: str, config: str | os.PathLike, *, address: str | None = None, 
     env_vars = {k: v for k, v in worker_env().items() if k not in CREDENTIAL_ENV}
     runtime_env: dict[str, Any] = {"working_dir": str(root), "excludes": excludes,
                                    "env_vars": {**env_vars, **(env or {})}}
-    if pip:
-        runtime_env["pip"] = {"packages": declared_dependencies(root, list(extras)), "pip_check": False}
+    if pip:  # the core, the job's own groups (eval: matplotlib; training: datasets, accelerate), then --extra ones
+        groups = list(dict.fromkeys([*JOBS[job].extras, *extras]))
+        runtime_env["pip"] = {"packages": declared_dependencies(root, groups), "pip_check": False}
     report = f"{default_report_dir(cfg.storage.uri, cfg.report.dir).rstrip('/')}/{run_id}.json"
     metadata = {f"{METADATA_PREFIX}job": job, f"{METADATA_PREFIX}config": rel, f"{METADATA_PREFIX}run_id": run_id,
                 f"{METADATA_PREFIX}report": redact_uri(report)}

@@ -224,7 +224,7 @@ def self_supervised(data: Data, t, report: dict) -> list[Group]:
     validation = set(data.validation_ids)
     held = {d for q, d, _ in data.judgments if q in validation}
     # the table's own query API: the only way to filter without reading every text
-    titled = data.table.search().where(f"{S.TITLE} IS NOT NULL").select([S.ID, S.TITLE]).limit(None).to_arrow()
+    titled = data.store.scan(data.table, [S.ID, S.TITLE], where=f"{S.TITLE} IS NOT NULL")
     ids = sorted(i for i, title in zip(titled[S.ID].to_pylist(), titled[S.TITLE].to_pylist())
                  if title and title.strip() and i not in held)
     chosen = random.Random(t.seed).sample(ids, min(wanted, len(ids)))

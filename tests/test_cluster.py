@@ -272,13 +272,14 @@ def test_the_declared_dependencies_cover_what_the_code_imports():
 
 def test_forced_resubmission_gets_a_new_id_and_declared_dependencies_install(cluster, project):
     """Two submissions under one id: the second only with force, as <id>-2. Both run in the default runtime env,
-    whose pip environment is built from exactly the project's declared dependencies (less Ray, the cluster's own),
-    which cover every package batchrank's code imports: pip builds that environment on the head node of this
-    cluster, every declared package resolves in it, and the job imports batchrank there and stops at the config
-    (it has no eval section)."""
+    whose pip environment is built from exactly the project's declared dependencies (less Ray, the cluster's own)
+    and the eval job's own group (``eval``: matplotlib), which cover every package batchrank's code imports: pip
+    builds that environment on the head node of this cluster, every declared package resolves in it, and the job
+    imports batchrank there and stops at the config (it has no eval section)."""
     missing = undeclared_imports(project)  # the job's environment would lack them (first: no cluster time spent)
     assert not missing, f"imported but not installed by the declared dependencies: {missing}"
-    dependencies = tomllib.loads((project / "pyproject.toml").read_text(encoding="utf-8"))["project"]["dependencies"]
+    declared = tomllib.loads((project / "pyproject.toml").read_text(encoding="utf-8"))["project"]
+    dependencies = declared["dependencies"] + declared["optional-dependencies"]["eval"]
     expected = [d for d in dependencies if _dist(d) != "ray"]
     config = project / "configs" / "cluster.yaml"
     first = submit.submit("eval", config, address=cluster, working_dir=project, submission_id="eval-forced")

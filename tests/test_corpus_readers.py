@@ -8,14 +8,8 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from pipelines.corpus import (
-    blocks,
-    detect_format,
-    expand_paths,
-    iter_csv_records,
-    iter_jsonl_records,
-    iter_parquet_records,
-)
+from pipelines.corpus import blocks, expand_paths
+from pipelines.files import detect_format, iter_csv_records, iter_jsonl_records, iter_parquet_records
 from pipelines.validate import Malformed, RowSpec
 
 
@@ -30,9 +24,9 @@ def test_jsonl_lines_bad_json_and_bad_utf8():
 
 
 def test_jsonl_streams_across_chunk_boundaries(monkeypatch):
-    from pipelines import corpus
+    from pipelines import files
 
-    monkeypatch.setattr(corpus, "_CHUNK", 7)
+    monkeypatch.setattr(files, "_CHUNK", 7)
     data = b"".join(f'{{"_id": "{i}", "text": "t{i}"}}\n'.encode() for i in range(50))
     recs = list(iter_jsonl_records(io.BytesIO(data)))
     assert [r["_id"] for _, r in recs] == [str(i) for i in range(50)]

@@ -15,6 +15,7 @@ from hypothesis import strategies as st
 from pipelines import index
 from pipelines.config import parse_config
 from pipelines.corpus import read_local
+from pipelines.index_deletions import deletions
 
 EXAMPLES = 1500 if os.environ.get("BATCHRANK_HYPOTHESIS_PROFILE") == "long" else 40
 
@@ -55,7 +56,7 @@ def test_an_id_still_in_the_snapshot_is_never_deleted(snapshot, rows_per_block, 
         known = {i: "old hash" for i in doc_ids}  # every document was in passages after the last good run
         for batch in read_local(cfg):
             state.sink.plan(batch, known)
-        deleted = index._deletions(cfg, state, known)
+        deleted = deletions(cfg, state, known)
     present = [i for i in doc_ids if json.dumps(i).encode() in data or json.dumps(i, ensure_ascii=False).encode()
                in data]
     gone = set(known) - state.sink.seen_ids

@@ -165,7 +165,7 @@ def test_config_accepts_auto_true_false_and_lance_flat():
 def test_settings_key_and_report_follow_the_resolved_method(tmp_path):
     from lancedb.index import IvfFlat
 
-    from pipelines.rerank import _settings_key
+    from pipelines.carry_over import settings_key
 
     def config(**retrieve):
         return parse_config({"storage": {"uri": str(tmp_path / "db")}, "retrieve": retrieve,
@@ -176,7 +176,7 @@ def test_settings_key_and_report_follow_the_resolved_method(tmp_path):
     auto_small, always = config(exact="auto", exact_max_rows=1000), config(exact=True)
     auto_large, never = config(exact="auto", exact_max_rows=100), config(exact=False)
     def key(c):
-        return _settings_key(c, "ce", None, passages_version=table.version)
+        return settings_key(c, "ce", None, passages_version=table.version)
 
     assert key(auto_small) == key(always) != key(auto_large) == key(never)  # matmul, matmul / ann, ann
     assert method_for_report(auto_large, table.version)["method"] == "ann"

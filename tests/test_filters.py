@@ -114,9 +114,10 @@ _QUOTED = re.compile(r"'\{([^{}]+)\}'")  # '{expr}' inside an f-string: a value 
 
 
 def _filter_fstrings(tree: ast.AST):
-    """f-strings passed to ``where``/``delete``/``when_not_matched_by_source_delete``/``count_rows`` (or to
-    ``where=``), directly or as a variable assigned in the same function."""
-    calls = {"where", "delete", "when_not_matched_by_source_delete", "when_matched_update_all", "count_rows"}
+    """f-strings passed to ``where``/``delete``/``when_not_matched_by_source_delete``/``count_rows`` or the store's
+    ``scan``/``delete_where`` (or to ``where=``), directly or as a variable assigned in the same function."""
+    calls = {"where", "delete", "when_not_matched_by_source_delete", "when_matched_update_all", "count_rows",
+             "scan", "delete_where"}
     for node in ast.walk(tree):
         if isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute) and node.func.attr in calls:
             for arg in [*node.args, *(k.value for k in node.keywords if k.arg in ("where", "filter"))]:
@@ -126,17 +127,17 @@ def _filter_fstrings(tree: ast.AST):
 
 
 def test_no_filter_pastes_a_value_between_quotes():
-    """A lint over pipelines/: no filter f-string puts an interpolated value between single quotes unless that
-    expression escapes it (``sql_strings`` builds the quotes itself, so its uses never match). The one
-    allowed quoted value is a timestamp batchrank computes itself (``isoformat()``)."""
+    """A lint over pipelines/ and its subpackages (the store's included): no filter f-string puts an interpolated
+    value between single quotes unless that expression escapes it (``sql_strings`` builds the quotes itself, so its
+    uses never match). The one allowed quoted value is a timestamp batchrank computes itself (``isoformat()``)."""
     offenders = []
-    for path in sorted(PIPELINES.glob("*.py")):
+    for path in sorted(PIPELINES.rglob("*.py")):
         source = path.read_text(encoding="utf-8")
         for node in _filter_fstrings(ast.parse(source)):
             text = ast.get_source_segment(source, node) or ""
             for expr in _QUOTED.findall(text):
                 if not expr.endswith(".isoformat()"):  # every value from outside goes through sql_strings
-                    offenders.append(f"{path.name}:{node.lineno}: '{{{expr}}}'")
+                    offenders.append(f"{path.relative_to(PIPELINES)}:{node.lineno}: '{{{expr}}}'")
     assert offenders == [], "filters with unescaped values: " + "; ".join(offenders)
 
 

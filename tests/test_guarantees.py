@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 from conftest import good_docs, write_jsonl
 
-from pipelines import index, nightly, rerank
+from pipelines import index, nightly, rerank, rerank_sink
 from pipelines.config import parse_config
 from pipelines.faults import InjectedFailure
 from pipelines.store import Store
@@ -69,14 +69,14 @@ def test_rerank_reruns_reuse_a_dead_runs_scores_and_publish_only_complete_sets(r
     assert info.value.batchrank_report["status"] == "failed"
     monkeypatch.delenv("BATCHRANK_FAILPOINTS")
 
-    take = rerank._Sink.take_pending
+    take = rerank_sink.Sink.take_pending
 
     def lose_one_row(self):  # a ranking lost between the sink and the staging table
         rows = take(self)
         return rows.slice(1) if rows.num_rows else rows
 
     with monkeypatch.context() as m:
-        m.setattr(rerank._Sink, "take_pending", lose_one_row)
+        m.setattr(rerank_sink.Sink, "take_pending", lose_one_row)
         with pytest.raises(rerank.RerankError, match="not publishing an incomplete set"):
             rerank.run(cfg)
     assert store.open(cfg.storage.rankings_table) is None  # ranked != selected: nothing was published

@@ -1,0 +1,215 @@
+"""The sections of the index side: where tables live, the corpus, the bi-encoder, the indexes, upkeep, Ray,
+locks and reports."""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import Field, field_validator, model_validator
+
+from pipelines.config.base import Actors, Backend, CpusPerActor, Device, Dtype, GpusPerActor, PooledStage, _Section
+
+CorpusFormat = Literal["auto", "jsonl", "parquet", "csv", "lance"]
+MetadataType = Literal["string", "int", "float", "bool"]
+AnnType = Literal["auto", "none", "ivf_flat", "ivf_pq", "ivf_hnsw_sq", "ivf_hnsw_pq"]
+
+
+class StorageConfig(_Section):
+    uri: str = Field("./lancedb", description="LanceDB URI: a local folder, s3://bucket/prefix, ...")
+    # repr=False: a printed config never shows keys; YAML scalars (allow_http: true) become the strings LanceDB takes
+    storage_options: dict[str, str | bool | int | float] = Field(
+        default_factory=dict, repr=False,
+        description="object-store options as LanceDB names them (aws_access_key_id, aws_secret_access_key, "
+                    "aws_endpoint, region, allow_http, ...), for the tables and the corpus, query-log and report "
+                    "URIs; what is left out comes from the AWS_* environment variables")
+    passages_table: str = "passages"
+    quarantine_table: str = "quarantine"
+    rankings_table: str = "rankings"
+    pair_scores_table: str = Field("pair_scores", description="cross-encoder scores cached by (normalised query, "
+                                                              "document text hash, cross-encoder)")
+
+    @field_validator("storage_options")
+    @classmethod
+    def _option_strings(cls, v: dict) -> dict[str, str]:
+        return {k: str(x).lower() if isinstance(x, bool) else str(x) for k, x in v.items()}
+
+    @field_validator("passages_table", "quarantine_table", "rankings_table", "pair_scores_table")
+    @classmethod
+    def _table_name(cls, v: str) -> str:
+        if not v or not all(c.isalnum() or c in "_-" for c in v):
+            raise ValueError("must be a plain table name of letters, digits, '_' or '-'")
+        if v.startswith("_"):
+            raise ValueError("must not start with '_' (batchrank's private tables: staging, locks, reports)")
+        return v
+
+    @model_validator(mode="after")
+    def _distinct_tables(self) -> StorageConfig:
+        keys = ("passages_table", "quarantine_table", "rankings_table", "pair_scores_table")
+        seen: dict[str, str] = {}
+        for key in keys:
+            name = getattr(self, key)
+            if name in seen:
+                raise ValueError(f"storage.{key} and storage.{seen[name]} are both '{name}': each table needs its "
+                                 "own name (one job would overwrite the other's table); give them different names")
+            seen[name] = key
+        return self
+
+
+class CorpusConfig(_Section):
+    path: str | list[str] = Field(..., description="file, folder, glob or URI (or a list of them)")
+    format: CorpusFormat = "auto"
+    id_field: str = "_id"
+    text_field: str = "text"
+    title_field: str | None = "title"
+    metadata_fields: dict[str, MetadataType] = Field(default_factory=dict)
+    max_text_chars: int = Field(100_000, gt=0)
+    rows_per_block: int = Field(128, gt=0)
+    mode: Literal["snapshot", "changes"] = Field(
+        "snapshot", description="snapshot: the corpus is the whole collection, and passages whose id is absent "
+                                "are deleted; changes: a change feed of new, changed and deleted documents")
+    deleted_field: str = Field("deleted", description="changes mode: a row whose field is true deletes its id")
+    max_delete_fraction: float = Field(0.5, ge=0, le=1, description="snapshot mode: refuse a run that would delete "
+                                                                    "more than this share of passages (a truncated "
+                                                                    "snapshot); 1 allows any")
+    delete_despite_unreadable: bool = Field(
+        False, description="snapshot mode: when some input rows or files could not be read (no id to be had), a "
+                           "document absent from the snapshot may be one of them, so deletions are withheld (and a "
+                           "model change refused); true deletes every absent id anyway")
+
+    @field_validator("metadata_fields")
+    @classmethod
+    def _not_reserved(cls, v: dict[str, str]) -> dict[str, str]:
+        from pipelines.schema import RESERVED_COLUMNS
+
+        clash = sorted(n for n in v if n in RESERVED_COLUMNS or n.startswith("_") or not n)
+        if clash:
+            raise ValueError(f"{', '.join(repr(n) for n in clash)}: reserved for batchrank's own columns (or "
+                             f"empty, or starting with '_'); rename the field in the input, or leave it out "
+                             f"(reserved: {', '.join(sorted(RESERVED_COLUMNS))})")
+        return v
+
+
+class EmbedConfig(PooledStage, _Section):
+    model: str = "all-MiniLM-L6-v2"
+    input_fields: list[str] = Field(default_factory=lambda: ["title", "text"], min_length=1)
+    separator: str = " "
+    batch_size: int = Field(16, gt=0, description="rows per model batch when batch_tokens is null")
+    batch_tokens: int | None = Field(
+        0, ge=0, description="padded tokens per model batch, texts sorted by length across each call (0: the "
+                             "device's default, 4096 on CPU and 65536 on GPU; null: batches of batch_size rows)")
+    rows_per_call: int = Field(256, gt=0, description="documents per embedding call; sorted by length together")
+    local_max_rows: int = Field(500, ge=0, description="an incremental run with at most this many new or changed "
+                                                       "documents embeds them on the driver (starting the actor "
+                                                       "pool would cost more); 0: always the actors")
+    actors: Actors = 2
+    cpus_per_actor: CpusPerActor = 1.0
+    gpus_per_actor: GpusPerActor = 0.0
+    device: Device = "auto"
+    dtype: Dtype = "auto"
+    backend: Backend = "torch"
+    max_seq_length: int | None = Field(None, gt=0)
+    normalize: bool = True
+    trust_remote_code: bool = False
+
+    @property
+    def identity(self) -> str:
+        """The bi-encoder as recorded in passages: the model, and the backend when it changes the vectors."""
+        return self.model if self.backend == "torch" else f"{self.model} [{self.backend}]"
+
+    @field_validator("input_fields")
+    @classmethod
+    def _fields(cls, v: list[str]) -> list[str]:
+        bad = [f for f in v if f not in ("title", "text")]
+        if bad:
+            raise ValueError(f"only 'title' and 'text' can feed the embedding (got {bad})")
+        return v
+
+    @model_validator(mode="after")
+    def _batches(self) -> EmbedConfig:
+        if self.rows_per_call < self.batch_size:
+            raise ValueError(
+                f"rows_per_call ({self.rows_per_call}) must be >= batch_size ({self.batch_size}); "
+                "raise rows_per_call or lower batch_size"
+            )
+        return self
+
+
+class AnnConfig(_Section):
+    type: AnnType = "auto"
+    min_rows: int = Field(50_000, ge=0, description="below this many rows search stays exact")
+    num_partitions: int | None = Field(None, gt=0)
+    num_sub_vectors: int | None = Field(None, gt=0)
+    num_bits: Literal[4, 8] = 8
+    m: int = Field(20, gt=0)
+    ef_construction: int = Field(300, gt=0)
+    nprobes: int = Field(20, gt=0)
+    refine_factor: int | None = Field(None, gt=0)
+    ef: int | None = Field(None, gt=0)
+    retrain_fraction: float = Field(0.2, gt=0, description="retrain the ANN index once the rows added or changed "
+                                                           "since its training pass this share of the table; below "
+                                                           "it, new rows are added to the trained index")
+
+
+class FtsConfig(_Section):
+    enabled: bool = True
+    columns: list[Literal["title", "text"]] = Field(default_factory=lambda: ["title", "text"], min_length=1,
+                                                    description="fields with a BM25 index; queries match all")
+
+
+class IndexConfig(_Section):
+    metric: Literal["cosine", "dot", "l2"] = "cosine"
+    ann: AnnConfig = Field(default_factory=AnnConfig)
+    fts: FtsConfig = Field(default_factory=FtsConfig)
+
+
+class MaintenanceConfig(_Section):
+    """Table upkeep after each commit: compaction, old-version cleanup, expiry of batchrank's own tags."""
+
+    max_fragments: int = Field(32, gt=0, description="compact a table whose data files exceed this count")
+    version_retention_days: float = Field(7.0, ge=0, description="delete untagged versions older than this "
+                                                                 "(never the latest, a tagged one, or one a run "
+                                                                 "in progress reads)")
+    run_tag_retention_days: float | None = Field(30.0, gt=0, description="drop run tags (run ids that batchrank "
+                                                                         "wrote) older than this, so their versions "
+                                                                         "can be cleaned; null keeps them; tags "
+                                                                         "you create are never dropped")
+    lease_hours: float = Field(24.0, gt=0, description="a run's read lease on a version expires after this (a run "
+                                                       "killed without releasing it)")
+    pair_cache_days: float | None = Field(30.0, gt=0, description="drop cached pair scores older than this; null "
+                                                                  "keeps them")
+
+
+class RayConfig(_Section):
+    address: str | None = Field(None, description="cluster address; RAY_ADDRESS or a new local Ray if unset")
+    num_cpus: int | None = Field(None, gt=0, description="CPUs of a new local Ray (default: all)")
+
+
+class LockConfig(_Section):
+    """One writer per table (``pipelines.locks``): a second run waits, then is refused naming the running one."""
+
+    wait_seconds: float = Field(0.0, ge=0,
+                                description="how long a run waits for another run writing the same table "
+                                            "before it is refused (0: refuse at once)")
+    stale_seconds: float = Field(300.0,
+                                 description="object stores only: a lock whose holder has not renewed it for this "
+                                             "long (on the store's clock) is a killed run's and is taken over; at "
+                                             "least 10 (local locks free themselves when their process dies)")
+
+    @field_validator("stale_seconds")
+    @classmethod
+    def _stale_floor(cls, v: float) -> float:
+        from pipelines.locks import MIN_STALE_SECONDS
+
+        if not v >= MIN_STALE_SECONDS:
+            raise ValueError(
+                f"must be at least {MIN_STALE_SECONDS:.0f} seconds: a lease is renewed every stale_seconds / 4 (at "
+                f"most 2.5 s apart) and its age is known to the store's whole second, so a shorter one lets a "
+                f"second run take a live run's lease; set lock.stale_seconds to {MIN_STALE_SECONDS:.0f} or more "
+                f"(default 300)")
+        return v
+
+
+class ReportConfig(_Section):
+    dir: str | None = Field(None, description="folder for JSON run reports (default: <storage.uri>/_reports)")
+
+

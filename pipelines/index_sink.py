@@ -1,0 +1,240 @@
+"""The index job's sink: the driver-side end of the stream, where every input row is counted once.
+
+Reads top to bottom::
+
+    stage           drain the (embedded) stream through the sink; its good rows → the staging table every
+                    FLUSH_ROWS rows or FLUSH_SECONDS (durable, invisible until the commit)
+    Sink.plan       first pass of an incremental run: {id: content hash} of the new and changed rows
+    Sink.split      single pass (a new table, or a rebuild): embedded good rows kept, bad rows quarantined
+    Sink.embedded   second pass of an incremental run: the planned rows, now with vectors
+    (plan and split quarantine a later row of an id already seen as a duplicate, naming where the first was;
+    resume counts the rows a killed run staged as written by this one)
+    take_pending    the rows to append to the staging table;  quarantine_table  the bad rows with their reasons
+
+Example::
+
+    sink = Sink(run_id, cfg.embed.identity)
+    good, bad = sink.split(embedded_batch)   # good rows also wait in take_pending() for the staging table
+    sink.rows_read, sink.rows_written, sink.rows_quarantined
+"""
+
+from __future__ import annotations
+
+import time
+
+import pyarrow as pa
+import pyarrow.compute as pc
+
+from pipelines import schema as S
+from pipelines.faults import maybe_fail
+from pipelines.report import Progress, utcnow
+from pipelines.runtime import count_nodes
+
+FLUSH_ROWS = 4096  # rows buffered on the driver before a staging append ...
+FLUSH_SECONDS = 2.0  # ... or this long: what a killed driver loses (and a rerun embeds again) stays small
+
+
+def stage(cfg, state, batches, store, staged=None, *, embedder=None, planned: dict[str, str] | None = None):
+    """Drain the embedded stream through the run's sink (``state.sink``) into the (resumable) staging table; return
+    it (None when no row was staged). ``embedder``: embed here, on the driver; ``planned``: the second pass of an
+    incremental run, the plan's {id: content hash}. Rows are appended every ``FLUSH_ROWS`` rows or
+    ``FLUSH_SECONDS``, so a killed driver loses little."""
+    sink, timer = state.sink, state.timer
+    flushed = time.monotonic()
+    with timer("pipeline"), Progress("index", unit="docs") as progress:
+        for batch in batches:
+            if embedder is not None:
+                with timer("embed_on_driver"):
+                    batch = embedder(batch)
+            if planned is None:
+                good, bad = sink.split(batch)
+            else:
+                good, bad = sink.embedded(batch, planned), batch.slice(0, 0)
+            if staged is None and good.num_rows:
+                dim = good.schema.field(S.VECTOR).type.list_size
+                staged = store.stage(cfg.storage.passages_table, state.run_id,
+                                     S.passages_schema(dict(cfg.corpus.metadata_fields), dim), resumable=True)
+            if sink.pending_rows >= FLUSH_ROWS or (sink.pending_rows and
+                                                   time.monotonic() - flushed >= FLUSH_SECONDS):
+                with timer("stage_writes"):
+                    staged.add(sink.take_pending())
+                flushed = time.monotonic()
+            progress.update(good.num_rows, quarantined=bad.num_rows)
+        if staged is not None and sink.pending_rows:
+            with timer("stage_writes"):
+                staged.add(sink.take_pending())
+        maybe_fail("after_staging")  # a run killed with its rows staged, before it settles what it resumed
+    return staged
+
+
+class Sink:
+    """Driver-side end of the stream: splits good from bad rows, catches duplicate ids, counts."""
+
+    def __init__(self, run_id: str, model: str):
+        self.run_id, self.model = run_id, model
+        # id's 64-bit hash -> where its first good row was (source index << 41 | row): ~100 bytes per document, the
+        # only per-document state of a first run; a collision (p ~ 3e-8 at 1M ids) would quarantine a good row
+        self.seen: dict[int, int] = {}
+        self.sources: list[str] = []
+        self._source_index: dict[str, int] = {}
+        self.track_ids = True  # keep seen_ids and written_ids (incremental runs and rebuilds need them)
+        self.seen_ids: set[str] = set()  # every id the input holds, good or bad (a snapshot keeps them)
+        self.delete_markers: set[str] = set()
+        self.written_ids: set[str] = set()
+        self.rows_read = self.rows_written = self.rows_unchanged = self.rows_quarantined = 0
+        self.rows_delete_markers = self.rows_deleted = 0
+        self.embed_seconds = 0.0
+        self.nodes: dict[str, int] = {}  # rows embedded per Ray node
+        self.reasons: dict[str, int] = {}
+        self.unidentified = 0  # bad rows without an id (a torn line, an unreadable file): they prove no absence
+        self.unidentified_reasons: dict[str, int] = {}
+        self._pending: list[pa.Table] = []
+        self.pending_rows = 0
+        self._bad: list[pa.Table] = []
+        # (id, content hash) pairs staged by killed runs: two killed runs may have staged two versions of one id
+        self.done: set[tuple[str, str]] = set()
+        self.resumed: dict[str, str] = {}  # {id: content hash} taken over from the staging table
+        self.rows_resumed = 0
+
+    def resume(self, ids: list[str], hashes: list[str]) -> None:
+        """Count rows a killed run staged as written by this run."""
+        self.rows_resumed += len(ids)
+        self.rows_written += len(ids)
+        self.resumed.update(zip(ids, hashes))
+        if self.track_ids:
+            self.written_ids.update(ids)
+
+    def _take_in(self, batch: pa.Table) -> tuple[pa.Table, pa.Table, pa.Table]:
+        """Count a batch of input rows; return (good rows, delete markers, bad rows), bad ones quarantined."""
+        self.rows_read += batch.num_rows
+        batch = self._mark_duplicates(batch)
+        if self.track_ids:
+            self.seen_ids.update(i for i in batch[S.ID].to_pylist() if i is not None)
+        is_bad = pc.is_valid(batch[S.REASON_CODE])
+        marker = pc.and_(pc.invert(is_bad), pc.fill_null(batch[S.DELETED], False))
+        markers = batch.filter(marker)
+        if markers.num_rows:
+            self.rows_delete_markers += markers.num_rows
+            self.delete_markers.update(markers[S.ID].to_pylist())
+        bad = batch.filter(is_bad)
+        if bad.num_rows:
+            self._bad.append(bad.select([S.SOURCE, S.ROW, S.ID, S.REASON_CODE, S.REASON, S.RAW]))
+            self.rows_quarantined += bad.num_rows
+            for doc_id, code in zip(bad[S.ID].to_pylist(), bad[S.REASON_CODE].to_pylist()):
+                self.reasons[code] = self.reasons.get(code, 0) + 1
+                if doc_id is None:
+                    self.unidentified += 1
+                    self.unidentified_reasons[code] = self.unidentified_reasons.get(code, 0) + 1
+        good = batch.filter(pc.and_(pc.invert(is_bad), pc.invert(marker)))
+        return good, markers, bad
+
+    def plan(self, batch: pa.Table, known: dict[str, str]) -> dict[str, str]:
+        """First pass: {id: content hash} of the good rows that are new or changed; the rest is counted."""
+        good, _, _ = self._take_in(batch)
+        todo = {}
+        for i, h in zip(good[S.ID].to_pylist(), good[S.CONTENT_HASH].to_pylist()):
+            if known.get(i) == h:
+                self.rows_unchanged += 1
+            else:
+                todo[i] = h
+        return todo
+
+    def split(self, batch: pa.Table) -> tuple[pa.Table, pa.Table]:
+        """Single pass (a new table, or a rebuild): every good row was embedded."""
+        self._count_embedded(batch)
+        good, _, bad = self._take_in(batch)
+        if self.done:
+            mine = [(i, h) in self.done and i not in self.resumed
+                    for i, h in zip(good[S.ID].to_pylist(), good[S.CONTENT_HASH].to_pylist())]
+            if any(mine):
+                mask = pa.array(mine, pa.bool_())
+                taken = good.filter(mask)
+                self.resume(taken[S.ID].to_pylist(), taken[S.CONTENT_HASH].to_pylist())
+                good = good.filter(pc.invert(mask))
+        return self._keep(good), bad
+
+    def embedded(self, batch: pa.Table, planned: dict[str, str]) -> pa.Table:
+        """Second pass of an incremental run: rows the plan chose, now with vectors (already counted as read).
+        A later copy of an id already taken (a duplicate, quarantined by the plan) is dropped."""
+        self._count_embedded(batch)
+        in_batch: set[str] = set()
+        keep = []
+        for i in batch[S.ID].to_pylist():
+            keep.append(i in planned and i not in self.written_ids and i not in in_batch)
+            in_batch.add(i)
+        return self._keep(batch.filter(pa.array(keep, pa.bool_())))
+
+    def _count_embedded(self, batch: pa.Table) -> None:
+        self.embed_seconds += pc.sum(batch[S.SECONDS]).as_py() or 0.0
+        embedded = batch.filter(pc.is_valid(batch[S.VECTOR]))
+        if embedded.num_rows:
+            count_nodes(self.nodes, embedded[S.NODE])
+
+    def _keep(self, good: pa.Table) -> pa.Table:
+        if good.num_rows:
+            now = pa.array([utcnow()] * good.num_rows, S.TIMESTAMP)
+            good = (good.append_column(S.MODEL, pa.array([self.model] * good.num_rows))
+                    .append_column(S.EMBEDDED_AT, now)
+                    .append_column(S.RUN_ID, pa.array([self.run_id] * good.num_rows)))
+            self._pending.append(good)
+            self.pending_rows += good.num_rows
+            self.rows_written += good.num_rows
+            if self.track_ids:
+                self.written_ids.update(good[S.ID].to_pylist())
+        return good
+
+    def _mark_duplicates(self, batch: pa.Table) -> pa.Table:
+        ids = batch[S.ID].to_pylist()
+        codes = batch[S.REASON_CODE].to_pylist()
+        reasons = batch[S.REASON].to_pylist()
+        raws = batch[S.RAW].to_pylist()
+        sources, rows = batch[S.SOURCE].to_pylist(), batch[S.ROW].to_pylist()
+        changed = False
+        start = self.rows_read - batch.num_rows  # position of the batch's first row in the input (already counted)
+        for i, doc_id in enumerate(ids):
+            if codes[i] is not None:
+                continue
+            src = self._source_index.get(sources[i])
+            if src is None:
+                src = self._source_index[sources[i]] = len(self.sources)
+                self.sources.append(sources[i])
+            # a row without a number (Parquet) gets a unique stand-in: flag bit 40, its position in the input
+            where = src << 41 | (int(rows[i]) if rows[i] is not None else 1 << 40 | start + i)
+            first = self.seen.setdefault(_id_hash(doc_id), where)
+            if first != where:
+                at = self.sources[first >> 41] + ("" if first >> 40 & 1 else f":{first & ((1 << 40) - 1)}")
+                codes[i], reasons[i] = "duplicate_id", f"duplicate id '{doc_id}' (first seen at {at})"
+                raws[i] = _row_json(batch, i)
+                changed = True
+        if not changed:
+            return batch
+        for name, values in ((S.REASON_CODE, codes), (S.REASON, reasons), (S.RAW, raws)):
+            batch = batch.set_column(batch.schema.get_field_index(name), name, pa.array(values, pa.string()))
+        return batch
+
+    def take_pending(self) -> pa.Table:
+        out = pa.concat_tables(self._pending)
+        self._pending, self.pending_rows = [], 0
+        return out
+
+    def quarantine_table(self) -> pa.Table:
+        """The run's bad rows, as the quarantine table stores them."""
+        return S.quarantine_rows(pa.concat_tables(self._bad) if self._bad else None, self.run_id, "index")
+
+
+def _id_hash(doc_id: str) -> int:
+    import hashlib
+
+    return int.from_bytes(hashlib.blake2b(doc_id.encode("utf-8", "surrogatepass"), digest_size=8).digest(), "little")
+
+
+def _row_json(batch: pa.Table, i: int) -> str:
+    """The input fields of one row, as the raw text of a quarantined duplicate."""
+    import json
+
+    row = batch.slice(i, 1).to_pylist()[0]
+    inputs = {k: v for k, v in row.items() if k not in _NOT_INPUT and not k.startswith("_")}
+    return json.dumps(inputs, ensure_ascii=False)[:4096]
+
+
+_NOT_INPUT = {S.VECTOR, S.CONTENT_HASH, S.SOURCE, S.ROW, S.REASON_CODE, S.REASON, S.RAW}

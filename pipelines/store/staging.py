@@ -1,0 +1,176 @@
+"""Staged writes and their one commit: how a run's rows reach ``passages`` and ``rankings``.
+
+Reads top to bottom::
+
+    stage(table, run_id, schema)   → a StagedTable: batches appended durably to a private table, invisible to readers
+    commit_passages(staged, ...)   → one merge_insert on id (or one overwrite on a model change), tagged with the run id
+    commit_rankings(staged, ...)   → one overwrite of the ranking set, query_id indexed, tagged with the run id
+    drop_dead_staging(table)       → the staging tables that killed runs left behind
+
+A crash before the commit leaves the previous version untouched; a rerun upserts, so it never duplicates rows,
+and rows whose content hash did not change are left as they were. ``Store`` exposes these functions as its methods
+(``store.stage(...)``, ``store.commit_passages(...)``).
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+
+import pyarrow as pa
+
+from pipelines import schema as S
+from pipelines.store.names import RUN_ID_PATTERN, StoreError, sql_strings
+
+log = logging.getLogger("pipelines.store")
+
+
+class StagedTable:
+    """Batches appended durably to a private table, published later in one commit."""
+
+    def __init__(self, store, name: str, schema: pa.Schema):
+        self.store, self.name, self.schema = store, name, schema
+        self.rows = 0
+        self._table = None
+
+    def add(self, table: pa.Table) -> None:
+        if table.num_rows == 0:
+            return
+        table = table.select(self.schema.names).cast(self.schema)
+        if self._table is None:
+            self._table = self.store.db.create_table(self.name, data=table, schema=self.schema, mode="overwrite")
+        else:
+            self._table.add(table)
+        self.rows += table.num_rows
+
+    def resume(self) -> bool:
+        """Take over this name's table left by a killed run, if its schema is this run's; else drop it.
+        True when there was one to resume."""
+        if self.name not in self.store.table_names():
+            return False
+        table = self.store.db.open_table(self.name)
+        if table.schema != self.schema:
+            log.warning("dropping %s: staged by a run with another schema (model, dimension or metadata)",
+                        self.name)
+            self.store.db.drop_table(self.name)
+            return False
+        self._table = table
+        self.rows = table.count_rows()
+        return True
+
+    def columns(self, names: list[str]) -> pa.Table:
+        if self._table is None:
+            return self.schema.empty_table().select(names)
+        return self._table.to_lance().to_table(columns=names)
+
+    def delete_ids(self, ids: list[str], *, not_run: str, chunk: int = 500) -> None:
+        """Delete the rows of ``ids`` staged by runs other than ``not_run`` (a killed run's, superseded)."""
+        if self._table is None or not ids:
+            return
+        for at in range(0, len(ids), chunk):
+            self._table.delete(f"{S.RUN_ID} != {sql_strings([not_run])} AND "
+                               f"{S.ID} IN ({sql_strings(ids[at:at + chunk])})")
+        self.rows = self._table.count_rows()
+
+    def keep_only(self, keep: dict[str, tuple[str, str]], chunk: int = 200) -> None:
+        """For each id of ``keep``, delete its staged rows except the one with ``(content hash, run id)``."""
+        if self._table is None or not keep:
+            return
+        ids = sorted(keep)
+        for at in range(0, len(ids), chunk):
+            part = ids[at:at + chunk]
+            mine = " OR ".join(f"({S.ID} = {sql_strings([i])} AND {S.CONTENT_HASH} = {sql_strings([keep[i][0]])} "
+                               f"AND {S.RUN_ID} = {sql_strings([keep[i][1]])})" for i in part)
+            self._table.delete(f"{S.ID} IN ({sql_strings(part)}) AND NOT ({mine})")
+        self.rows = self._table.count_rows()
+
+    def reader(self, batch_rows: int = 8192) -> pa.RecordBatchReader:
+        if self._table is None:
+            return pa.RecordBatchReader.from_batches(self.schema, iter(()))
+        return self._table.to_lance().scanner(batch_size=batch_rows).to_reader()
+
+    def drop(self) -> None:
+        if self._table is not None:
+            self.store.db.drop_table(self.name)
+            self._table = None
+
+
+def stage(store, table: str, run_id: str, schema: pa.Schema, *, resumable: bool = False) -> StagedTable:
+    """A private table for a run's rows. ``resumable``: one fixed name per target table (the run lock keeps
+    it to one writer), so that the next run finds what a killed one staged (``StagedTable.resume``)."""
+    # '.' parts the table from the run id: table names cannot hold one, so a name belongs to exactly one table
+    return StagedTable(store, f"_staging-{table}" if resumable else f"_staging-{table}.{run_id}", schema)
+
+
+def drop_dead_staging(store, table: str) -> list[str]:
+    """Drop the per-run staging tables of ``table`` left by killed runs. Only call it holding the table's
+    run lock: then no live run owns one. Names are matched exactly: ``_staging-passages-v2`` (the resumable
+    staging of table ``passages-v2``) is never taken for one of ``passages``'."""
+    old = re.compile(rf"^_staging-{re.escape(table)}-{RUN_ID_PATTERN}$")  # older releases: '-' before a run id
+    dead = [n for n in store.table_names() if n.startswith(f"_staging-{table}.") or old.match(n)]
+    for name in dead:
+        store.db.drop_table(name)
+    return dead
+
+
+def commit_passages(store, staged: StagedTable | None, run_id: str, *, deletes: list[str] = (),
+                    replace: bool = False) -> int:
+    """Publish a run's changes to ``passages`` in one commit; return the new version (tagged ``run_id``).
+
+    Staged rows are upserted by id and ``deletes`` removed in the same ``merge_insert``; with ``replace``
+    (a model change) the staged rows become the whole table, in one overwrite commit, so readers see the
+    old model's vectors or the new one's, never a mix, and older versions stay readable."""
+    name = store.cfg.passages_table
+    table = store.open(name)
+    source = staged.reader() if staged is not None else None
+    if table is None:
+        table = store.db.create_table(name, data=source, schema=staged.schema)
+    elif replace:
+        table.add(source, mode="overwrite")
+    else:
+        if staged is not None:
+            check_compatible(store, table.schema, staged.schema)
+        else:  # deletions only: an empty source with the table's own schema
+            source = pa.RecordBatchReader.from_batches(table.schema, iter(()))
+        merge = (table.merge_insert(S.ID)
+                 .when_matched_update_all(where=f"target.{S.CONTENT_HASH} != source.{S.CONTENT_HASH} "
+                                                f"OR target.{S.CONTENT_HASH} IS NULL")
+                 .when_not_matched_insert_all())
+        if deletes:
+            merge = merge.when_not_matched_by_source_delete(f"{S.ID} IN ({sql_strings(deletes)})")
+        merge.execute(source)
+    version = table.version
+    table.tags.create(run_id, version)
+    return version
+
+
+def commit_rankings(store, staged: StagedTable, run_id: str) -> int:
+    """Publish a complete ranking set in one commit that replaces the previous set (kept as an older
+    version); index ``query_id`` for lookups; tag the result ``run_id``; return its version."""
+    from lancedb.index import BTree
+
+    name = store.cfg.rankings_table
+    table = store.open(name)
+    if table is None:
+        table = store.db.create_table(name, data=staged.reader(), schema=staged.schema)
+    else:
+        table.add(staged.reader(), mode="overwrite")  # one atomic commit: readers see old or new, never a mix
+    table.create_index(S.QUERY_ID, config=BTree(), replace=True)  # an overwrite drops the old index
+    version = table.version
+    table.tags.create(run_id, version)
+    return version
+
+
+def check_compatible(store, have: pa.Schema, want: pa.Schema) -> None:
+    """Refuse to merge staged rows into a passages table of another vector type or with fewer columns."""
+    if have.field(S.VECTOR).type != want.field(S.VECTOR).type:
+        raise StoreError(
+            f"'{store.cfg.passages_table}' holds vectors of type {have.field(S.VECTOR).type}, this run makes "
+            f"{want.field(S.VECTOR).type}; index into a new storage.passages_table"
+        )
+    missing = set(want.names) - set(have.names)
+    if missing:
+        raise StoreError(
+            f"'{store.cfg.passages_table}' has no column(s) {sorted(missing)}; keep corpus.metadata_fields as the "
+            "table was built, or index into a new storage.passages_table"
+        )
