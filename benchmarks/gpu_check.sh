@@ -87,7 +87,7 @@ if "torch" not in missing:
     print(f"  torch {torch.__version__} (CUDA {torch.version.cuda}), sees CUDA: {cuda}", file=sys.stderr)
 if not missing:
     try:
-        import pipelines.index, pipelines.models  # noqa: F401  batchrank itself
+        import pipelines.index.job, pipelines.models  # noqa: F401  batchrank itself
     except Exception as exc:
         missing.append("batchrank-deps")
         print(f"  cannot import pipelines: {type(exc).__name__}: {exc}", file=sys.stderr)
@@ -253,7 +253,7 @@ for dtype in ("bfloat16", "float16"):
 
 # b. the index job end to end: one GPU actor, half precision, the bundled 1,000-abstract sample
 from pipelines.config import parse_config
-from pipelines.index import run
+from pipelines.index.job import run
 
 dtype = os.environ.get("GPU_CHECK_SMOKE_DTYPE") or ("bfloat16" if torch.cuda.is_bf16_supported() else "float16")
 db = work / "smoke-db"

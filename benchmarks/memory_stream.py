@@ -11,7 +11,7 @@ For each N (each run in a fresh process, on a fresh LanceDB folder):
    streamed to ``--files`` JSONL files under the work dir (never all in memory; reused when already there);
 2. a tiny random BERT (hidden 32, 2 layers, saved with a word-piece tokenizer and loaded through the real
    sentence-transformers loader, as tests/conftest.py builds it) is the bi-encoder;
-3. ``pipelines.index.run(cfg)`` runs in a child process, starting its own local Ray, with the default index
+3. ``pipelines.index.job.run(cfg)`` runs in a child process, starting its own local Ray, with the default index
    settings (ANN ivf_hnsw_sq from 50k rows, BM25 on title and text);
 4. a thread here samples, every ``--interval`` seconds, every process of that run: the child (the driver), its
    descendants (gcs_server, raylet, agents, Ray workers and actors) and any process whose command line names the
@@ -152,8 +152,10 @@ def child_main(config_path: str, result_path: str) -> None:
 
     sys.path.insert(0, str(ROOT))
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
-    from pipelines import index, report
+    from pipelines import report, runs
     from pipelines.config import parse_config
+    from pipelines.index import job as index
+    from pipelines.index import sink as index_sink
 
     def mark(text: str) -> None:
         sys.stderr.write(f"@@{text} {time.time():.3f}\n")
@@ -179,7 +181,7 @@ def child_main(config_path: str, result_path: str) -> None:
             super().__init__(label, unit=unit, every=2.0)
 
     sizes: dict = {}
-    original_finish, original_plan = index._finish, index._plan
+    original_finish, original_plan, original_start = index.finish_report, index._plan, runs.start
 
     def plan(*a, **k):  # the plan's {id: content hash} of documents to embed (local to index._index)
         todo = original_plan(*a, **k)
@@ -202,11 +204,17 @@ def child_main(config_path: str, result_path: str) -> None:
     LanceTable.compact_files = marked(LanceTable.compact_files, lambda a, k: "compact")
     index._plan = plan
 
-    def finish(cfg, state, save=True):  # the driver's per-document structures, measured at the end of the run
+    def finish(cfg, state):  # the driver's per-document structures, measured at the end of the run
         sizes.update(_driver_structures(state))
-        return original_finish(cfg, state, save)
+        return original_finish(cfg, state)
 
-    index.Timer, index.Progress, index._finish = MarkedTimer, FastProgress, finish
+    def start(*a, **k):  # the run's stage timer marks each phase's begin and end
+        run = original_start(*a, **k)
+        run.timer = MarkedTimer()
+        return run
+
+    runs.start, index.finish_report = start, finish
+    index.Progress = index_sink.Progress = FastProgress
     threading.Thread(target=_object_store_sampler, args=(mark,), daemon=True).start()
     cfg = parse_config(yaml.safe_load(Path(config_path).read_text()), config_path)
     mark("run begin")

@@ -67,9 +67,11 @@ def main() -> None:
         _write(work / f"{name}.jsonl", _log(log, now))
     ce = _cross_encoder(work / "cross-encoder", args.max_length)
 
-    from pipelines import index, nightly, rerank
+    from pipelines import nightly
+    from pipelines.cluster.runtime import init_ray
     from pipelines.config import parse_config
-    from pipelines.runtime import init_ray
+    from pipelines.index import job as index
+    from pipelines.rerank import job as rerank
 
     def config(corpus: str, log: str):
         return parse_config({

@@ -76,7 +76,7 @@ def main() -> None:
     import ray
     import torch
 
-    from pipelines.runtime import worker_env
+    from pipelines.cluster.runtime import worker_env
 
     ray.init(num_cpus=os.cpu_count(), num_gpus=torch.cuda.device_count() if gpu else 0, include_dashboard=False,
              runtime_env={"env_vars": worker_env()}, logging_level="WARNING")
@@ -221,8 +221,8 @@ def _rerank(args, work: Path, address: str, backends, docs: list[dict]) -> dict:
                  "cross_encoder": {"base": MODEL, "trained_on": "SciFact train judgments", "status": train["status"]}}
 
     # candidates as the rerank job's Retriever makes them, timed on their own (the retrieval stage's cost)
-    from pipelines.query_log import read_query_log
-    from pipelines.retrieve import Retriever
+    from pipelines.rerank.query_log import read_query_log
+    from pipelines.rerank.retrieve import Retriever
 
     selected = read_query_log(cfg.query_log).selected
     version = Store(cfg.storage).open(cfg.storage.passages_table).version
@@ -380,7 +380,7 @@ def _judgments(path: Path) -> list[tuple[str, str, int]]:
 
 def _ndcg(ranked: dict[str, list[str]], judgments) -> float:
     """nDCG@10 of ranked lists (best first) over the claims ranked; claims are judged by ``judgments``."""
-    from pipelines.metrics import evaluate
+    from pipelines.quality.metrics import evaluate
 
     run = {q: {d: float(len(ids) - i) for i, d in enumerate(ids)} for q, ids in ranked.items()}
     return round(evaluate(run, [j for j in judgments if j[0] in ranked], ["ndcg@10"])["ndcg@10"], 4)
@@ -406,7 +406,7 @@ def _gpus() -> int:
 
 
 def _machine(gpu: bool) -> dict:
-    from pipelines.batching import cpu_supports_bf16
+    from pipelines.models.batching import cpu_supports_bf16
 
     out = {"cpus": os.cpu_count(), "cpu_bf16": cpu_supports_bf16()}
     if gpu:

@@ -115,7 +115,7 @@ def _indexed(config: Path) -> bool:
     the index job re-embeds every document (incremental reindexing is not there yet)."""
     sys.path.insert(0, str(ROOT))
     from pipelines.config import load_config
-    from pipelines.corpus import corpus_fingerprint
+    from pipelines.index.corpus import corpus_fingerprint
     from pipelines.store import Store
 
     cfg = load_config(config)

@@ -150,8 +150,8 @@ def _baseline(cfg, report: dict) -> dict:
     from sentence_transformers import CrossEncoder
 
     from pipelines.lookup import Rankings
-    from pipelines.query_log import read_query_log
-    from pipelines.retrieve import Retriever
+    from pipelines.rerank.query_log import read_query_log
+    from pipelines.rerank.retrieve import Retriever
 
     selected = read_query_log(cfg.query_log).selected
     version = report["tables"]["passages"]["version"]

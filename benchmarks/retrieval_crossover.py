@@ -65,7 +65,7 @@ def make_data(n: int, queries: int, rng) -> tuple[np.ndarray, np.ndarray]:
 
 def measure(n: int, n_queries: int, flat_queries: int, workdir: Path, rng, ann: bool = True) -> dict:
     from pipelines.config import IndexConfig, RetrieveConfig, StorageConfig
-    from pipelines.retrieve import CandidateSearch
+    from pipelines.rerank.retrieve import CandidateSearch
     from pipelines.store import Store, _ann_config
 
     docs, queries = make_data(n, n_queries, rng)

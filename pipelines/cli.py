@@ -192,7 +192,7 @@ def submit(
     """Submit a job to a Ray cluster (Ray's job submission API): `python -m jobs.<job> --config ...` with the project
     as working dir and its dependencies declared."""
     setup_logging()
-    from pipelines import submit as sub_mod
+    from pipelines.cluster import submit as sub_mod
 
     try:
         sub = sub_mod.submit(job, config, address=address, submission_id=submission_id, working_dir=working_dir,
@@ -218,7 +218,7 @@ IdArg = Annotated[str, typer.Argument(help="submission id")]
 def jobs_status(submission_id: IdArg, address: AddressOpt = None,
                 as_json: Annotated[bool, typer.Option("--json")] = False) -> None:
     """Status, times and report location of a submitted job."""
-    from pipelines import submit as sub_mod
+    from pipelines.cluster import submit as sub_mod
 
     try:
         st = sub_mod.status(address, submission_id)
@@ -239,7 +239,7 @@ def jobs_status(submission_id: IdArg, address: AddressOpt = None,
 def jobs_logs(submission_id: IdArg, address: AddressOpt = None,
               follow: Annotated[bool, typer.Option("--follow/--no-follow", "-f")] = True) -> None:
     """Print a job's logs, following them until the job ends (--no-follow: what there is now)."""
-    from pipelines import submit as sub_mod
+    from pipelines.cluster import submit as sub_mod
 
     try:
         sub_mod.logs(address, submission_id, follow=follow)
@@ -250,7 +250,7 @@ def jobs_logs(submission_id: IdArg, address: AddressOpt = None,
 @jobs_app.command("stop")
 def jobs_stop(submission_id: IdArg, address: AddressOpt = None) -> None:
     """Ask the cluster to stop a job (its tables keep their previous versions)."""
-    from pipelines import submit as sub_mod
+    from pipelines.cluster import submit as sub_mod
 
     try:
         stopped = sub_mod.stop(address, submission_id)
@@ -262,7 +262,7 @@ def jobs_stop(submission_id: IdArg, address: AddressOpt = None) -> None:
 @jobs_app.command("list")
 def jobs_list(address: AddressOpt = None) -> None:
     """batchrank's jobs on the cluster, newest first."""
-    from pipelines import submit as sub_mod
+    from pipelines.cluster import submit as sub_mod
 
     try:
         rows = sub_mod.list_jobs(address)
@@ -285,7 +285,7 @@ def schedule(
     """Run the schedules of a schedules file: submit each due run to the cluster, never two runs of one schedule at
     once, at most one catch-up after downtime; every run is recorded in the runs table."""
     setup_logging()
-    from pipelines.schedule import ScheduleError, Scheduler, load_schedules
+    from pipelines.cluster.schedule import ScheduleError, Scheduler, load_schedules
 
     try:
         scheduler = Scheduler(load_schedules(config), address=address)
@@ -305,8 +305,8 @@ def runs(
     as_json: Annotated[bool, typer.Option("--json", help="one JSON object per run")] = False,
 ) -> None:
     """List the runs the scheduler recorded: scheduled time, submission id, status, duration, report."""
-    from pipelines.schedule import ACTIVE, RunsLog, ScheduleError, Scheduler, format_runs, load_schedules
-    from pipelines.submit import SubmitError
+    from pipelines.cluster.schedule import ACTIVE, RunsLog, ScheduleError, Scheduler, format_runs, load_schedules
+    from pipelines.cluster.submit import SubmitError
 
     try:
         sched = load_schedules(config)

@@ -30,8 +30,8 @@ from typing import Any
 
 import pyarrow as pa
 
-from pipelines.objstore import filesystem, redact
-from pipelines.validate import Malformed
+from pipelines.index.validate import Malformed
+from pipelines.store.objstore import filesystem, redact
 
 FORMAT_BY_SUFFIX = {
     ".jsonl": "jsonl", ".json": "jsonl", ".ndjson": "jsonl",

@@ -21,7 +21,7 @@ from datetime import datetime
 from typing import Any
 
 from pipelines import schema as S
-from pipelines.query_log import normalize, query_id
+from pipelines.rerank.query_log import normalize, query_id
 
 _ROW_COLUMNS = [S.QUERY_ID, S.QUERY, S.COUNT, S.LAST_SEEN, S.DOC_IDS, S.SCORES, S.RETRIEVAL_SCORES, S.RETRIEVAL_RANKS,
                 S.CANDIDATES, S.RUN_ID, S.BI_ENCODER, S.CROSS_ENCODER, S.PASSAGES_VERSION, S.RANKED_AT]

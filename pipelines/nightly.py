@@ -24,26 +24,26 @@ from __future__ import annotations
 import time
 from typing import Any
 
-from pipelines.report import new_run_id, refuse_used_run_id, save_report, utcnow
+from pipelines import runs
+from pipelines.report import utcnow
 
 
 def run(cfg, *, run_id: str | None = None, now=None) -> dict[str, Any]:
     """Run one night; return its report (also written as JSON). A failed stage raises after the report is
     written, like every job."""
-    from pipelines import index, rerank
+    from pipelines.index import job as index
+    from pipelines.rerank import job as rerank
 
-    cfg.require("corpus", "query_log", "rerank", command="batchrank nightly")
-    if run_id is not None:
-        refuse_used_run_id(cfg, run_id, (cfg.storage.passages_table, cfg.storage.rankings_table))
-    run_id = run_id or new_run_id("nightly")
-    t0 = time.perf_counter()
-    report: dict[str, Any] = {"job": "nightly", "run_id": run_id, "status": "running",
-                              "started_at": utcnow().isoformat(), "stages": {}, "seconds": {}}
-    try:
+    night = runs.start(cfg, "nightly", sections=("corpus", "query_log", "rerank"), command="batchrank nightly",
+                       run_id=run_id, tables=(cfg.storage.passages_table, cfg.storage.rankings_table),
+                       stages={}, seconds={})
+    report = night.report
+
+    def stages() -> None:
         for name, stage, kwargs in (("index", index, {}), ("rerank", rerank, {"now": now})):
             start = time.perf_counter()
             try:
-                report["stages"][name] = stage.run(cfg, run_id=run_id, save=False, **kwargs)
+                report["stages"][name] = stage.run(cfg, run_id=night.run_id, save=False, **kwargs)
             except BaseException as exc:
                 report["stages"][name] = getattr(exc, "batchrank_report", None)
                 report["failed_stage"] = name
@@ -51,16 +51,14 @@ def run(cfg, *, run_id: str | None = None, now=None) -> dict[str, Any]:
             finally:
                 report["seconds"][name] = round(time.perf_counter() - start, 3)
         report["status"] = "succeeded"
-    except BaseException as exc:
-        report.update(status="failed", error=f"{type(exc).__name__}: {exc}")
-        exc.batchrank_report = _finish(cfg, report, t0)
-        raise
-    return _finish(cfg, report, t0)
+
+    return runs.guarded(night, cfg, body=stages, finish=lambda: _finish(night))
 
 
-def _finish(cfg, report: dict[str, Any], t0: float) -> dict[str, Any]:
+def _finish(night: runs.Run) -> dict[str, Any]:
+    report = night.report
     report["finished_at"] = utcnow().isoformat()
-    report["seconds"]["total"] = round(time.perf_counter() - t0, 3)
+    report["seconds"]["total"] = night.elapsed()
     ix, rr = report["stages"].get("index") or {}, report["stages"].get("rerank") or {}
     report["work"] = {
         "documents_embedded": (ix.get("rows") or {}).get("written"),
@@ -72,12 +70,13 @@ def _finish(cfg, report: dict[str, Any], t0: float) -> dict[str, Any]:
     report["tables"] = {"passages": (ix.get("table") or {}).get("version"),
                         "rankings": ((rr.get("tables") or {}).get("rankings") or {}).get("published_version"),
                         "tag": report["run_id"]}
-    return save_report(report, cfg)
+    return report
 
 
 def summary(report: dict[str, Any]) -> str:
     """The two stages' summaries under one headline."""
-    from pipelines import index, rerank
+    from pipelines.index import job as index
+    from pipelines.rerank import job as rerank
 
     w, s = report["work"], report["seconds"]
     head = (f"nightly run {report['run_id']}: {report['status']}"

@@ -21,12 +21,12 @@ class Job:
 
 
 JOBS: dict[str, Job] = {j.name: j for j in (
-    Job("index", "pipelines.index", "index", tagged_tables=("passages_table",)),
-    Job("rerank", "pipelines.rerank", "rerank", tagged_tables=("rankings_table",)),
+    Job("index", "pipelines.index.job", "index", tagged_tables=("passages_table",)),
+    Job("rerank", "pipelines.rerank.job", "rerank", tagged_tables=("rankings_table",)),
     Job("nightly", "pipelines.nightly", "nightly", tagged_tables=("passages_table", "rankings_table")),
-    Job("eval", "pipelines.evaluate", "eval", extras=("eval",)),
-    Job("train-reranker", "pipelines.train", "train_reranker", trains=True, extras=("train",)),
-    Job("train-biencoder", "pipelines.train_biencoder", "train_biencoder", trains=True, extras=("train",)),
+    Job("eval", "pipelines.quality.evaluate", "eval", extras=("eval",)),
+    Job("train-reranker", "pipelines.quality.train_reranker", "train_reranker", trains=True, extras=("train",)),
+    Job("train-biencoder", "pipelines.quality.train_biencoder", "train_biencoder", trains=True, extras=("train",)),
 )}
 
 
@@ -36,3 +36,12 @@ def job(name: str) -> Job:
         return JOBS[name]
     except KeyError:
         raise ValueError(f"unknown job {name!r}; use one of {', '.join(JOBS)}") from None
+
+
+def require_extra(module: str, extra: str, what: str) -> None:
+    """Stop a job at its start when an optional dependency group it needs is not installed, naming the fix."""
+    import importlib.util
+
+    if importlib.util.find_spec(module) is None:
+        raise ModuleNotFoundError(f"{what} needs {module}, from the optional dependency group '{extra}': "
+                                  f"pip install 'batchrank[{extra}]'")

@@ -108,7 +108,7 @@ def nodes_line(nodes: dict[str, dict[str, int]], unit: str) -> str | None:
 
 def redact_uri(uri: str) -> str:
     """Drop credentials from a URI before it is printed or stored (``s3://KEY:SECRET@bucket`` → ``s3://***@bucket``)."""
-    from pipelines.objstore import redact
+    from pipelines.store.objstore import redact
 
     return redact(uri)
 
@@ -119,7 +119,7 @@ def write_report(report: dict[str, Any], folder: str, storage_options: dict[str,
     body = json.dumps(report, indent=2, default=str, sort_keys=False)
     name = f"{report['run_id']}.json"
     if "://" in folder:
-        from pipelines.objstore import filesystem
+        from pipelines.store.objstore import filesystem
 
         fs, path = filesystem(folder, storage_options)
         fs.create_dir(path, recursive=True)
@@ -151,7 +151,7 @@ def refuse_used_run_id(cfg, run_id: str, tables: tuple[str, ...] = ()) -> None:
         if "://" in folder:
             import pyarrow.fs as pafs
 
-            from pipelines.objstore import filesystem
+            from pipelines.store.objstore import filesystem
 
             fs, path = filesystem(name, cfg.storage.storage_options)
             exists = fs.get_file_info(path).type != pafs.FileType.NotFound
@@ -178,7 +178,7 @@ def save_report(report: dict[str, Any], cfg) -> dict[str, Any]:
     """Write the run report where the config says; a report that cannot be written is logged, never fatal
     (``report_path`` is then None), so that a storage failure still ends with a summary. Credentials (in URIs,
     error messages) are redacted from the report first, in place: neither the file nor the printed summary has them."""
-    from pipelines.objstore import redact, redact_all
+    from pipelines.store.objstore import redact, redact_all
 
     options = cfg.storage.storage_options
     redact_all(report, options)

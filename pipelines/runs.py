@@ -63,16 +63,18 @@ def start(cfg, job: str, *, sections: tuple[str, ...], command: str, run_id: str
 
 def guarded(run: Run, cfg, *, body: Callable[[], None], finish: Callable[[], dict[str, Any]],
             lock_table: str | None = None, cleanup: Callable[[], None] | None = None,
-            after: Callable[[], None] | None = None) -> dict[str, Any]:
+            after: Callable[[], None] | None = None,
+            on_saved: Callable[[dict[str, Any]], None] | None = None) -> dict[str, Any]:
     """Run ``body`` (holding ``lock_table``'s lock when given), then ``after`` (outside the lock: upkeep that must
     not hold other runs back); return the finished report, saved unless the run says not to. ``cleanup`` runs
-    once the body ended, however it ended. A failure finishes and saves the report, attaches it to the exception
-    (the CLI prints its summary) and raises again."""
+    once the body ended, however it ended; ``on_saved`` gets the saved report (it knows its ``report_path``). A
+    failure finishes and saves the report, attaches it to the exception (the CLI prints its summary) and raises
+    again."""
     try:
         if lock_table is None:
             body()
         else:
-            from pipelines.locks import RunLock
+            from pipelines.cluster.locks import RunLock
 
             lock = RunLock(cfg.storage, lock_table, run.run_id, job=run.job, wait_seconds=cfg.lock.wait_seconds,
                            stale_seconds=cfg.lock.stale_seconds)
@@ -81,22 +83,26 @@ def guarded(run: Run, cfg, *, body: Callable[[], None], finish: Callable[[], dic
                 run.lock = lock
                 body()
     except BaseException as exc:
-        from pipelines.locks import LockBusy
+        from pipelines.cluster.locks import LockBusy
 
-        run.report.update(status="refused" if isinstance(exc, LockBusy) else "failed",
+        refused = isinstance(exc, LockBusy) and lock_table is not None  # this run's own lock, held by another run
+        run.report.update(status="refused" if refused else "failed",
                           error=f"{type(exc).__name__}: {exc}")
-        exc.batchrank_report = _saved(run, cfg, finish())
+        exc.batchrank_report = _saved(run, cfg, finish(), on_saved)
         raise
     finally:
         if cleanup is not None:
             cleanup()
     if after is not None:
         after()
-    return _saved(run, cfg, finish())
+    return _saved(run, cfg, finish(), on_saved)
 
 
-def _saved(run: Run, cfg, report: dict[str, Any]) -> dict[str, Any]:
-    return save_report(report, cfg) if run.save else report
+def _saved(run: Run, cfg, report: dict[str, Any], on_saved=None) -> dict[str, Any]:
+    report = save_report(report, cfg) if run.save else report
+    if on_saved is not None:
+        on_saved(report)
+    return report
 
 
 def setup_logging(verbose: bool = False) -> None:

@@ -12,9 +12,9 @@ Tables (in the LanceDB database at ``storage.uri``):
   reason_code, reason, raw, quarantined_at``. Append-only log.
 - ``pair_scores``: the rerank job's cache, one cross-encoder score per (cross-encoder, query,
   document text): ``pair_key, cross_encoder, query, doc_id, doc_hash, score, run_id, scored_at``.
-  Upserted by ``pair_key`` (first write wins); see ``pipelines/pair_cache.py``.
+  Upserted by ``pair_key`` (first write wins); see ``pipelines/rerank/pair_cache.py``.
 - ``runs`` (in the scheduler's own database, ``runs.uri``): one row per scheduled occurrence,
-  upserted by ``key``; see ``pipelines/schedule.py``.
+  upserted by ``key``; see ``pipelines/cluster/schedule.py``.
 
 Between reading and writing, rows travel through Ray Data as Arrow tables with the
 "validated" columns below: good rows have ``reason_code = null``; bad rows keep the

@@ -26,7 +26,7 @@ def _encoder(model: str, device: str, dtype: str, max_seq_length: int | None, tr
 
 def search(cfg, query: str, *, k: int = 10, source: str = "vector", exact: bool = False) -> list[dict[str, Any]]:
     """Top ``k`` passages for ``query`` from ``source`` (vector, fts or hybrid), best first, with a ``score``."""
-    from pipelines.retrieve import CandidateSearch
+    from pipelines.rerank.retrieve import CandidateSearch
     from pipelines.store import Store
 
     if not query.strip():
@@ -38,7 +38,6 @@ def search(cfg, query: str, *, k: int = 10, source: str = "vector", exact: bool 
         e = cfg.embed
         model = _encoder(e.model, e.device, e.dtype, e.max_seq_length, e.trust_remote_code, e.backend, e.batch_tokens)
         vectors = model.encode([query], normalize_embeddings=e.normalize, convert_to_numpy=True).astype("float32")
-    with CandidateSearch(store, table, cfg.index, k=k, source=source, rrf_k=cfg.retrieve.rrf_k, exact=exact,
-                         exact_max_rows=cfg.retrieve.exact_max_rows, exact_max_bytes=cfg.retrieve.exact_max_bytes,
-                         columns=(S.TITLE, S.TEXT), threads=1) as candidates:
+    with CandidateSearch.from_config(store, table, cfg, k=k, source=source, exact=exact, columns=(S.TITLE, S.TEXT),
+                                     threads=1) as candidates:
         return candidates(vectors, [query])[0].to_pylist()

@@ -79,7 +79,7 @@ def ray_local(tmp_path_factory):
     """One local Ray for the whole session (2 CPUs, like CI); stopped at the end."""
     import ray
 
-    from pipelines.runtime import start_local_ray
+    from pipelines.cluster.runtime import start_local_ray
 
     start_local_ray(num_cpus=2, logging_level="WARNING", configure_logging=True)
     yield ray
@@ -91,7 +91,7 @@ def ray_per_module():
     """A local Ray for one test module (2 CPUs, like CI): ``pytestmark = pytest.mark.usefixtures("ray_per_module")``."""
     import ray
 
-    from pipelines.runtime import start_local_ray
+    from pipelines.cluster.runtime import start_local_ray
 
     start_local_ray(num_cpus=2, logging_level="WARNING")
     yield ray

@@ -6,7 +6,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from pipelines.batching import BatchRunner, plan
+from pipelines.models.batching import BatchRunner, plan
 
 TEXTS = ["cell", "a much longer text about proteins binding to the membrane of a cell in the brain " * 3,
          "gene", "", "  leading and trailing spaces  ", "brain model " * 40, "Upper CASE Words", "x " * 300]
@@ -74,7 +74,7 @@ def test_token_batched_cross_encoder_equals_plain_predict(tiny_cross_encoder):
 
 
 def test_identical_pairs_are_scored_once(tiny_cross_encoder):
-    from pipelines.score import Scorer
+    from pipelines.rerank.score import Scorer
 
     calls = []
 

@@ -22,7 +22,8 @@ from pathlib import Path
 import pytest
 from conftest import good_docs, write_jsonl
 
-from pipelines import index, rerank
+from pipelines.index import job as index
+from pipelines.rerank import job as rerank
 from pipelines.store import Store
 
 pytestmark = pytest.mark.ray
@@ -37,7 +38,7 @@ KILLED_AT: dict[int, float] = {}  # pid -> when kill_first_worker killed it (uni
 def _ray():
     import ray
 
-    from pipelines.runtime import start_local_ray
+    from pipelines.cluster.runtime import start_local_ray
 
     start_local_ray(num_cpus=2, logging_level="WARNING")
     yield ray.get_runtime_context().gcs_address

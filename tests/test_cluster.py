@@ -27,9 +27,9 @@ import yaml
 from conftest import good_docs, write_jsonl
 from typer.testing import CliRunner
 
-from pipelines import submit
 from pipelines.cli import app
-from pipelines.schedule import RunsLog, Scheduler, load_schedules, occurrence_id
+from pipelines.cluster import submit
+from pipelines.cluster.schedule import RunsLog, Scheduler, load_schedules, occurrence_id
 
 pytestmark = pytest.mark.ray
 ROOT = Path(__file__).resolve().parents[1]
@@ -368,7 +368,7 @@ def test_catch_up_runs_once_after_downtime(cluster, project, tmp_path):
 
 
 def test_bad_schedules_are_refused_with_the_fix(tmp_path, project):
-    from pipelines.schedule import ScheduleError
+    from pipelines.cluster.schedule import ScheduleError
 
     def load(entry):
         (tmp_path / "s.yaml").write_text(yaml.safe_dump({"schedules": [entry]}))

@@ -142,7 +142,7 @@ def test_home_and_env_vars_expand_in_local_paths(tmp_path, monkeypatch):
 
 
 def test_output_inside_a_ray_job_package_is_refused():
-    from pipelines.runtime import check_not_in_job_package
+    from pipelines.cluster.runtime import check_not_in_job_package
 
     pkg = "/tmp/ray/session_x/runtime_resources/working_dir_files/_ray_pkg_ab12/.batchrank/db"
     with pytest.raises(ValueError, match="lost when the job ends"):

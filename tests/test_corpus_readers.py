@@ -8,9 +8,9 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from pipelines.corpus import blocks, expand_paths
 from pipelines.files import detect_format, iter_csv_records, iter_jsonl_records, iter_parquet_records
-from pipelines.validate import Malformed, RowSpec
+from pipelines.index.corpus import blocks, expand_paths
+from pipelines.index.validate import Malformed, RowSpec
 
 
 def test_jsonl_lines_bad_json_and_bad_utf8():

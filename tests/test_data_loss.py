@@ -10,8 +10,8 @@ import pyarrow.parquet as pq
 import pytest
 from conftest import build_tiny_bi_encoder, good_docs, write_jsonl
 
-from pipelines import index
 from pipelines.config import ConfigError, parse_config
+from pipelines.index import job as index
 from pipelines.store import Store, StoreError
 
 pytestmark = [pytest.mark.ray, pytest.mark.usefixtures("ray_per_module")]

@@ -12,10 +12,10 @@ import tempfile
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from pipelines import index
 from pipelines.config import parse_config
-from pipelines.corpus import read_local
-from pipelines.index_deletions import deletions
+from pipelines.index import job as index
+from pipelines.index.corpus import read_local
+from pipelines.index.deletions import deletions
 
 EXAMPLES = 1500 if os.environ.get("BATCHRANK_HYPOTHESIS_PROFILE") == "long" else 40
 

@@ -157,7 +157,7 @@ def test_matplotlib_is_for_the_eval_job_only():
     core, groups = declared()
     assert "matplotlib" not in core
     assert {name for name, deps in groups.items() if "matplotlib" in deps} == {"eval", "dev"}
-    assert _users(our_files(), "matplotlib") == ["pipelines/eval_report.py"]
+    assert _users(our_files(), "matplotlib") == ["pipelines/quality/eval_report.py"]
     for job in JOBS.values():
         reaches = bool(_users(reachable(job.module, f"jobs.{job.entry}"), "matplotlib"))
         assert reaches == ("eval" in job.extras), f"{job.name} reaches matplotlib: {reaches}"

@@ -195,7 +195,7 @@ def test_cluster_job_examples_name_real_jobs_and_configs():
 
 def test_cluster_batchrank_submit_example_prepares():
     """`batchrank submit nightly ... --config configs/cluster-s3.yaml` builds its submission (nothing is sent)."""
-    submit = pytest.importorskip("pipelines.submit")
+    submit = pytest.importorskip("pipelines.cluster.submit")
     sub = submit.prepare("nightly", ROOT / "configs" / "cluster-s3.yaml", address="http://127.0.0.1:8265", pip=False)
     assert ENTRYPOINT.match(sub.entrypoint) and "pip" not in sub.runtime_env
 

@@ -5,8 +5,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from pipelines.embed import Embedder
-from pipelines.validate import Malformed, RowSpec, validate_records
+from pipelines.index.embed import Embedder
+from pipelines.index.validate import Malformed, RowSpec, validate_records
 
 
 def test_embedder_maps_batch_to_batch(tiny_model):
@@ -52,8 +52,8 @@ def test_embedder_all_bad_batch(tiny_model):
 def test_device_and_dtype_fall_back_to_cpu(tiny_model):
     import torch
 
-    from pipelines.batching import cpu_supports_bf16
     from pipelines.models import autocast_dtype, pick_device, pick_dtype, precision_label
+    from pipelines.models.batching import cpu_supports_bf16
 
     if not torch.cuda.is_available():
         assert pick_device("cuda") == "cpu"
@@ -86,7 +86,7 @@ def test_embedder_on_gpu_half_precision(tiny_model):
 
 
 def test_actors_without_a_gpu_reservation_stay_on_cpu():
-    from pipelines.runtime import actor_device as _actor_device
+    from pipelines.cluster.runtime import actor_device as _actor_device
 
     assert _actor_device("auto", 0) == "cpu" and _actor_device("cuda", 0) == "cpu"
     assert _actor_device("auto", 1) == "cuda" and _actor_device("auto", 0.5) == "cuda"

@@ -15,9 +15,9 @@ import pytest
 import yaml
 from conftest import good_docs, write_jsonl
 
-from pipelines import evaluate
 from pipelines.config import parse_config
-from pipelines.corpus import corpus_fingerprint
+from pipelines.index.corpus import corpus_fingerprint
+from pipelines.quality import evaluate
 
 TOPICS = ["cell protein", "cancer risk", "vitamin study", "brain data", "gene model"]
 TEST_IDS = [f"t{i}" for i in range(6)]
@@ -30,7 +30,7 @@ RERANKED = ["vector", "hybrid"]
 def _ray():
     import ray
 
-    from pipelines.runtime import start_local_ray
+    from pipelines.cluster.runtime import start_local_ray
 
     start_local_ray(num_cpus=2, logging_level="WARNING")
     yield
@@ -65,8 +65,8 @@ def collection(tmp_path) -> Path:
 def fake_reranker(tmp_path: Path, tiny_cross_encoder: str, collection: Path, name: str = "reranker",
                   train_ids=TRAIN_IDS[:6], validation_ids=TRAIN_IDS[6:], qrels: Path | None = None) -> str:
     """The tiny cross-encoder with the metadata `batchrank train-reranker` saves next to a trained model."""
-    from pipelines.beir import read_queries
-    from pipelines.leaks import training_record
+    from pipelines.quality.beir import read_queries
+    from pipelines.quality.leaks import training_record
 
     out = tmp_path / name
     shutil.copytree(tiny_cross_encoder, out)
@@ -99,8 +99,8 @@ def test_eval_end_to_end_then_reuses_the_index(tmp_path, collection, tiny_model,
                                                monkeypatch):
     from typer.testing import CliRunner
 
-    from pipelines import index
     from pipelines.cli import app
+    from pipelines.index import job as index
     from pipelines.store import Store
 
     reranker = fake_reranker(tmp_path, tiny_cross_encoder, collection)
@@ -166,7 +166,7 @@ def test_eval_end_to_end_then_reuses_the_index(tmp_path, collection, tiny_model,
             Oracle.calls.append(list(pairs))
             return np.array([float(number(q) == number(d)) for q, d in pairs], dtype=np.float32)
 
-    monkeypatch.setattr("pipelines.score.Scorer", Oracle)
+    monkeypatch.setattr("pipelines.rerank.score.Scorer", Oracle)
     ranked = evaluate.run(parse_config(data))
     assert [len(c) for c in Oracle.calls] == [6 * 5, 6 * 5, 6 * 10] * len(RERANKED)  # slices, in depth order
     for i in range(len(RERANKED)):  # no pair of a source is scored twice
@@ -207,7 +207,7 @@ def test_a_model_trained_with_the_eval_qrels_file_is_refused(tmp_path, collectio
     data = config_data(tmp_path, collection, tiny_model, model)
     with pytest.raises(evaluate.LeakError, match="trained with the eval judgments file"):
         evaluate.run(parse_config(data))
-    meta_path = Path(model) / "batchrank-train.json"  # the layout pipelines/training.py writes: under "inputs"
+    meta_path = Path(model) / "batchrank-train.json"  # the layout pipelines/quality/training.py writes: under "inputs"
     meta = json.loads(meta_path.read_text())
     meta["inputs"] = {"qrels": meta.pop("qrels")}
     meta_path.write_text(json.dumps(meta))
@@ -263,7 +263,7 @@ def test_max_queries_takes_the_first_judged_and_only_those_are_checked(tmp_path,
 
 _START_RAY = """
 import json, sys
-from pipelines import evaluate
+from pipelines.quality import evaluate
 from pipelines.config import parse_config
 cfg = parse_config(json.loads(sys.argv[1]))
 if sys.argv[2] == "table":  # the passages check ran first: LanceDB is loaded when Ray starts

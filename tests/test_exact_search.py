@@ -1,4 +1,4 @@
-"""Exact search as matrix products (pipelines/exact_search.py): the same hits and scores as LanceDB's flat scan,
+"""Exact search as matrix products (pipelines/rerank/exact_search.py): the same hits and scores as LanceDB's flat scan,
 right rows after deletes and upserts, chunking that changes nothing, the per-size choice of ``retrieve.exact: auto``,
 a clean CPU fallback for the GPU path. Tiny LanceDB tables in tmp_path, no Ray, no model."""
 
@@ -14,8 +14,8 @@ import pytest
 
 from pipelines import schema as S
 from pipelines.config import ConfigError, IndexConfig, RetrieveConfig, parse_config
-from pipelines.exact_search import ExactSearch, _top, choose_method, method_for_report, resolve_method
-from pipelines.retrieve import CandidateSearch
+from pipelines.rerank.exact_search import ExactSearch, _top, choose_method, method_for_report, resolve_method
+from pipelines.rerank.retrieve import CandidateSearch
 from pipelines.store import Store
 
 DIM = 16
@@ -165,7 +165,7 @@ def test_config_accepts_auto_true_false_and_lance_flat():
 def test_settings_key_and_report_follow_the_resolved_method(tmp_path):
     from lancedb.index import IvfFlat
 
-    from pipelines.carry_over import settings_key
+    from pipelines.rerank.carry_over import settings_key
 
     def config(**retrieve):
         return parse_config({"storage": {"uri": str(tmp_path / "db")}, "retrieve": retrieve,
@@ -191,7 +191,7 @@ def test_gpu_path_falls_back_to_cpu(store, monkeypatch, caplog):
     cpu = ExactSearch(table, "cosine", device="cpu").tables(q, 10)
     torch = pytest.importorskip("torch")
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
-    with caplog.at_level(logging.WARNING, logger="pipelines.exact_search"):
+    with caplog.at_level(logging.WARNING, logger="pipelines.rerank.exact_search"):
         asked = ExactSearch(table, "cosine", device="cuda")
     assert asked.device == "cpu" and "falling back" not in caplog.text and "running on CPU" in caplog.text
     assert all(a.equals(b) for a, b in zip(cpu, asked.tables(q, 10)))

@@ -31,7 +31,7 @@ def _runs_file(tmp_path: Path) -> Path:
 
 
 def _seed_runs(path: Path, names: list[str]):
-    from pipelines.schedule import RunsLog, load_schedules
+    from pipelines.cluster.schedule import RunsLog, load_schedules
 
     log = RunsLog(load_schedules(path).runs)
     when = datetime(2026, 11, 30, 2, 30, tzinfo=UTC)
@@ -86,8 +86,8 @@ def test_rows_by_id_holds_up_for_hostile_ids(tmp_path):
 
 def test_quarantine_by_run_id_and_pair_cache_eviction_hold_up(tmp_path):
     """The two filters that quote a string by hand (the same doubling of ``'``): a run id and a cross-encoder id."""
-    from pipelines import pair_cache
     from pipelines.config import StorageConfig
+    from pipelines.rerank import pair_cache
     from pipelines.store import Store
 
     store = Store(StorageConfig(uri=str(tmp_path / "db")))
@@ -153,7 +153,7 @@ def rankings_db(tmp_path) -> Path:
     from datetime import timedelta
 
     from pipelines.config import NormalizeConfig, StorageConfig
-    from pipelines.query_log import normalize, normalizer_spec, query_id
+    from pipelines.rerank.query_log import normalize, normalizer_spec, query_id
     from pipelines.store import Store
 
     store = Store(StorageConfig(uri=str(tmp_path / "db")))

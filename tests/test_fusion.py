@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from pipelines.config import parse_config
-from pipelines.fusion import blend, fit_weight, resolve_weight, rrf, zscore
+from pipelines.rerank.fusion import blend, fit_weight, resolve_weight, rrf, zscore
 
 
 def test_reciprocal_rank_fusion_by_hand():

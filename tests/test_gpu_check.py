@@ -31,8 +31,8 @@ def test_referenced_repo_files_exist():
 
 def test_python_entry_points_it_calls_exist():
     """The smoke calls these by name: a rename must show up here, not on the GPU machine."""
-    for module, name in (("pipelines/models.py", "def load_bi_encoder"), ("pipelines/index.py", "def run"),
-                         ("pipelines/config.py", "def parse_config")):
+    for module, name in (("pipelines/models/__init__.py", "def load_bi_encoder"), ("pipelines/index/job.py", "def run"),
+                         ("pipelines/config/__init__.py", "def parse_config")):
         assert name in (ROOT / module).read_text(), f"{module} has no {name!r}"
 
 

@@ -13,9 +13,12 @@ from pathlib import Path
 import pytest
 from conftest import good_docs, write_jsonl
 
-from pipelines import index, nightly, rerank, rerank_sink
+from pipelines import nightly
 from pipelines.config import parse_config
 from pipelines.faults import InjectedFailure
+from pipelines.index import job as index
+from pipelines.rerank import job as rerank
+from pipelines.rerank import sink as rerank_sink
 from pipelines.store import Store
 
 pytestmark = [pytest.mark.ray, pytest.mark.usefixtures("ray_per_module")]
@@ -136,8 +139,8 @@ def _with_custom_code(folder: Path, target: Path) -> str:
 
 
 def test_model_loaders_get_trust_remote_code_as_configured(tmp_path, tiny_model, tiny_cross_encoder, monkeypatch):
-    from pipelines.embed import Embedder
-    from pipelines.score import Scorer
+    from pipelines.index.embed import Embedder
+    from pipelines.rerank.score import Scorer
 
     marker = tmp_path / "ran.txt"
     monkeypatch.setenv("BATCHRANK_TEST_REMOTE_CODE_MARKER", str(marker))

@@ -9,7 +9,7 @@ from datetime import UTC, datetime, timedelta
 import pytest
 from conftest import build_tiny_bi_encoder, good_docs, write_jsonl
 
-from pipelines.index import run, summary
+from pipelines.index.job import run, summary
 from pipelines.store import Store, StoreError
 
 pytestmark = [pytest.mark.ray, pytest.mark.usefixtures("ray_per_module")]
@@ -38,7 +38,7 @@ def test_one_changed_document_is_the_only_one_embedded(tmp_path, make_config, em
     assert {i for i, r in rows.items() if r["run_id"] == second["run_id"]} == {"d7"}
     assert rows["d7"]["text"] == "a changed abstract about gene data"
     # the vector is the model's vector of the new text, wherever it was embedded
-    from pipelines.embed import Embedder
+    from pipelines.index.embed import Embedder
 
     expected = Embedder(cfg.embed.model).encode(["title 7 a changed abstract about gene data"])[0]
     assert max(abs(a - b) for a, b in zip(rows["d7"]["vector"], expected)) < 1e-5

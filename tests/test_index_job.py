@@ -11,7 +11,7 @@ import pyarrow.parquet as pq
 import pytest
 from conftest import good_docs, write_jsonl
 
-from pipelines.index import run, summary
+from pipelines.index.job import run, summary
 from pipelines.store import Store, StoreError
 
 pytestmark = pytest.mark.ray
@@ -22,7 +22,7 @@ ROOT = Path(__file__).resolve().parents[1]
 def _ray(tmp_path_factory):
     import ray
 
-    from pipelines.runtime import start_local_ray
+    from pipelines.cluster.runtime import start_local_ray
 
     start_local_ray(num_cpus=2, logging_level="WARNING")
     yield
@@ -64,7 +64,7 @@ def _bad_corpus(path):
 def test_bad_rows_are_quarantined_and_counts_reconcile(tmp_path, make_config, monkeypatch):
     """The shipped examples/bad-rows/corpus.jsonl, which `_bad_corpus` wrote; read in one streaming pass through the
     embedding actors, as a corpus too large to plan in-process is."""
-    monkeypatch.setattr("pipelines.index.LOCAL_READ_BYTES", 0)
+    monkeypatch.setattr("pipelines.index.job.LOCAL_READ_BYTES", 0)
     shipped = ROOT / "examples/bad-rows/corpus.jsonl"
     docs = _bad_corpus(tmp_path / "corpus.jsonl")
     assert (tmp_path / "corpus.jsonl").read_bytes() == shipped.read_bytes()

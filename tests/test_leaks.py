@@ -15,9 +15,9 @@ import pyarrow as pa
 import pytest
 from conftest import good_docs, write_jsonl
 
-from pipelines import evaluate
 from pipelines import schema as S
 from pipelines.config import parse_config
+from pipelines.quality import evaluate
 
 TOPICS = ["cell protein", "cancer risk", "vitamin study", "brain data", "gene model"]
 N_TRAIN = 8
@@ -98,7 +98,7 @@ def _build_passages(cfg, model: str) -> None:
 @pytest.fixture
 def trained(tmp_path, collections, make_config, tiny_model) -> str:
     """A reranker really trained by `batchrank train-reranker` on A's train split (2 steps, tiny models)."""
-    from pipelines import train
+    from pipelines.quality import train_reranker as train
 
     a, _ = collections
     cfg = make_config(a / "corpus.jsonl", train={
@@ -157,8 +157,8 @@ def test_an_older_model_recording_ids_only_is_checked_through_its_queries_file(t
 
 def _fake_model(tmp_path: Path, base: str, collection: Path, train: dict[str, str], validation: dict[str, str],
                 self_supervised=()) -> str:
-    """The tiny cross-encoder with a leak record as pipelines/training.py writes it."""
-    from pipelines.leaks import training_record
+    """The tiny cross-encoder with a leak record as pipelines/quality/training.py writes it."""
+    from pipelines.quality.leaks import training_record
 
     out = tmp_path / "fake-model"
     shutil.copytree(base, out)

@@ -21,9 +21,9 @@ from datetime import datetime, timedelta
 import pytest
 from test_s3 import AWS_VARS, BUCKET, S3Server
 
-from pipelines import locks
+from pipelines.cluster import locks
+from pipelines.cluster.locks import LockBusy, LockLost, RunLock
 from pipelines.config import ConfigError, parse_config
-from pipelines.locks import LockBusy, LockLost, RunLock
 
 STALE = 4.0  # s, below the config's floor (RunLock takes it): renewals every 1 s; stale after 4 ± 1 s
 

@@ -13,8 +13,8 @@ from pathlib import Path
 
 import pytest
 
+from pipelines.cluster.locks import LockBusy, RunLock
 from pipelines.config import parse_config
-from pipelines.locks import LockBusy, RunLock
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -49,7 +49,7 @@ def test_waiting_writer_gets_the_lock_when_it_is_released(tmp_path):
 def test_a_killed_holders_lock_is_taken_over_at_once(tmp_path):
     """SIGKILL leaves no chance to release: the kernel drops the flock, and the next run says whose it was."""
     code = ("import sys, time; sys.path.insert(0, %r)\n"
-            "from pipelines.config import parse_config\nfrom pipelines.locks import RunLock\n"
+            "from pipelines.config import parse_config\nfrom pipelines.cluster.locks import RunLock\n"
             "RunLock(parse_config({'storage': {'uri': %r}}).storage, 'passages', 'index-killed', job='index')"
             ".acquire()\nprint('held', flush=True)\ntime.sleep(600)\n") % (str(ROOT), str(tmp_path / "db"))
     proc = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True)

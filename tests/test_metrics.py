@@ -6,7 +6,7 @@ import math
 
 import pytest
 
-from pipelines.metrics import evaluate, measure, per_query
+from pipelines.quality.metrics import evaluate, measure, per_query
 
 LOG2_3 = math.log2(3)
 

@@ -13,8 +13,8 @@ from conftest import good_docs, write_jsonl
 
 pytest.importorskip("onnxruntime", reason="pip install 'batchrank[onnx]'")
 
-from pipelines import onnx_backend
 from pipelines.models import _onnx_or_torch, load_bi_encoder, load_cross_encoder
+from pipelines.models import onnx as onnx_backend
 
 TEXTS = ["cell protein binding", "a much longer text about cancer risk and vitamin studies " * 4, "brain", "gene model"]
 
@@ -91,7 +91,7 @@ def test_onnx_backends_run_on_cpu_only():
 
 @pytest.mark.usefixtures("ray_per_module")
 def test_index_job_records_the_backend_and_refuses_mixed_vectors(tmp_path, make_config):
-    from pipelines import index
+    from pipelines.index import job as index
     from pipelines.store import Store, StoreError
 
     write_jsonl(tmp_path / "docs.jsonl", good_docs(12))

@@ -14,11 +14,11 @@ from conftest import good_docs, write_jsonl
 from test_rerank_job import QUERIES, query_log
 from test_score import retrieved
 
-from pipelines import pair_cache as P
 from pipelines import schema as S
 from pipelines.config import StorageConfig
 from pipelines.report import utcnow
-from pipelines.score import Scorer
+from pipelines.rerank import pair_cache as P
+from pipelines.rerank.score import Scorer
 from pipelines.store import Store
 
 RANKING = [S.QUERY_ID, S.DOC_IDS, S.SCORES, S.CROSS_ENCODER_SCORES, S.RETRIEVAL_RANKS]
@@ -176,7 +176,7 @@ def test_a_retrained_cross_encoder_misses_every_pair(tmp_path, tiny_cross_encode
 def ray_module():
     import ray
 
-    from pipelines.runtime import start_local_ray
+    from pipelines.cluster.runtime import start_local_ray
 
     start_local_ray(num_cpus=2, logging_level="WARNING")
     yield
@@ -185,7 +185,8 @@ def ray_module():
 
 @pytest.mark.ray
 def test_rerank_runs_reuse_cached_pairs_and_rank_alike(tmp_path, make_config, tiny_cross_encoder, ray_module):
-    from pipelines import index, rerank
+    from pipelines.index import job as index
+    from pipelines.rerank import job as rerank
 
     docs = good_docs(12)
     write_jsonl(tmp_path / "docs.jsonl", docs)

@@ -46,13 +46,13 @@ import yaml
 from hypothesis import HealthCheck, assume, example, given, settings
 from hypothesis import strategies as st
 
-from pipelines import corpus as corpus_mod
 from pipelines import schema as S
 from pipelines.config import Config, ConfigError, _model_keys, load_config, parse_config
-from pipelines.corpus import read_local
-from pipelines.index import _Sink
-from pipelines.query_log import SELECTED_SCHEMA, query_id, read_query_log
-from pipelines.validate import Malformed, RowSpec, validate_records
+from pipelines.index import corpus as corpus_mod
+from pipelines.index.corpus import read_local
+from pipelines.index.sink import Sink as _Sink
+from pipelines.index.validate import Malformed, RowSpec, validate_records
+from pipelines.rerank.query_log import SELECTED_SCHEMA, query_id, read_query_log
 
 settings.register_profile("ci", max_examples=25, derandomize=True, deadline=None, database=None, print_blob=True,
                           suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
@@ -66,7 +66,7 @@ NOW = datetime(2026, 6, 1, tzinfo=UTC)
 
 META = {"n": "int", "f": "float", "flag": "bool", "tag": "string"}
 MAX_TEXT = 64
-# every reason code a corpus row may be quarantined with (pipelines/validate.py, pipelines/corpus.py, the sink)
+# every reason code a corpus row may be quarantined with (pipelines/index/validate.py, pipelines/index/corpus.py, the sink)
 CORPUS_CODES = {"bad_json", "bad_utf8", "not_an_object", "missing_id", "bad_id_type", "empty_id", "bad_deleted_flag",
                 "missing_text", "bad_text_type", "empty_text", "text_too_long", "bad_title_type", "bad_metadata",
                 "bad_unicode", "too_deep", "bad_csv_row", "bad_csv_file", "bad_parquet_file", "duplicate_id"}

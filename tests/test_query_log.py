@@ -12,7 +12,7 @@ import pytest
 from conftest import write_jsonl
 
 from pipelines.config import parse_config
-from pipelines.query_log import normalize, parse_timestamp, query_id, read_query_log
+from pipelines.rerank.query_log import normalize, parse_timestamp, query_id, read_query_log
 
 DEFAULT_RULES = {"unicode": "NFKC", "casefold": True, "collapse_whitespace": True}
 

@@ -1,6 +1,6 @@
 """What a batchrank run exposes through Ray (issue 17, items 10, 11 and the Ray part of 15).
 
-One local Ray is started the way the jobs start it (``pipelines.runtime.init_ray``), in a separate process with
+One local Ray is started the way the jobs start it (``pipelines.cluster.runtime.init_ray``), in a separate process with
 fake storage credentials in its environment and no RAY_AUTH_MODE: an actor pool runs through ``map_batches``
 with ``actor_options()`` as the index and rerank jobs do, and a plain actor stays up. That process reports:
 
@@ -42,7 +42,7 @@ import ray.data
 
 import pipelines
 from pipelines.config import RayConfig
-from pipelines.runtime import actor_options, init_ray
+from pipelines.cluster.runtime import actor_options, init_ray
 
 
 def _digest():
@@ -201,7 +201,7 @@ def test_a_successful_run_prints_no_ray_warning(local_run):
 
 def test_worker_env_never_carries_a_credential(monkeypatch):
     """worker_env() feeds every job's and actor's runtime_env (and `batchrank submit`'s)."""
-    from pipelines.runtime import actor_options, worker_env
+    from pipelines.cluster.runtime import actor_options, worker_env
 
     for var in CREDENTIALS:
         monkeypatch.setenv(var, "x")
@@ -218,7 +218,7 @@ def test_actor_options_are_named_map_batches_parameters():
     import ray.data
     from ray.data._internal.execution.operators.actor_pool_map_operator import ActorPoolMapOperator
 
-    from pipelines.runtime import actor_options
+    from pipelines.cluster.runtime import actor_options
 
     named = {name for name, p in inspect.signature(ray.data.Dataset.map_batches).parameters.items()
              if p.kind is inspect.Parameter.KEYWORD_ONLY}

@@ -15,8 +15,9 @@ from pathlib import Path
 import pytest
 from conftest import good_docs, write_jsonl
 
-from pipelines import index, rerank
+from pipelines.index import job as index
 from pipelines.lookup import Rankings
+from pipelines.rerank import job as rerank
 from pipelines.store import Store, StoreError
 
 pytestmark = pytest.mark.ray
@@ -28,7 +29,7 @@ QUERIES = ["cell protein", "Cancer  Risk", "vitamin study", "brain data", "gene 
 def _ray():
     import ray
 
-    from pipelines.runtime import start_local_ray
+    from pipelines.cluster.runtime import start_local_ray
 
     start_local_ray(num_cpus=2, logging_level="WARNING")
     yield

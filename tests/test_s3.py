@@ -24,10 +24,11 @@ import pyarrow as pa
 import pytest
 from conftest import good_docs
 
-from pipelines import index, rerank
 from pipelines import schema as S
 from pipelines.config import parse_config
 from pipelines.faults import InjectedFailure
+from pipelines.index import job as index
+from pipelines.rerank import job as rerank
 from pipelines.store import Store
 
 BUCKET, REGION = "batchrank-test", "us-east-1"
@@ -220,9 +221,9 @@ def test_ray_read_tasks_get_the_filesystem(s3, ray_per_module, tiny_model):
     credentials: the pyarrow filesystem (or Lance's storage options) travels with the task."""
     import lance
 
-    from pipelines.corpus import read_corpus
-    from pipelines.objstore import lance_location
-    from pipelines.validate import RowSpec
+    from pipelines.index.corpus import read_corpus
+    from pipelines.index.validate import RowSpec
+    from pipelines.store.objstore import lance_location
 
     s3.put_jsonl("reads/in/a.jsonl", good_docs(10))
     s3.put_jsonl("reads/in/b.jsonl", [*good_docs(5, start=10), "not json"])
@@ -253,11 +254,11 @@ def test_ray_read_tasks_get_the_filesystem(s3, ray_per_module, tiny_model):
 def test_credentials_from_the_aws_environment(s3, tiny_model, monkeypatch, tmp_path):
     """No storage_options: tables, corpus, query log and reports reach S3 with AWS_* variables, which Ray
     workers receive too; keys in the config win over the environment's."""
-    from pipelines.corpus import read_local
-    from pipelines.objstore import s3_options
-    from pipelines.query_log import read_query_log
+    from pipelines.cluster.runtime import worker_env
+    from pipelines.index.corpus import read_local
     from pipelines.report import write_report
-    from pipelines.runtime import worker_env
+    from pipelines.rerank.query_log import read_query_log
+    from pipelines.store.objstore import s3_options
 
     for var, value in {"AWS_ACCESS_KEY_ID": s3.key_id, "AWS_SECRET_ACCESS_KEY": s3.secret,
                        "AWS_ENDPOINT_URL": s3.endpoint, "AWS_DEFAULT_REGION": REGION}.items():
@@ -331,9 +332,9 @@ def test_two_batchrank_commits_racing_on_s3_both_land_once(s3, tiny_model):
 
 
 def test_credentials_never_printed(s3, tiny_model):
-    from pipelines.corpus import expand_paths
-    from pipelines.objstore import lance_location, redact, redact_all, split_credentials
+    from pipelines.index.corpus import expand_paths
     from pipelines.report import redact_uri
+    from pipelines.store.objstore import lance_location, redact, redact_all, split_credentials
 
     uri = f"s3://{s3.key_id}:{quote(s3.secret, safe='')}@{BUCKET}/x/db"  # a secret in a URI is percent-encoded
     assert redact_uri(uri) == f"s3://***@{BUCKET}/x/db"
@@ -357,8 +358,8 @@ def test_credentials_never_printed(s3, tiny_model):
 def test_run_lock_on_an_object_store(s3):
     """No flock on S3: a lease rewritten by heartbeats. A live one refuses a second run; one whose heartbeat is
     older than lock.stale_seconds (a killed run's) is taken over."""
+    from pipelines.cluster.locks import LockBusy, RunLock
     from pipelines.config import parse_config
-    from pipelines.locks import LockBusy, RunLock
 
     st = parse_config({"storage": {"uri": f"s3://{BUCKET}/locks/db", "storage_options": s3.options()}}).storage
     first = RunLock(st, "passages", "index-1", job="index", stale_seconds=60).acquire()
@@ -375,7 +376,7 @@ def test_run_lock_on_an_object_store(s3):
 def test_a_run_whose_lease_another_run_took_does_not_commit(s3, ray_per_module, tiny_model, monkeypatch):
     """The lease is checked right before the commit: a run that lost it (it stalled, and another run took the
     table over) fails with LockLost naming that run, and publishes nothing."""
-    from pipelines.locks import LockLost
+    from pipelines.cluster.locks import LockLost
 
     s3.put_jsonl("lost/in/docs.jsonl", good_docs(12))
     cfg = config(s3, "lost", tiny_model)

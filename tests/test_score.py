@@ -7,7 +7,7 @@ import pyarrow as pa
 import pytest
 
 from pipelines import schema as S
-from pipelines.score import Scorer
+from pipelines.rerank.score import Scorer
 
 
 class OverlapScorer:

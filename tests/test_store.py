@@ -104,7 +104,7 @@ def test_indexes_exact_below_threshold_and_built_above(cfg):
     approx = store.search(query, k=5, index_cfg=cfg.index)["id"].to_pylist()
     assert exact[0] == "d0"  # the query is d0's own vector
     assert approx[0] == "d0"
-    from pipelines.retrieve import CandidateSearch
+    from pipelines.rerank.retrieve import CandidateSearch
 
     hybrid = CandidateSearch(store, store.passages(), cfg.index, k=5, source="hybrid")(query[None], ["t d7"])[0]
     assert "d7" in hybrid["id"].to_pylist()  # from the full-text side

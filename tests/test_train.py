@@ -12,7 +12,7 @@ import pytest
 from conftest import good_docs, write_jsonl
 
 from pipelines import schema as S
-from pipelines import train
+from pipelines.quality import train_reranker as train
 from pipelines.store import Store, StoreError
 
 N_QUERIES = 8
@@ -169,7 +169,7 @@ def test_trains_validates_fits_fusion_and_the_model_loads(cfg):
                                      {"relative_margin": 0.001}])
 def test_mining_honours_range_and_margins(cfg, monkeypatch, margins):
     from pipelines.models import load_bi_encoder
-    from pipelines.retrieve import CandidateSearch
+    from pipelines.rerank.retrieve import CandidateSearch
 
     monkeypatch.setattr(train, "_fit", fake_fit)
     cfg.train.negatives = cfg.train.negatives.model_copy(update=dict(margins, per_query=5))

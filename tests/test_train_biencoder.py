@@ -10,8 +10,8 @@ import pytest
 from conftest import good_docs
 from test_train import N_QUERIES, assert_trained_at, build_passages, collection, encoder, encoder_weights  # noqa: F401
 
-from pipelines import train_biencoder as tb
-from pipelines.training import META, PAIRS
+from pipelines.quality import train_biencoder as tb
+from pipelines.quality.training import META, PAIRS
 
 
 @pytest.fixture

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from pipelines.validate import BadRow, Malformed, RowSpec, check_record, validate_records
+from pipelines.index.validate import BadRow, Malformed, RowSpec, check_record, validate_records
 
 SPEC = RowSpec(metadata={"year": "int", "score": "float", "open": "bool", "journal": "string"},
                max_text_chars=50, model="m")

@@ -185,7 +185,7 @@ class RayConfig(_Section):
 
 
 class LockConfig(_Section):
-    """One writer per table (``pipelines.locks``): a second run waits, then is refused naming the running one."""
+    """One writer per table (``pipelines.cluster.locks``): a second run waits, then is refused naming the running one."""
 
     wait_seconds: float = Field(0.0, ge=0,
                                 description="how long a run waits for another run writing the same table "
@@ -198,7 +198,7 @@ class LockConfig(_Section):
     @field_validator("stale_seconds")
     @classmethod
     def _stale_floor(cls, v: float) -> float:
-        from pipelines.locks import MIN_STALE_SECONDS
+        from pipelines.cluster.locks import MIN_STALE_SECONDS
 
         if not v >= MIN_STALE_SECONDS:
             raise ValueError(

@@ -8,8 +8,7 @@ from typing import Annotated, Literal
 
 from pydantic import Field, model_validator
 
-from pipelines.config.base import (Actors, Backend, CpusPerActor, Device, Dtype, GpusPerActor, Lax, PooledStage,
-                                   _Section)
+from pipelines.config.base import Actors, Backend, CpusPerActor, Device, Dtype, GpusPerActor, Lax, PooledStage, _Section
 
 
 class NormalizeConfig(_Section):
@@ -60,7 +59,7 @@ class RetrieveConfig(PooledStage, _Section):
                                                           "fused by reciprocal rank)")
     rrf_k: int = Field(60, gt=0, description="reciprocal-rank fusion constant: 1 / (rrf_k + rank)")
     exact: Literal["auto", "lance_flat"] | Annotated[bool, Lax] = Field(
-        "auto", description="auto: exact search as an in-memory matrix product (pipelines/exact_search.py) while the "
+        "auto", description="auto: exact search as an in-memory matrix product (pipelines/rerank/exact_search.py) while the "
                             "vectors fit exact_max_bytes and, with an ANN index, rows <= exact_max_rows, else ANN "
                             "(LanceDB's flat scan without an index); true: always exact (the matrix product, LanceDB's "
                             "flat scan past exact_max_bytes); false: never (ANN; LanceDB scans without an index); "

@@ -28,11 +28,11 @@ from typing import NamedTuple
 import pyarrow as pa
 
 from pipelines import schema as S
-from pipelines.objstore import lance_location, redact
 from pipelines.store import search as _search
 from pipelines.store import staging as _staging
 from pipelines.store import upkeep as _upkeep
 from pipelines.store.names import LEASE_PREFIX, StoreError, sql_strings
+from pipelines.store.objstore import lance_location, redact
 
 log = logging.getLogger("pipelines.store")
 

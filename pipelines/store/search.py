@@ -10,7 +10,7 @@ Reads top to bottom::
     ann_config(...)                → the LanceDB index config ``ensure_indexes`` builds
 
 Each search takes an opened ``passages`` (``table=``) to skip opening it again; ``Store`` exposes them as its
-methods (``store.search(...)``). ``CandidateSearch`` (``pipelines/retrieve.py``) builds on them.
+methods (``store.search(...)``). ``CandidateSearch`` (``pipelines/rerank/retrieve.py``) builds on them.
 """
 
 from __future__ import annotations

@@ -30,7 +30,7 @@ WORKER_ENV = {
 # machine, would break a node's own credential chain.)
 CREDENTIAL_ENV = ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "AWS_PROFILE")
 _PASS_THROUGH = ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE", "HF_HOME", "BATCHRANK_FAILPOINTS", "BATCHRANK_WORK_LOG",
-                 # object storage settings (pipelines/objstore.py), not secrets: actors on other nodes use them
+                 # object storage settings (pipelines/store/objstore.py), not secrets: actors on other nodes use them
                  "AWS_REGION", "AWS_DEFAULT_REGION", "AWS_ENDPOINT_URL", "AWS_ENDPOINT_URL_S3", "AWS_ALLOW_HTTP")
 READ_CPUS = 0.1  # CPUs reserved per reader task; real parsing is cheap next to embedding
 LOOPBACK = "127.0.0.1"
@@ -230,13 +230,9 @@ def check_not_in_job_package(path: str, key: str) -> None:
         )
 
 
-def actor_resources(cluster: Cluster, actors: int, cpus_per_actor: float, gpus_per_actor: float):
-    """CPUs and GPUs to request per actor, adjusted so that the job can always make progress."""
-    return pool_resources(cluster, {"embed": (actors, cpus_per_actor, gpus_per_actor)})["embed"]
-
-
 def pool_resources(cluster: Cluster, pools: dict[str, tuple[int, float, float]]) -> dict[str, tuple[float, float]]:
-    """Per-actor ``(cpus, gpus)`` for each actor pool of a job, given ``{name: (actors, cpus, gpus)}``.
+    """Per-actor ``(cpus, gpus)`` for each actor pool of a job, given ``{name: section.pool}`` (the config's
+    ``ActorPool``: actors, CPUs and GPUs per actor). The one place actor resources are decided.
 
     GPUs requested on a local machine without one fall back to CPU. When the pools together ask
     for more CPUs than the cluster has (less a slice kept for reader tasks), every pool's request

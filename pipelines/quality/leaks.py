@@ -29,7 +29,7 @@ from collections.abc import Iterable
 from typing import Any
 
 TRAIN_META, TRAIN_PAIRS = "batchrank-train.json", "batchrank-train-pairs.jsonl"  # written by the training jobs
-KEY_RULES = {"unicode": "NFKC", "casefold": True, "collapse_whitespace": True}  # pipelines.query_log.normalize
+KEY_RULES = {"unicode": "NFKC", "casefold": True, "collapse_whitespace": True}  # pipelines.rerank.query_log.normalize
 KEY_SCHEME = "blake2b-128 of the UTF-8 query text after NFKC, case-folding and collapsing whitespace"
 
 
@@ -39,7 +39,7 @@ class LeakError(ValueError):
 
 def query_key(text: str) -> str:
     """The identity of a query for leak checks: a hash of its normalised text (ids are per collection)."""
-    from pipelines.query_log import normalize
+    from pipelines.rerank.query_log import normalize
 
     return hashlib.blake2b(normalize(text, KEY_RULES).encode("utf-8", "surrogatepass"), digest_size=16).hexdigest()
 
@@ -75,8 +75,8 @@ def check_leaks(cfg, queries: dict[str, str], qrels_path: str, queries_path: str
     Refused: a train section of this config reads the eval qrels file, or judges a query with the text of an
     evaluated one; a trained model in play (``embed.model``, ``rerank.model``) recorded the file, or trained or
     validated on the text of an evaluated query, or on a self-supervised pair that is an evaluated judgment."""
-    from pipelines.beir import read_qrels, read_queries
     from pipelines.models import resolve_model
+    from pipelines.quality.beir import read_qrels, read_queries
 
     digest, split = _sha256(qrels_path), cfg.eval.split
     by_key: dict[str, list[str]] = {}
@@ -132,7 +132,7 @@ def check_leaks(cfg, queries: dict[str, str], qrels_path: str, queries_path: str
                                 f"relevant to that document: {_listed(shown)}); its metrics would be inflated: "
                                 f"retrain it with self_supervised.pairs: 0, then evaluate again")
         recorded = next((r for r in (meta.get("qrels"), (meta.get("inputs") or {}).get("qrels")) if isinstance(r, dict)),
-                        {})  # {"path", "sha256"}: top level, or under "inputs" (pipelines/training.py)
+                        {})  # {"path", "sha256"}: top level, or under "inputs" (pipelines/quality/training.py)
         sha = recorded.get("sha256") or meta.get("qrels_sha256")
         path = recorded.get("path") or (meta.get("config") or {}).get("qrels")
         if sha == digest or _same_file(path, qrels_path):
@@ -176,7 +176,7 @@ def _trained_keys(meta: dict, folder: str, key: str, eval_queries: str | None, f
 def _recorded_queries(meta: dict, eval_queries: str | None) -> tuple[dict[str, str] | None, str | None]:
     """The texts of the queries file a model was trained with: the recorded file while it has the recorded
     digest (or any, when none was recorded), else the eval queries file when it has that digest."""
-    from pipelines.beir import read_queries
+    from pipelines.quality.beir import read_queries
 
     recorded = (meta.get("inputs") or {}).get("queries")
     path, sha = (recorded.get("path"), recorded.get("sha256")) if isinstance(recorded, dict) else \

@@ -1,6 +1,6 @@
 """Fine-tune the bi-encoder: contrastive training on judged queries, in-batch + mined hard negatives.
 
-Reads top to bottom (the shared steps are in ``pipelines/training.py``)::
+Reads top to bottom (the shared steps are in ``pipelines/quality/training.py``)::
 
     judged queries → train | validation split → Groups (query, positive, mined negatives) [+ self-supervised]
     → (anchor, positive, negative_1..n) rows → SentenceTransformerTrainer, MultipleNegativesRankingLoss, batches
@@ -22,9 +22,9 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from pipelines import training
-from pipelines.trainer import progress_callback, summary_lines, trainer_args
-from pipelines.trainer import train as fit_trainer
+from pipelines.quality import training
+from pipelines.quality.trainer import progress_callback, summary_lines, trainer_args
+from pipelines.quality.trainer import train as fit_trainer
 
 
 def run(cfg, *, force: bool = False, run_id: str | None = None) -> dict[str, Any]:
@@ -69,7 +69,7 @@ def _validation(cfg, data: training.Data, fields, sep: str):
     """(queries, corpus, relevant docs) for ``InformationRetrievalEvaluator``: the corpus is the union of the
     validation queries' top ``validation_k`` candidates and their positives, so evaluation does not embed the whole
     corpus."""
-    from pipelines.retrieve import document_text
+    from pipelines.rerank.retrieve import document_text
 
     ids = data.validation_ids
     if not ids:

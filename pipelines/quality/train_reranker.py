@@ -1,6 +1,6 @@
 """Train a reranker: judged (query, passage) pairs + hard negatives mined from ``passages`` → a CrossEncoder.
 
-Reads top to bottom (the shared steps are in ``pipelines/training.py``)::
+Reads top to bottom (the shared steps are in ``pipelines/quality/training.py``)::
 
     judged queries → train | validation split → Groups (query, positive, mined negatives) [+ self-supervised]
     → BCE pairs or listwise (query, positive, negative_1..n) rows
@@ -24,11 +24,11 @@ import logging
 from pathlib import Path
 from typing import Any
 
-from pipelines import training
-from pipelines.beir import read_qrels, read_queries  # noqa: F401 - kept importable from here
-from pipelines.trainer import progress_callback, summary_lines, trainer_args
-from pipelines.trainer import train as fit_trainer
-from pipelines.training import META, PAIRS  # noqa: F401 - the files written next to the model
+from pipelines.quality import training
+from pipelines.quality.beir import read_qrels, read_queries  # noqa: F401 - kept importable from here
+from pipelines.quality.trainer import progress_callback, summary_lines, trainer_args
+from pipelines.quality.trainer import train as fit_trainer
+from pipelines.quality.training import META, PAIRS  # noqa: F401 - the files written next to the model
 
 AT = "ndcg@10"
 
@@ -94,7 +94,7 @@ def _columns(loss: str, groups, docs: dict, fields, sep: str, n: int) -> dict[st
 def _validation(cfg, data: training.Data, fields, sep: str):
     """Evaluator samples (query, positives, the first stage's top ``validation_k`` in order) and the candidates
     ({query id: (doc ids, first-stage scores)}) of the validation queries; (None, None) without a split."""
-    from pipelines.retrieve import document_text
+    from pipelines.rerank.retrieve import document_text
 
     ids = data.validation_ids
     if not ids:
@@ -114,8 +114,8 @@ def _validation(cfg, data: training.Data, fields, sep: str):
 def _fusion(cfg, data: training.Data, candidates: dict, scores: list) -> dict[str, Any]:
     """Validation nDCG@10 of the first stage, the kept model and their blend, and the blend's weight fitted on
     the validation queries (held-out *training* judgments; the fused number is the one it was fitted on)."""
-    from pipelines.fusion import fit_weight
-    from pipelines.metrics import evaluate
+    from pipelines.quality.metrics import evaluate
+    from pipelines.rerank.fusion import fit_weight
 
     judged = [j for j in data.judgments if j[0] in candidates]
     full = {q: (ids, ce, fs) for (q, (ids, fs)), ce in zip(candidates.items(), scores)}

@@ -23,7 +23,7 @@ from pipelines.report import nodes_line, redact_uri, utcnow
 def finish_report(cfg, run, sink, qlog, cache_version: int | None) -> dict[str, Any]:
     """Complete ``run.report`` from the run's counters (``sink``: a ``rerank_sink.Sink``; ``qlog``: the
     ``QueryLog``, None when the run failed before reading it) and return it."""
-    from pipelines.exact_search import method_for_report
+    from pipelines.rerank.exact_search import method_for_report
     from pipelines.store import Store
 
     timer, report = run.timer, run.report
@@ -96,7 +96,7 @@ def summary(report: dict[str, Any]) -> str:
         lines.append("  workers: " + ", ".join(f"{n} {k} actor restart(s)" for k, n in restarts.items())
                      + " (their tasks were retried)")
     if took := (report.get("lock") or {}).get("took_over"):
-        from pipelines.locks import describe
+        from pipelines.cluster.locks import describe
 
         lines.append(f"  lock: took over from {describe(took)}, which ended without releasing it")
     lines.append("  time: " + ", ".join(f"{k} {v:.1f}s" for k, v in s.items()))

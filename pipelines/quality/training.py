@@ -23,15 +23,15 @@ import json
 import os
 import random
 import shutil
-import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from pipelines import runs
 from pipelines import schema as S
-from pipelines.beir import read_qrels, read_queries, split_queries
-from pipelines.report import Timer, new_run_id, save_report, utcnow
+from pipelines.quality.beir import read_qrels, read_queries, split_queries
+from pipelines.report import Timer, utcnow
 
 META = "batchrank-train.json"
 PAIRS = "batchrank-train-pairs.jsonl"  # which (query, doc, label) the model was trained on, for audits
@@ -73,13 +73,11 @@ class Data:
         """Each text's top ``k`` passages (id, title, text, score; best first) from ``source``, queries embedded
         by ``embed.model`` (the table's bi-encoder) in chunks of ``retrieve.queries_per_call``."""
         from pipelines.models import configure_threads, load_bi_encoder
-        from pipelines.retrieve import CandidateSearch
+        from pipelines.rerank.retrieve import CandidateSearch
 
         cfg, e = self.cfg, self.cfg.embed
-        search = CandidateSearch(self.store, self.table, cfg.index, k=k, source=source, rrf_k=cfg.retrieve.rrf_k,
-                                 exact=exact, exact_max_rows=cfg.retrieve.exact_max_rows,
-                                 exact_max_bytes=cfg.retrieve.exact_max_bytes, columns=(S.TITLE, S.TEXT),
-                                 threads=cfg.retrieve.search_threads)
+        search = CandidateSearch.from_config(self.store, self.table, cfg, k=k, source=source, exact=exact,
+                                             columns=(S.TITLE, S.TEXT))
         if source != "fts" and self.encoder is None:
             configure_threads(cpus())
             self.encoder = load_bi_encoder(e.model, device=e.device, dtype=e.dtype, max_seq_length=e.max_seq_length,
@@ -101,23 +99,18 @@ def run(cfg, section: str, *, job: str, command: str, fit: Callable, force: bool
     """Prepare the data of ``cfg.<section>``, call ``fit(cfg, data, folder, report)`` (which saves the model into
     ``folder`` and returns metadata), publish; return the run report (also written as JSON). On failure the
     report is written with ``status: failed`` and the error raised again; the output folder is untouched."""
-    cfg.require(section, command=command)
-    t = getattr(cfg, section)
-    run_id = run_id or new_run_id(job)
-    t0, timer = time.perf_counter(), Timer()
-    report: dict[str, Any] = {"job": job, "run_id": run_id, "status": "running", "started_at": utcnow().isoformat(),
-                              "output": t.output, "base_model": t.base_model or cfg.embed.model,
-                              "bi_encoder": cfg.embed.model}
-    try:
-        _run(cfg, section, fit, report, timer, force, fingerprint or [])
-    except BaseException as exc:
-        report.update(status="failed", error=f"{type(exc).__name__}: {exc}")
-        exc.batchrank_report = _finish(cfg, report, timer, t0)  # the CLI prints its summary
-        raise
-    return _finish(cfg, report, timer, t0)
+    t = getattr(cfg, section, None)
+    this = runs.start(cfg, job, sections=(section,), command=command, run_id=run_id, output=t and t.output,
+                      base_model=t and (t.base_model or cfg.embed.model), bi_encoder=cfg.embed.model)
+    return runs.guarded(this, cfg, body=lambda: _run(cfg, section, fit, this.report, this.timer, force,
+                                                     fingerprint or []),
+                        finish=lambda: _finish(this))
 
 
 def _run(cfg, section: str, fit: Callable, report: dict, timer: Timer, force: bool, extra: list) -> None:
+    from pipelines.registry import require_extra
+
+    require_extra("datasets", "train", "batchrank train-reranker" if section == "train" else "batchrank train-biencoder")
     from pipelines.store import Store
 
     t, out = getattr(cfg, section), Path(getattr(cfg, section).output)
@@ -237,7 +230,7 @@ def self_supervised(data: Data, t, report: dict) -> list[Group]:
 
 def doc_text(group: Group, row: dict, fields, separator: str) -> str:
     """A document as the model reads it; for a self-supervised pair the text alone (its title is the query)."""
-    from pipelines.retrieve import document_text
+    from pipelines.rerank.retrieve import document_text
 
     if group.query_id is None:
         return row.get(S.TEXT) or ""
@@ -246,8 +239,8 @@ def doc_text(group: Group, row: dict, fields, separator: str) -> str:
 
 def leak_record(data: Data) -> dict[str, Any]:
     """Which queries the model learned from, identified by their text (ids are per collection): the train and
-    validation queries, and each self-supervised (title, document) pair. See pipelines/leaks.py."""
-    from pipelines.leaks import training_record
+    validation queries, and each self-supervised (title, document) pair. See pipelines/quality/leaks.py."""
+    from pipelines.quality.leaks import training_record
 
     return training_record([data.queries[q] for q in data.train_ids], [data.queries[q] for q in data.validation_ids],
                            [(g.query, g.positive) for g in data.groups if g.query_id is None])
@@ -345,10 +338,10 @@ def _swap_in(tmp: Path, out: Path, run_id: str) -> None:
     shutil.rmtree(old, ignore_errors=True)
 
 
-def _finish(cfg, report: dict[str, Any], timer: Timer, t0: float) -> dict[str, Any]:
-    report["finished_at"] = utcnow().isoformat()
-    report["seconds"] = dict(timer.seconds, total=round(time.perf_counter() - t0, 3))
-    return save_report(report, cfg)
+def _finish(this: runs.Run) -> dict[str, Any]:
+    this.report["finished_at"] = utcnow().isoformat()
+    this.report["seconds"] = dict(this.timer.seconds, total=this.elapsed())
+    return this.report
 
 
 def cpus() -> int:

@@ -32,8 +32,8 @@ class Embedder:
     def __init__(self, model: str, *, batch_size: int = 16, device: str = "auto", dtype: str = "auto",
                  max_seq_length: int | None = None, normalize: bool = True, trust_remote_code: bool = False,
                  num_threads: float | None = None, backend: str = "torch", batch_tokens: int | None = 0):
+        from pipelines.cluster.runtime import node_label
         from pipelines.models import configure_threads, load_bi_encoder
-        from pipelines.runtime import node_label
 
         if backend == "torch":
             import torch  # noqa: F401 - so that configure_threads sizes its pool

@@ -1,6 +1,6 @@
 """What the eval job shows: the one-screen table, ``eval.md``, ``eval.png`` and ``eval.json``, from its report.
 
-Pure functions of the report dict (``pipelines.evaluate.run`` builds it); files are written atomically
+Pure functions of the report dict (``pipelines.quality.evaluate.run`` builds it); files are written atomically
 (a temporary file, then a rename), so a reader never sees half a report.
 
 Example::

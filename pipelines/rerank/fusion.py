@@ -53,7 +53,7 @@ def fit_weight(candidates: Mapping[str, tuple[Sequence[str], Sequence[float], Se
     """The weight in ``grid`` with the best mean ``measure`` over ``candidates``
     ({query id: (doc ids, cross-encoder scores, first-stage scores)}); ties go to the smaller weight
     (closer to the first stage, which generalises). Returns (weight, {weight: measure})."""
-    from pipelines.metrics import evaluate
+    from pipelines.quality.metrics import evaluate
 
     judged = [j for j in judgments if j[0] in candidates]
     if not judged:

@@ -26,9 +26,10 @@ import os
 import time
 from typing import Any
 
+from pipelines import runs
 from pipelines import schema as S
-from pipelines.leaks import LeakError, check_leaks  # noqa: F401  (LeakError: part of this module's API)
-from pipelines.report import Progress, Timer, new_run_id, save_report, utcnow
+from pipelines.quality.leaks import LeakError, check_leaks  # noqa: F401  (LeakError: part of this module's API)
+from pipelines.report import Progress, Timer, utcnow
 
 log = logging.getLogger("batchrank.eval")
 MEASURES = ("ndcg@10", "mrr@10", "recall@100")
@@ -40,24 +41,19 @@ def run(cfg, *, run_id: str | None = None) -> dict[str, Any]:
 
     On failure the run report is written with ``status: failed`` and the error is raised again.
     """
-    cfg.require("eval", command="batchrank eval")
-    run_id = run_id or new_run_id("eval")
-    t0, timer = time.perf_counter(), Timer()
-    report: dict[str, Any] = {"job": "eval", "run_id": run_id, "status": "running", "started_at": utcnow().isoformat(),
-                              "collection": cfg.eval.collection, "split": cfg.eval.split}
-    try:
-        _evaluate(cfg, report, timer)
-    except BaseException as exc:
-        report.update(status="failed", error=f"{type(exc).__name__}: {exc}")
-        exc.batchrank_report = _finish(cfg, report, timer, t0)
-        raise
-    return _finish(cfg, report, timer, t0)
+    job = runs.start(cfg, "eval", sections=("eval",), command="batchrank eval", run_id=run_id,
+                     collection=cfg.eval and cfg.eval.collection, split=cfg.eval and cfg.eval.split)
+    return runs.guarded(job, cfg, body=lambda: _evaluate(cfg, job.report, job.timer), finish=lambda: _finish(cfg, job),
+                        on_saved=_write_json)
 
 
 def _evaluate(cfg, report: dict[str, Any], timer: Timer) -> None:
-    from pipelines.beir import read_qrels, read_queries
+    from pipelines.registry import require_extra
 
-    e, rt = cfg.eval, cfg.retrieve
+    require_extra("matplotlib", "eval", "batchrank eval (its eval.png)")
+    from pipelines.quality.beir import read_qrels, read_queries
+
+    e = cfg.eval
     with timer("read"):
         files = _files(cfg)
         texts, qrels = read_queries(files["queries"], "eval.queries"), read_qrels(files["qrels"], "eval.qrels")
@@ -79,7 +75,7 @@ def _evaluate(cfg, report: dict[str, Any], timer: Timer) -> None:
     with timer("passages"):
         report["passages"] = ensure_passages(cfg, files["corpus"], needs_fts=any(s != "vector" for s in sources))
 
-    from pipelines.retrieve import CandidateSearch
+    from pipelines.rerank.retrieve import CandidateSearch
     from pipelines.store import Store
 
     store = Store(cfg.storage)
@@ -96,9 +92,7 @@ def _evaluate(cfg, report: dict[str, Any], timer: Timer) -> None:
     candidates, first_stage, reranked = {}, {}, _rerank_sources(cfg)
     for source in sources:
         columns = (S.TITLE, S.TEXT) if source in reranked else ()  # texts only where the cross-encoder reads them
-        search = CandidateSearch(store, table, cfg.index, k=k, source=source, rrf_k=rt.rrf_k, exact=rt.exact,
-                                 exact_max_rows=rt.exact_max_rows, exact_max_bytes=rt.exact_max_bytes,
-                                 columns=columns, threads=rt.search_threads)
+        search = CandidateSearch.from_config(store, table, cfg, k=k, source=source, columns=columns)
         with timer(f"retrieve_{source}"), search:
             start = time.perf_counter()
             hits = search(vectors, query_texts)
@@ -129,16 +123,14 @@ def _rerank(cfg, chosen, query_texts, candidates, first_stage, judgments, report
     """Score each reranked source's pairs slice by slice in depth order; one variant (two with fusion) per depth."""
     import numpy as np
 
-    from pipelines.fusion import blend, resolve_weight
-    from pipelines.retrieve import document_text
-    from pipelines.score import Scorer
+    from pipelines.rerank.fusion import blend, resolve_weight
+    from pipelines.rerank.retrieve import document_text
+    from pipelines.rerank.score import Scorer, scorer_settings
 
     rr = cfg.rerank
     weight, origin = resolve_weight(rr)
     with timer("load_cross_encoder"):
-        scorer = Scorer(rr.model, batch_size=rr.batch_size, max_length=rr.max_length, device=rr.device,
-                        dtype=rr.dtype, trust_remote_code=rr.trust_remote_code, backend=rr.backend,
-                        batch_tokens=rr.batch_tokens)
+        scorer = Scorer(**scorer_settings(rr))
     report["models"].update(cross_encoder_device=str(getattr(scorer.model, "device", "?")),
                             fusion={"weight": weight, "origin": origin})
     variants = []
@@ -182,7 +174,7 @@ def _reorder(ids: list[str], scores) -> list[str]:
 
 
 def _variant(source, depth, fusion, ranked, chosen, judgments, pairs, seconds, score_seconds) -> dict[str, Any]:
-    from pipelines.metrics import evaluate
+    from pipelines.quality.metrics import evaluate
 
     # Scores from ranks: ir-measures sorts by score, and first-stage ties (BM25, RRF) must keep our order.
     run = {q: {d: float(len(ids) - i) for i, d in enumerate(ids)} for q, ids in zip(chosen, ranked)}
@@ -249,7 +241,7 @@ def ensure_passages(cfg, corpus_path, *, needs_fts: bool) -> dict[str, Any]:
         reason = "no passages table yet"
     else:
         table = store.passages_for_queries(cfg.embed.identity)  # refuses a table of another bi-encoder
-        from pipelines.corpus import corpus_fingerprint
+        from pipelines.index.corpus import corpus_fingerprint
 
         expected = corpus_fingerprint(icfg)
         if expected is None:
@@ -263,7 +255,7 @@ def ensure_passages(cfg, corpus_path, *, needs_fts: bool) -> dict[str, Any]:
                 return {"action": "reused", "reason": f"{same}; built the missing full-text index",
                         "indexes": built}
             return {"action": "reused", "reason": same}
-    from pipelines import index
+    from pipelines.index import job as index
 
     log.info("indexing %s: %s", corpus.path, reason)
     _start_ray(cfg)
@@ -292,7 +284,7 @@ def _start_ray(cfg) -> None:
     import sys
     import warnings
 
-    from pipelines.runtime import init_ray
+    from pipelines.cluster.runtime import init_ray
 
     if "lancedb" not in sys.modules:
         init_ray(cfg.ray)
@@ -304,7 +296,7 @@ def _start_ray(cfg) -> None:
 
 def summary(report: dict[str, Any]) -> str:
     """The one-screen table and where the reports are."""
-    from pipelines.eval_report import table, verdict
+    from pipelines.quality.eval_report import table, verdict
 
     head = f"eval run {report['run_id']}: {report['status']}"
     if report["status"] != "succeeded":
@@ -318,15 +310,20 @@ def summary(report: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
-def _finish(cfg, report: dict[str, Any], timer: Timer, t0: float) -> dict[str, Any]:
-    """Timings; on success eval.png, eval.md and eval.json in ``eval.output``; the run report in any case."""
-    from pipelines.eval_report import write_json, write_outputs
+def _finish(cfg, job: runs.Run) -> dict[str, Any]:
+    """Timings; on success eval.png and eval.md in ``eval.output`` (eval.json once the run report is saved)."""
+    from pipelines.quality.eval_report import write_outputs
 
+    report = job.report
     report["finished_at"] = utcnow().isoformat()
-    report["seconds"] = dict(timer.seconds, total=round(time.perf_counter() - t0, 3))
+    report["seconds"] = dict(job.timer.seconds, total=job.elapsed())
     if report["status"] == "succeeded":
         report["outputs"] = write_outputs(report, cfg.eval.output)
-    save_report(report, cfg)
+    return report
+
+
+def _write_json(report: dict[str, Any]) -> None:
+    from pipelines.quality.eval_report import write_json
+
     if report["status"] == "succeeded":
         write_json(report, report["outputs"]["json"])
-    return report

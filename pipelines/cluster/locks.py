@@ -113,7 +113,7 @@ class RunLock:
 
     def __init__(self, storage_cfg, name: str, run_id: str, *, job: str, wait_seconds: float = 0.0,
                  stale_seconds: float = 300.0):
-        from pipelines.objstore import is_uri
+        from pipelines.store.objstore import is_uri
 
         if not float(stale_seconds) >= HARD_MIN_STALE_SECONDS:
             raise ValueError(f"stale_seconds must be at least {HARD_MIN_STALE_SECONDS:.0f} s (got {stale_seconds}): "
@@ -246,7 +246,7 @@ class RunLock:
     def _client(self):
         """(boto3 client, bucket, key), made once per lock (boto3 clients are thread-safe)."""
         if self._s3 is None:
-            from pipelines.objstore import is_s3, s3_client
+            from pipelines.store.objstore import is_s3, s3_client
 
             if not is_s3(self.path):
                 raise RuntimeError(

@@ -11,7 +11,7 @@ A schedules file (YAML)::
         job: nightly
         config: configs/demo.yaml          # relative to this file
 
-``Scheduler.run`` submits each due occurrence through :mod:`pipelines.submit`, with these rules:
+``Scheduler.run`` submits each due occurrence through :mod:`pipelines.cluster.submit`, with these rules:
 
 * never two runs of one schedule at once: an occurrence that falls due while the schedule's previous run
   is still pending or running on the cluster is recorded as ``SKIPPED`` and not submitted;
@@ -37,10 +37,10 @@ from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 import pyarrow as pa
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from pipelines.cluster.submit import TERMINAL, SubmitError
 from pipelines.config import validation_message
 from pipelines.registry import JOBS
 from pipelines.schema import RUNS_SCHEMA
-from pipelines.submit import TERMINAL, SubmitError
 
 log = logging.getLogger("batchrank.schedule")
 
@@ -230,7 +230,7 @@ class Scheduler:
 
     def refresh(self) -> int:
         """Update the rows of runs that were active with what the cluster says now; return how many changed."""
-        from pipelines import submit
+        from pipelines.cluster import submit
 
         changed = []
         for row in self.runs.rows():
@@ -257,7 +257,7 @@ class Scheduler:
 
     def tick(self) -> Tick:
         """One pass: refresh active runs, then submit (or skip) every schedule's due occurrence."""
-        from pipelines import submit
+        from pipelines.cluster import submit
 
         updated = self.refresh()
         now = self._now()

@@ -32,9 +32,9 @@ def precision(rr, device: str) -> str:
 
 
 def cross_encoder_key(rr, device: str) -> str:
-    """The cross-encoder's identity (``pipelines.pair_cache.cross_encoder_id``) as ``rr`` (``cfg.rerank``) runs it
+    """The cross-encoder's identity (``pipelines.rerank.pair_cache.cross_encoder_id``) as ``rr`` (``cfg.rerank``) runs it
     on ``device``; hashes the model's weights, so the key changes when they do."""
-    from pipelines import pair_cache
+    from pipelines.rerank import pair_cache
 
     return pair_cache.cross_encoder_id(rr.model, rr.max_length, precision=precision(rr, device))
 
@@ -47,7 +47,7 @@ def settings_key(cfg, cross_encoder_id: str, fusion_weight: float | None, passag
     import hashlib
     import json
 
-    from pipelines.exact_search import configured_method
+    from pipelines.rerank.exact_search import configured_method
 
     rt, rr, e, ix = cfg.retrieve, cfg.rerank, cfg.embed, cfg.index
     settings = {"bi_encoder": e.identity, "normalize": e.normalize, "max_seq_length": e.max_seq_length,

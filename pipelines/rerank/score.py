@@ -10,7 +10,7 @@ stage: w * z(cross-encoder) + (1 - w) * z(retrieval), z standardising each query
 With the pair cache (``cache_storage``), pairs scored by an earlier run are looked up instead,
 identical pairs of one call are scored once, and the model only loads when a pair misses (a
 night with nothing new never loads it). The pairs the model did score leave with each query
-(``pipelines.pair_cache.NEW_*`` columns) for the driver to add to the cache. Cached scores are
+(``pipelines.rerank.pair_cache.NEW_*`` columns) for the driver to add to the cache. Cached scores are
 the model's float32 scores, so rankings are the same with or without the cache.
 
 Example (no Ray needed)::
@@ -28,10 +28,10 @@ from typing import Any
 import numpy as np
 import pyarrow as pa
 
-from pipelines import pair_cache as P
 from pipelines import schema as S
 from pipelines.faults import maybe_fail, record
-from pipelines.fusion import blend
+from pipelines.rerank import pair_cache as P
+from pipelines.rerank.fusion import blend
 
 
 class Scorer:
@@ -39,7 +39,7 @@ class Scorer:
 
     ``model`` is a CrossEncoder name or path, or any object with ``predict(pairs, batch_size=...)``.
     ``cache_storage`` (a ``StorageConfig``) turns the pair cache on, read at ``cache_version`` (None: no
-    cache table yet, every pair misses) under ``cross_encoder_id`` (``pipelines.pair_cache.cross_encoder_id``).
+    cache table yet, every pair misses) under ``cross_encoder_id`` (``pipelines.rerank.pair_cache.cross_encoder_id``).
     """
 
     def __init__(self, model: Any, *, top_n: int = 20, batch_size: int = 32, max_length: int | None = None,
@@ -47,8 +47,8 @@ class Scorer:
                  num_threads: float | None = None, fusion_weight: float | None = None, cache_storage=None,
                  cache_version: int | None = None, cross_encoder_id: str | None = None, preload: bool = False,
                  backend: str = "torch", batch_tokens: int | None = 0):
+        from pipelines.cluster.runtime import node_label
         from pipelines.models import configure_threads
-        from pipelines.runtime import node_label
 
         configure_threads(num_threads)
         self.node = node_label()
@@ -62,7 +62,7 @@ class Scorer:
         self.cache, self.cross_encoder_id = None, cross_encoder_id
         if cache_storage is not None:
             if not cross_encoder_id:
-                raise ValueError("the pair cache needs cross_encoder_id (pipelines.pair_cache.cross_encoder_id of "
+                raise ValueError("the pair cache needs cross_encoder_id (pipelines.rerank.pair_cache.cross_encoder_id of "
                                  "the model), or pass cache_storage=None to score every pair")
             self.cache = P.PairCache.open(cache_storage, cache_version)
             if preload and self._model is None:  # load while the first candidates are being retrieved
@@ -180,3 +180,7 @@ class Scorer:
             fresh[row].append((key, doc, P.doc_hash(text), score))
         flat = np.array([known[k] for row in keys for k in row], dtype=np.float32)
         return flat, fresh
+
+
+# The constructor's keywords from the rerank section, at module level: it stays put when a test swaps the class.
+scorer_settings = Scorer.config_kwargs

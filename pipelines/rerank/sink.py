@@ -26,11 +26,11 @@ import time
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from pipelines import pair_cache as P
 from pipelines import schema as S
+from pipelines.cluster.runtime import count_nodes
 from pipelines.faults import maybe_fail
 from pipelines.report import Progress, utcnow
-from pipelines.runtime import count_nodes
+from pipelines.rerank import pair_cache as P
 
 FLUSH_ROWS = 1024  # ranked queries buffered on the driver before a staging append ...
 FLUSH_SECONDS = 2.0  # ... or this long (with the newly scored pairs: what a rerun of a killed run re-scores)

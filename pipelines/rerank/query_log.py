@@ -31,8 +31,8 @@ import pyarrow as pa
 
 from pipelines import schema as S
 from pipelines.files import expand_paths, iter_jsonl_records, iter_parquet_records
-from pipelines.objstore import filesystem, redact
-from pipelines.validate import Malformed
+from pipelines.index.validate import Malformed
+from pipelines.store.objstore import filesystem, redact
 
 LOG_SUFFIXES = {".jsonl": "jsonl", ".json": "jsonl", ".ndjson": "jsonl", ".jsonl.gz": "jsonl", ".json.gz": "jsonl",
                 ".ndjson.gz": "jsonl", ".parquet": "parquet", ".pq": "parquet"}

@@ -3,14 +3,14 @@
 Reads top to bottom (``_index``)::
 
     _start           Ray up; what passages holds decides the run: full, incremental or a model change (rebuild);
-                     a killed run's staging table is taken over (index_resume.py)
-    _plan_and_embed  compare every row with passages, no model (deletions: index_deletions.py); embed only the new
-                     and changed rows: on the driver when few (index_local.py), else on the actor pool
+                     a killed run's staging table is taken over (resume.py)
+    _plan_and_embed  compare every row with passages, no model (deletions: deletions.py); embed only the new
+                     and changed rows: on the driver when few (local.py), else on the actor pool
     _stream_all      or, with nothing to compare with: read_corpus → map_batches(Embedder, actor pool) in one pass
-    stage            the sink on the driver (index_sink.py): good rows → staging table, bad rows → quarantine
+    stage            the sink on the driver (sink.py): good rows → staging table, bad rows → quarantine
     _commit          one merge_insert commit to passages (overwrite on a model change), tagged with the run id
     _upkeep          ANN + full-text indexes brought up to date, compaction, old versions cleaned
-    → report: rows read = written + unchanged + quarantined (index_summary.py)
+    → report: rows read = written + unchanged + quarantined (summary.py)
 
 Example::
 
@@ -25,15 +25,21 @@ from typing import Any
 
 from pipelines import runs
 from pipelines import schema as S
+from pipelines.cluster.runtime import READ_CPUS
 from pipelines.faults import maybe_fail
-from pipelines.index_deletions import deletions, rebuild_deletions, show_id
-from pipelines.index_local import Preload, local_embedder
-from pipelines.index_resume import (drop_stale_resumed, keep_one_row_per_id, keep_planned, resume, resume_planned,
-                                    skip_resumed)
-from pipelines.index_sink import FLUSH_ROWS, FLUSH_SECONDS, Sink, stage
-from pipelines.index_summary import finish_report, summary
+from pipelines.index.deletions import deletions, rebuild_deletions, show_id
+from pipelines.index.local import Preload, local_embedder
+from pipelines.index.resume import (
+    drop_stale_resumed,
+    keep_one_row_per_id,
+    keep_planned,
+    resume,
+    resume_planned,
+    skip_resumed,
+)
+from pipelines.index.sink import FLUSH_ROWS, FLUSH_SECONDS, Sink, stage
+from pipelines.index.summary import finish_report, summary
 from pipelines.report import Progress, redact_uri
-from pipelines.runtime import READ_CPUS
 
 __all__ = ["run", "summary", "FLUSH_ROWS", "FLUSH_SECONDS"]  # the flush sizes stay importable here
 
@@ -48,7 +54,6 @@ BLOCK_BYTES = 256 * 1024
 # documents, 394 MiB at 1M; benchmarks/memory_stream.py).
 PIPELINE_OBJECT_STORE_BYTES = 128 << 20
 
-_Sink = Sink  # the sink's former name here (tests/test_properties.py imports it)
 
 
 def run(cfg, *, run_id: str | None = None, save: bool = True) -> dict[str, Any]:
@@ -105,8 +110,8 @@ def _start(cfg, state: _RunState, store):
     incremental one or a model change. Returns the staging table a killed run left (None when there is none)."""
     import ray.data
 
-    from pipelines.corpus import expand_paths, read_local
-    from pipelines.runtime import check_not_in_job_package, init_ray
+    from pipelines.cluster.runtime import check_not_in_job_package, init_ray
+    from pipelines.index.corpus import expand_paths, read_local
     from pipelines.store import StoreError
 
     e, name, report = cfg.embed, cfg.storage.passages_table, state.report
@@ -176,7 +181,7 @@ def _plan(cfg, sink: Sink, known: dict[str, str], progress) -> dict[str, str]:
     """First pass: compare every corpus row with ``passages`` by id and content hash, embedding nothing; count and
     quarantine; return {id: content hash} of the new and changed documents. A corpus of at most
     ``LOCAL_READ_BYTES`` is read right here (read tasks would cost more than the reading), a larger one by Ray."""
-    from pipelines.corpus import read_local
+    from pipelines.index.corpus import read_local
 
     batches = read_local(cfg, max_bytes=LOCAL_READ_BYTES)
     if batches is None:
@@ -191,7 +196,7 @@ def _plan(cfg, sink: Sink, known: dict[str, str], progress) -> dict[str, str]:
 
 def _planned_batches(cfg, state: _RunState, todo: dict[str, str], local: bool):
     """Second pass: the corpus again, only the planned rows; embedded by the actor pool unless ``local``."""
-    from pipelines.corpus import read_local
+    from pipelines.index.corpus import read_local
 
     batches = read_local(cfg, max_bytes=LOCAL_READ_BYTES) if local else None
     if batches is not None:  # a small delta of a small corpus: no Ray at all
@@ -216,8 +221,8 @@ def _stream_all(cfg, state: _RunState, store, staged):
 
 
 def _read(cfg):
-    from pipelines.corpus import read_corpus
-    from pipelines.validate import RowSpec
+    from pipelines.index.corpus import read_corpus
+    from pipelines.index.validate import RowSpec
 
     return read_corpus(cfg.corpus, RowSpec.from_config(cfg), read_cpus=READ_CPUS,
                        storage_options=cfg.storage.storage_options)
@@ -227,11 +232,11 @@ def _embed_with_actors(cfg, ds, state: _RunState):
     """The embedding actor pool (one model per actor; GPUs when configured)."""
     import ray.data
 
-    from pipelines.embed import Embedder
-    from pipelines.runtime import actor_device, actor_options, actor_resources
+    from pipelines.cluster.runtime import actor_device, actor_options, pool_resources
+    from pipelines.index.embed import Embedder
 
     e = cfg.embed
-    cpus, gpus = actor_resources(state.cluster, e.actors, e.cpus_per_actor, e.gpus_per_actor)
+    cpus, gpus = pool_resources(state.cluster, {"embed": e.pool})["embed"]
     state.report["cluster"].update(actors=e.actors, cpus_per_actor=cpus, gpus_per_actor=gpus)
     return ds.map_batches(
         Embedder,
@@ -252,7 +257,7 @@ def _commit(cfg, state: _RunState, store, staged, deletes: list[str]) -> int | N
     """Settle what the run publishes (a model change's deletions, one staged row per id), write the quarantine,
     then publish in one commit: merge_insert on id (an overwrite on a model change), tagged with the run id.
     Returns the passages version (the current one when nothing changed; None when there is no table)."""
-    from pipelines.runtime import actor_restarts
+    from pipelines.cluster.runtime import actor_restarts
 
     sink, report, timer, name = state.sink, state.report, state.timer, cfg.storage.passages_table
     if state.rebuild:  # the overwrite drops what the new model's set lacks: guarded like any deletion

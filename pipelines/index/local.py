@@ -21,7 +21,7 @@ import os
 
 def driver_embedder(cfg):
     """The bi-encoder in this process, for a run small enough to embed here."""
-    from pipelines.embed import Embedder
+    from pipelines.index.embed import Embedder
 
     return Embedder.from_config(cfg.embed, device=cfg.embed.device, num_threads=os.cpu_count())
 

@@ -16,10 +16,10 @@ Reads top to bottom (``run``: ``runs.start``, then ``runs.guarded`` holding the 
     finish_report        lines read = counted + outside window + quarantined; pairs = scored + from cache, pairs/s
 
 A run that fails at any point leaves the previous rankings version in place: nothing is written to ``rankings``
-until the complete set is staged. The pair cache (``rerank.cache``, ``pipelines.pair_cache``) is read as it was at
+until the complete set is staged. The pair cache (``rerank.cache``, ``pipelines.rerank.pair_cache``) is read as it was at
 the start of the run and written at each staging flush, so a rerun of a killed run re-uses what that run scored.
 The versions the actors read are leased for the run, so upkeep never cleans them away. Beside this module:
-``rerank_sink`` (the sink), ``carry_over`` (carry-over, the settings digest), ``rerank_summary`` (the report).
+``sink.py`` (the sink), ``carry_over.py`` (carry-over, the settings digest), ``summary.py`` (the report).
 
 Example::
 
@@ -38,15 +38,15 @@ from typing import Any
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from pipelines import pair_cache as P
 from pipelines import runs
 from pipelines import schema as S
-from pipelines.carry_over import cross_encoder_key, settings_key, unchanged_rankings
 from pipelines.faults import maybe_fail
-from pipelines.fusion import resolve_weight
 from pipelines.report import Progress, redact_uri
-from pipelines.rerank_sink import Sink
-from pipelines.rerank_summary import finish_report, summary
+from pipelines.rerank import pair_cache as P
+from pipelines.rerank.carry_over import cross_encoder_key, settings_key, unchanged_rankings
+from pipelines.rerank.fusion import resolve_weight
+from pipelines.rerank.sink import Sink
+from pipelines.rerank.summary import finish_report, summary
 
 __all__ = ["RerankError", "run", "summary"]
 
@@ -121,7 +121,7 @@ def _start(cfg, state: _RunState, store) -> tuple[Any, float | None]:
     is now by every actor; pairs this run adds go to later versions); return the cluster and the fusion weight."""
     import ray.data
 
-    from pipelines.runtime import check_not_in_job_package, init_ray
+    from pipelines.cluster.runtime import check_not_in_job_package, init_ray
     from pipelines.store import StoreError
 
     rt, rr, report = cfg.retrieve, cfg.rerank, state.run.report
@@ -159,7 +159,7 @@ def _configure_ray_data(ctx) -> None:
 
 def _read_log(cfg, state: _RunState, now):
     """The query log, read once on the driver; refuses a run with no query selected."""
-    from pipelines.query_log import read_query_log
+    from pipelines.rerank.query_log import read_query_log
 
     with state.run.timer("read_log"), Progress("query log", unit="lines") as progress:
         qlog = state.log = read_query_log(cfg.query_log, now=now, progress=progress,
@@ -177,11 +177,10 @@ def _read_log(cfg, state: _RunState, now):
 def _identify(cfg, state: _RunState, cluster, fusion_weight: float | None) -> None:
     """The actor pools' CPUs and GPUs, and what every row of this run carries: the cross-encoder's id (the pair
     cache's keys) and the settings digest (what carry-over compares)."""
-    from pipelines.runtime import actor_device, pool_resources
+    from pipelines.cluster.runtime import actor_device, pool_resources
 
     rt, rr, sink = cfg.retrieve, cfg.rerank, state.sink
-    state.resources = pool_resources(cluster, {"retrieve": (rt.actors, rt.cpus_per_actor, rt.gpus_per_actor),
-                                               "rerank": (rr.actors, rr.cpus_per_actor, rr.gpus_per_actor)})
+    state.resources = pool_resources(cluster, {"retrieve": rt.pool, "rerank": rr.pool})
     (r_cpus, r_gpus), (s_cpus, s_gpus) = state.resources["retrieve"], state.resources["rerank"]
     with state.run.timer("startup"):  # hashes the model's weights: the cache key must change when they do
         sink.cross_encoder_id = cross_encoder_key(rr, actor_device(rr.device, s_gpus))
@@ -216,7 +215,7 @@ def _carry_over(cfg, state: _RunState, store, staged, selected: pa.Table) -> pa.
 
 def _retrieve_and_score(cfg, state: _RunState, store, staged, selected: pa.Table, fusion_weight) -> None:
     """The two actor pools over the queries still to rank; rows go to ``staged``, new pair scores to the cache."""
-    from pipelines.runtime import actor_restarts
+    from pipelines.cluster.runtime import actor_restarts
 
     ds = _stream(cfg, state, selected, fusion_weight)
     log.info("run %s: reranking %d queries (k=%d, top_n=%d) with %s into %s/%s", state.run.run_id,
@@ -231,9 +230,9 @@ def _stream(cfg, state: _RunState, selected: pa.Table, fusion_weight):
     actors sized from ``state.resources``."""
     import ray.data
 
-    from pipelines.retrieve import Retriever
-    from pipelines.runtime import actor_device, actor_options
-    from pipelines.score import Scorer
+    from pipelines.cluster.runtime import actor_device, actor_options
+    from pipelines.rerank.retrieve import Retriever
+    from pipelines.rerank.score import Scorer
 
     rt, rr, sink = cfg.retrieve, cfg.rerank, state.sink
     (r_cpus, r_gpus), (s_cpus, s_gpus) = state.resources["retrieve"], state.resources["rerank"]

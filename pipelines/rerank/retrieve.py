@@ -47,7 +47,7 @@ class CandidateSearch:
     """Top-k candidates per query from one source, best first, each with a ``score`` (higher is better):
 
     * ``vector``: the bi-encoder's nearest passages: exact, as chunked matrix products over the vectors held in
-      memory (``pipelines.exact_search``), or a few multi-query LanceDB calls in threads (ANN, or LanceDB's flat
+      memory (``pipelines.rerank.exact_search``), or a few multi-query LanceDB calls in threads (ANN, or LanceDB's flat
       scan); which one is decided once here from ``exact`` (``auto``, true, false, ``lance_flat``: see
       ``exact_search.choose_method``) and kept in ``method``;
     * ``fts``: BM25 over the full-text index (``index.fts.columns``), one query per call, in threads;
@@ -71,7 +71,7 @@ class CandidateSearch:
         self.columns = list(dict.fromkeys([S.ID, *columns]))
         self.method, self.method_reason, self.matrix = None, "full-text search only", None
         if source != "fts":
-            from pipelines.exact_search import CHUNK_BYTES, ExactSearch, resolve_method
+            from pipelines.rerank.exact_search import CHUNK_BYTES, ExactSearch, resolve_method
 
             self.method, self.method_reason = resolve_method(table, exact, max_rows=exact_max_rows,
                                                              max_bytes=exact_max_bytes)
@@ -132,7 +132,7 @@ class CandidateSearch:
         return list(self.pool.map(one, texts))
 
     def _fuse(self, vec: pa.Table, fts: pa.Table) -> pa.Table:
-        from pipelines.fusion import rrf
+        from pipelines.rerank.fusion import rrf
 
         fused = rrf([vec[S.ID].to_pylist(), fts[S.ID].to_pylist()], k=self.rrf_k, limit=self.k)
         both = pa.concat_tables([vec.select(self.columns), fts.select(self.columns)])
@@ -154,8 +154,8 @@ class Retriever:
                  max_seq_length: int | None = None, normalize: bool = True, trust_remote_code: bool = False,
                  num_threads: float | None = None, encode_batch_size: int = 64, backend: str = "torch",
                  batch_tokens: int | None = 0):
+        from pipelines.cluster.runtime import node_label
         from pipelines.models import configure_threads, load_bi_encoder
-        from pipelines.runtime import node_label
         from pipelines.store import Store
 
         if backend == "torch":

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from pipelines.index_sink import Sink
+from pipelines.index.sink import Sink
 from pipelines.report import nodes_line, redact_uri, utcnow
 
 
@@ -80,7 +80,7 @@ def reliability_lines(report: dict[str, Any]) -> list[str]:
     if (a := report.get("embed_actors") or {}).get("restarts"):
         lines.append(f"  workers: {a['restarts']} embedding actor restart(s) (their tasks were retried)")
     if took := (report.get("lock") or {}).get("took_over"):
-        from pipelines.locks import describe
+        from pipelines.cluster.locks import describe
 
         lines.append(f"  lock: took over from {describe(took)}, which ended without releasing it")
     return lines

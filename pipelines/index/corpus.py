@@ -37,9 +37,9 @@ from pipelines.files import (
     iter_parquet_records,
     open_path,
 )
-from pipelines.objstore import filesystem, filesystem_paths, lance_location, redact
+from pipelines.index.validate import Malformed, RowSpec, validate_records
 from pipelines.schema import fingerprint_rows
-from pipelines.validate import Malformed, RowSpec, validate_records
+from pipelines.store.objstore import filesystem, filesystem_paths, lance_location, redact
 
 _CHUNK = 1 << 20  # bytes per read (and per CSV block) of the corpus readers; tests shrink it
 

@@ -17,7 +17,7 @@ Exports are cached under ``$BATCHRANK_CACHE`` (default ``~/.cache/batchrank``)/o
 the kind, the quantisation and the library versions; a new folder appears atomically (concurrent actors on
 one machine export at most a few times, and never read a half-written model).
 
-Batching is ``pipelines.batching.BatchRunner``'s: by padded tokens, the next batch tokenised in a thread while
+Batching is ``pipelines.models.batching.BatchRunner``'s: by padded tokens, the next batch tokenised in a thread while
 ONNX Runtime runs the current one (it releases the GIL), so the model does not wait for the tokenizer.
 """
 
@@ -64,7 +64,7 @@ def _fingerprint(name: str, kind: str, quantize: bool) -> str:
 
 def export(name: str, kind: str, *, quantize: bool, trust_remote_code: bool = False) -> Path:
     """The cached export folder of model ``name`` (``kind``: ``bi-encoder`` or ``cross-encoder``), made if needed."""
-    from pipelines.models import resolve_model
+    from pipelines.models.names import resolve_model
 
     resolved = resolve_model(name)
     target = cache_root() / f"{Path(str(name)).name}-{kind}-{'int8' if quantize else 'fp32'}-" \
@@ -198,7 +198,7 @@ class _Session:
         self.session = ort.InferenceSession(str(folder / "model.onnx"), opts, providers=["CPUExecutionProvider"])
 
     def runner(self, length: int, token_budget: int, prepare, finish, pairs: bool):
-        from pipelines.batching import BatchRunner, token_counter
+        from pipelines.models.batching import BatchRunner, token_counter
 
         def forward(feeds):
             return finish(self.session.run(None, feeds)[0], feeds)
@@ -244,7 +244,7 @@ class OnnxBiEncoder:
 
     def encode(self, texts: list[str], normalize_embeddings: bool = False, convert_to_tensor: bool = False,
                **_: Any):
-        from pipelines.batching import encode_output
+        from pipelines.models.batching import encode_output
 
         self.normalize = bool(self._s.meta["normalize"]) or normalize_embeddings
         return encode_output(self.runner, texts, self.get_embedding_dimension(), convert_to_tensor)

@@ -26,9 +26,9 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from pipelines import schema as S
+from pipelines.cluster.runtime import count_nodes
 from pipelines.faults import maybe_fail
 from pipelines.report import Progress, utcnow
-from pipelines.runtime import count_nodes
 
 FLUSH_ROWS = 4096  # rows buffered on the driver before a staging append ...
 FLUSH_SECONDS = 2.0  # ... or this long: what a killed driver loses (and a rerun embeds again) stays small

@@ -1,0 +1,1 @@
+"""The index job and its stages: corpus -> validate -> embed -> sink -> staging -> one commit to passages."""
