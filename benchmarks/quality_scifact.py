@@ -65,7 +65,9 @@ def main() -> None:
         **common,
         "storage": {**common["storage"], "passages_table": "passages_minilm"},
         "embed": {"model": "all-MiniLM-L6-v2", "batch_size": 16, "actors": 2},
-        "eval": {"collection": str(data), "output": str(work / "eval-base")},
+        # SciFact's train and test splits share two claims word for word (test 870 = train 871, 1292 = 1291):
+        # evaluated without them, and listed in the report
+        "eval": {"collection": str(data), "output": str(work / "eval-base"), "leaked_queries": "exclude"},
         "train_biencoder": {**judgments, "output": str(work / "biencoder"), "batch_size": 32, "epochs": 1,
                             "negatives": {"per_query": 1, "source": "vector", "range_min": 3, "range_max": 30}},
     })
@@ -78,7 +80,8 @@ def main() -> None:
                   "loss": args.loss, "epochs": args.reranker_epochs, "max_length": args.max_length,
                   "negatives": {"per_query": 4, "range_min": 3, "range_max": 30},
                   "self_supervised": {"pairs": args.self_supervised}},
-        "eval": {"collection": str(data), "output": str(work / "eval-tuned"), "depths": depths},
+        "eval": {"collection": str(data), "output": str(work / "eval-tuned"), "depths": depths,
+                 "leaked_queries": "exclude"},
     })
     if args.configs_only:
         print(f"wrote {base} and {tuned}")

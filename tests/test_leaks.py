@@ -212,3 +212,30 @@ def test_a_train_section_is_checked_by_query_text(tmp_path, collections, tiny_mo
     assert _leak_check(cfg, monkeypatch)["status"] == "clean"
     with pytest.raises(evaluate.LeakError, match=rf"train.qrels .* judges {N_TRAIN} of the evaluated queries \(101, "):
         evaluate.run(_eval_config(tmp_path, a, tiny_model, tiny_cross_encoder, split="dup", **section))
+
+
+def test_leaked_queries_exclude_evaluates_without_them_and_lists_them(tmp_path, collections, tiny_model,
+                                                                      tiny_cross_encoder, monkeypatch):
+    """``eval.leaked_queries: exclude``: the queries whose text training judged are left out and listed (a
+    collection whose splits share a query word for word, as SciFact's do, stays evaluable); the refusal names this
+    fix; a training file equal to the eval judgments is refused either way."""
+    a, _ = collections
+    texts = {q["_id"]: q["text"] for q in map(json.loads, (a / "queries.jsonl").read_text().splitlines())}
+    # 'mixed': two evaluated queries with a training query's text (101, 102) and two clean ones (9, 10)
+    (a / "qrels" / "mixed.tsv").write_text("query-id\tcorpus-id\tscore\n101\td1\t1\n9\td9\t1\n102\td2\t1\n10\td10\t1\n")
+    train = {"train": {"queries": str(a / "queries.jsonl"), "qrels": str(a / "qrels" / "train.tsv"),
+                       "output": str(tmp_path / "m")}}
+    with pytest.raises(evaluate.LeakError, match=r"judges 2 of the evaluated queries \(101, 102\).*"
+                                                 r"eval.leaked_queries: exclude"):
+        evaluate.run(_eval_config(tmp_path, a, tiny_model, tiny_cross_encoder, split="mixed", **train))
+    cfg = _eval_config(tmp_path, a, tiny_model, tiny_cross_encoder, split="mixed", **train)
+    cfg.eval.leaked_queries = "exclude"
+    check = _leak_check(cfg, monkeypatch)
+    assert check["status"] == "excluded" and list(check["excluded"]) == ["101", "102"], check
+    assert all("train.qrels" in why for why in check["excluded"].values())
+    assert texts["101"] and texts["9"]
+    same_file = {"train": {**train["train"], "qrels": str(a / "qrels" / "mixed.tsv")}}
+    cfg = _eval_config(tmp_path, a, tiny_model, tiny_cross_encoder, split="mixed", **same_file)
+    cfg.eval.leaked_queries = "exclude"
+    with pytest.raises(evaluate.LeakError, match="is the eval judgments file"):
+        evaluate.run(cfg)

@@ -90,6 +90,11 @@ class EvalConfig(_Section):
                                                                            "[retrieve.source]")
     max_queries: int | None = Field(None, gt=0)
     output: str = Field("./eval-report", description="folder for eval.json, eval.md and eval.png")
+    leaked_queries: Literal["refuse", "exclude"] = Field(
+        "refuse", description="an evaluated query whose text a training section judges, or a trained model in play "
+                              "trained or validated on: refuse the run (refuse), or evaluate without those queries, "
+                              "listed in the report (exclude; e.g. SciFact, whose train and test splits share two "
+                              "claims word for word). A training file equal to the eval judgments is always refused")
 
     @field_validator("depths")
     @classmethod

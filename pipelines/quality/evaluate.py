@@ -70,6 +70,14 @@ def _evaluate(cfg, report: dict[str, Any], timer: Timer) -> None:
                          "beyond_max_queries": len(with_text) - len(chosen), "evaluated": len(chosen)}
     with timer("leak_check"):
         report["leak_check"] = check_leaks(cfg, {q: texts[q] for q in chosen}, files["qrels"], files["queries"])
+    if leaked := report["leak_check"].get("excluded"):  # eval.leaked_queries: exclude; listed in the report
+        chosen = [q for q in chosen if q not in leaked]
+        if not chosen:
+            raise ValueError(f"every evaluated query's text was seen in training ({len(leaked)}); evaluate on "
+                             "another split or retrain without them")
+        keep = set(chosen)
+        judgments = [j for j in qrels if j[0] in keep]
+        report["queries"].update(excluded_as_leaked=len(leaked), evaluated=len(chosen))
 
     sources = list(dict.fromkeys([*e.sources, *_rerank_sources(cfg)]))
     with timer("passages"):

@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import os
 from collections.abc import Iterable
 from typing import Any
@@ -31,6 +32,8 @@ from typing import Any
 TRAIN_META, TRAIN_PAIRS = "batchrank-train.json", "batchrank-train-pairs.jsonl"  # written by the training jobs
 KEY_RULES = {"unicode": "NFKC", "casefold": True, "collapse_whitespace": True}  # pipelines.rerank.query_log.normalize
 KEY_SCHEME = "blake2b-128 of the UTF-8 query text after NFKC, case-folding and collapsing whitespace"
+
+log = logging.getLogger("batchrank.eval")
 
 
 class LeakError(ValueError):
@@ -79,6 +82,7 @@ def check_leaks(cfg, queries: dict[str, str], qrels_path: str, queries_path: str
     from pipelines.quality.beir import read_qrels, read_queries
 
     digest, split = _sha256(qrels_path), cfg.eval.split
+    excluded: dict[str, str] = {}  # evaluated id → why (eval.leaked_queries: exclude)
     by_key: dict[str, list[str]] = {}
     for qid, text in queries.items():
         by_key.setdefault(query_key(text), []).append(qid)
@@ -88,6 +92,14 @@ def check_leaks(cfg, queries: dict[str, str], qrels_path: str, queries_path: str
         return sorted((q for k in set(keys) & by_key.keys() for q in by_key[k]), key=order.__getitem__)
 
     fix = f"train on the train split (qrels/train.tsv) and evaluate on '{split}'"
+    text_fix = ("drop those queries from the training judgments and retrain, or set eval.leaked_queries: exclude "
+                "to evaluate without them (they are listed in the report)")
+
+    def leaked(ids: list[str], message: str, why: str) -> None:
+        if cfg.eval.leaked_queries != "exclude":
+            raise LeakError(message)
+        for q in ids:
+            excluded.setdefault(q, why)
     for key in ("train", "train_biencoder"):
         section = getattr(cfg, key)
         if section is None:
@@ -100,8 +112,9 @@ def check_leaks(cfg, queries: dict[str, str], qrels_path: str, queries_path: str
             judged = {q for q, _, _ in read_qrels(section.qrels, f"{key}.qrels")}
             overlap = evaluated(query_key(texts[q]) for q in judged if q in texts)
             if overlap:
-                raise LeakError(f"{key}.qrels ({section.qrels}) judges {len(overlap)} of the evaluated queries "
-                                f"({_listed(overlap)}), matched by query text; {fix}")
+                leaked(overlap, f"{key}.qrels ({section.qrels}) judges {len(overlap)} of the evaluated queries "
+                                f"({_listed(overlap)}), matched by query text; {text_fix}",
+                       f"its text is judged in {key}.qrels")
     relevant: set[tuple[str, str]] | None = None  # evaluated (key, doc) judged relevant, read when needed
     models = []
     for key, name in (("embed.model", cfg.embed.model), ("rerank.model", cfg.rerank.model if cfg.rerank else None)):
@@ -117,9 +130,10 @@ def check_leaks(cfg, queries: dict[str, str], qrels_path: str, queries_path: str
         for part in ("train", "validation"):
             hit = evaluated(used[part])
             if hit:
-                raise LeakError(f"{key} {folder} was trained on {len(hit)} of the evaluated '{split}' queries (in its "
-                                f"{part} queries: {_listed(hit)}; matched by query text); its metrics would be "
-                                f"inflated: {fix}, then evaluate again")
+                leaked(hit, f"{key} {folder} was trained on {len(hit)} of the evaluated '{split}' queries (in its "
+                            f"{part} queries: {_listed(hit)}; matched by query text); its metrics would be "
+                            f"inflated: {fix}, then evaluate again; or {text_fix}",
+                       f"{key} was trained on its text ({part} queries)")
         if used["self_supervised"]:
             if relevant is None:
                 relevant = {(query_key(queries[q]), d) for q, d, grade in read_qrels(qrels_path, "eval.qrels")
@@ -141,7 +155,11 @@ def check_leaks(cfg, queries: dict[str, str], qrels_path: str, queries_path: str
         models.append({"key": key, "model": name, "trained_by_batchrank": True, "queries_identified_by": identity,
                        "train_queries": len(used["train"]), "validation_queries": len(used["validation"]),
                        "self_supervised_pairs": len(used["self_supervised"])})
-    return {"status": "clean", "qrels_sha256": digest, "models": models}
+    if excluded:
+        log.warning("evaluating without %d quer%s whose text training saw (eval.leaked_queries: exclude): %s",
+                    len(excluded), "y" if len(excluded) == 1 else "ies", _listed(sorted(excluded, key=order.__getitem__)))
+    return {"status": "clean" if not excluded else "excluded", "qrels_sha256": digest, "models": models,
+            **({"excluded": dict(sorted(excluded.items(), key=lambda kv: order[kv[0]]))} if excluded else {})}
 
 
 def _trained_keys(meta: dict, folder: str, key: str, eval_queries: str | None, fix: str) -> tuple[dict, str]:
