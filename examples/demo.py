@@ -35,7 +35,7 @@ def main() -> int:
     parser.add_argument("--config", default=str(ROOT / "configs/demo.yaml"))
     args = parser.parse_args()
 
-    from pipelines.cli import run_job
+    from pipelines.runs import run_job
     from pipelines.config import load_config
 
     config = Path(args.config)
@@ -44,7 +44,7 @@ def main() -> int:
     if run_job("index", config) != 0:
         return 1
     _step("2/6 train the demo reranker (cached after the first run)")
-    if run_job("train", config) != 0:
+    if run_job("train-reranker", config) != 0:
         return 1
     _step("3/6 write a query log")
     claims = _test_claims()
