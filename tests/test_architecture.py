@@ -128,3 +128,17 @@ def test_job_names_live_in_the_registry_only():
         assert (ROOT / "jobs" / f"{job.entry}.py").is_file()
         text = (ROOT / "jobs" / f"{job.entry}.py").read_text(encoding="utf-8")
         assert f'job_main("{job.name}")' in text and "typer" not in text and "pipelines.cli" not in text
+
+
+def test_every_job_name_used_in_the_project_is_registered():
+    """``run_job("…")`` / ``job_main("…")`` anywhere (the demo, benchmarks, jobs/) names a job of the registry: a
+    renamed job fails here, not in the README's first command."""
+    from pipelines.registry import JOBS
+
+    call = re.compile(r"""\b(?:run_job|job_main)\(\s*["']([^"']+)["']""")
+    used = {(str(p.relative_to(ROOT)), name) for folder in ("examples", "benchmarks", "jobs", "pipelines", "tests")
+            for p in (ROOT / folder).rglob("*.py") if p != Path(__file__).resolve()
+            for name in call.findall(p.read_text(encoding="utf-8"))}
+    assert used, "the pattern finds the calls"
+    unknown = sorted((path, name) for path, name in used if name not in JOBS)
+    assert not unknown, f"not in pipelines/registry.py: {unknown}"
