@@ -23,11 +23,8 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import re
 import shutil
-import subprocess
 import sys
-import time
 from datetime import UTC, datetime
 from pathlib import Path
 
@@ -114,32 +111,27 @@ def _write(path: Path, config: dict) -> Path:
 
 
 def _indexed(config: Path) -> bool:
-    """Whether the config's passages table holds exactly its corpus, embedded by its model (as eval checks it):
+    """Whether the config's passages table holds exactly its corpus, embedded by its model and split into passages
+    as configured (as eval checks it):
     the index job re-embeds every document (incremental reindexing is not there yet)."""
     sys.path.insert(0, str(ROOT))
     from pipelines.config import load_config
+    from pipelines.config.index import same_passages
     from pipelines.index.corpus import corpus_fingerprint
     from pipelines.store import Store
 
     cfg = load_config(config)
     store = Store(cfg.storage)
-    if store.passages_model() != cfg.embed.model:
+    if store.passages_model() != cfg.embed.model or not same_passages(store.passages_settings(),
+                                                                        cfg.passage_settings):
         return False
     return corpus_fingerprint(cfg) == store.content_fingerprint(store.passages())
 
 
 def _job(name: str, config: Path) -> dict:
-    """Run ``python -m jobs.<name>`` (its summary streams to our stdout) and return its JSON report."""
-    t = time.perf_counter()
-    proc = subprocess.run([sys.executable, "-m", f"jobs.{name}", "--config", str(config)], cwd=ROOT,
-                          stdout=subprocess.PIPE, text=True, check=False)
-    print(proc.stdout, flush=True)
-    if proc.returncode != 0:
-        raise SystemExit(f"jobs.{name} --config {config} failed ({proc.returncode})")
-    path = re.findall(r"reports?: (?:.*?)(\S+\.json)\b", proc.stdout)[-1]  # every job's summary names it
-    report = json.loads(Path(path).read_text())
-    report["wall_seconds"] = round(time.perf_counter() - t, 1)
-    return report
+    from common import run_job  # benchmarks/common.py
+
+    return run_job(name, config)
 
 
 def _variants(report: dict) -> list[dict]:

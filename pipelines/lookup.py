@@ -35,7 +35,10 @@ class Hit:
     retrieval_score: float
     retrieval_rank: int
     title: str | None = None
-    text: str | None = None
+    text: str | None = None  # the passage's text: the one that earned the score
+    passage_id: str | None = None
+    passage_start: int | None = None  # character offsets of the passage into the document's text
+    passage_end: int | None = None
 
 
 @dataclass
@@ -124,7 +127,9 @@ class Rankings:
         """Rankings in the order of ``queries`` (None for each miss): one table query per 500 distinct queries."""
         normalized = [normalize(q, self.rules) if isinstance(q, str) else "" for q in queries]
         ids = sorted({query_id(t) for t in normalized if t})
-        found = self.store.rows_by_id(self.table, ids, _ROW_COLUMNS, key=S.QUERY_ID, chunk=IN_CHUNK)
+        columns = _ROW_COLUMNS + [c for c in (S.PASSAGE_IDS, S.PASSAGE_STARTS, S.PASSAGE_ENDS)
+                                  if c in self.table.schema.names]  # absent from an older release's table
+        found = self.store.rows_by_id(self.table, ids, columns, key=S.QUERY_ID, chunk=IN_CHUNK)
         rows = {r[S.QUERY_ID]: r for r in found.to_pylist()}
         docs = self._documents(rows.values(), n) if self.with_documents else {}
         out: list[Ranking | None] = []
@@ -139,23 +144,30 @@ class Rankings:
     def _ranking(self, original: str, row: dict[str, Any], docs, n: int | None) -> Ranking:
         texts, notes = docs
         keep = slice(0, n)
-        hits = [Hit(d, s, rs, rr, *texts.get(d, (None, None)))
-                for d, s, rs, rr in zip(row[S.DOC_IDS][keep], row[S.SCORES][keep], row[S.RETRIEVAL_SCORES][keep],
-                                        row[S.RETRIEVAL_RANKS][keep])]
+        n_docs = len(row[S.DOC_IDS])
+        pids, starts, ends = (row.get(c) or [None] * n_docs for c in (S.PASSAGE_IDS, S.PASSAGE_STARTS, S.PASSAGE_ENDS))
+        hits = [Hit(d, s, rs, rr, *texts.get(p or d, (None, None)), passage_id=p, passage_start=a, passage_end=b)
+                for d, s, rs, rr, p, a, b in zip(row[S.DOC_IDS][keep], row[S.SCORES][keep],
+                                                 row[S.RETRIEVAL_SCORES][keep], row[S.RETRIEVAL_RANKS][keep],
+                                                 pids[keep], starts[keep], ends[keep])]
         return Ranking(original, row[S.QUERY], row[S.QUERY_ID], row[S.COUNT], hits, row[S.CANDIDATES], row[S.RUN_ID],
                        row[S.CROSS_ENCODER], row[S.BI_ENCODER], row[S.PASSAGES_VERSION], row[S.RANKED_AT],
                        row[S.LAST_SEEN], list(notes))
 
     def _documents(self, rows, n: int | None) -> dict[int, tuple[dict[str, tuple], list[str]]]:
-        """``{passages version: ({doc id: (title, text)}, notes)}`` for the documents of ``rows``."""
+        """``{passages version: ({passage id: (title, text)}, notes)}`` for the passages that earned the ranked
+        documents' scores (document ids for a ranking without passage ids)."""
         wanted: dict[int, set[str]] = {}
         for row in rows:
-            wanted.setdefault(row[S.PASSAGES_VERSION], set()).update(row[S.DOC_IDS][:n])
+            pids = row.get(S.PASSAGE_IDS) or [None] * len(row[S.DOC_IDS])
+            wanted.setdefault(row[S.PASSAGES_VERSION], set()).update(
+                p or d for p, d in zip(pids[:n], row[S.DOC_IDS][:n]))
         out = {}
         for version, doc_ids in wanted.items():
             table, notes = self._passages_at(version)
-            found = self.store.rows_by_id(table, doc_ids, [S.ID, S.TITLE, S.TEXT], chunk=IN_CHUNK)
-            texts = {r[S.ID]: (r[S.TITLE], r[S.TEXT]) for r in found.to_pylist()}
+            key = S.PASSAGE_ID if S.PASSAGE_ID in table.schema.names else S.ID
+            found = self.store.rows_by_id(table, doc_ids, [key, S.TITLE, S.TEXT], key=key, chunk=IN_CHUNK)
+            texts = {r[key]: (r[S.TITLE], r[S.TEXT]) for r in found.to_pylist()}
             missing = len(doc_ids) - len(texts)
             if missing:
                 notes = [*notes, f"{missing} ranked document(s) no longer in passages"]

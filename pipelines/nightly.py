@@ -63,7 +63,8 @@ def _finish(night: runs.Run) -> dict[str, Any]:
     report["work"] = {
         "documents_embedded": (ix.get("rows") or {}).get("written"),
         "documents_unchanged": (ix.get("rows") or {}).get("unchanged"),
-        "documents_deleted": (ix.get("passages") or {}).get("deleted"),
+        "documents_deleted": (ix.get("documents") or {}).get("deleted"),
+        "passages_embedded": (ix.get("passages") or {}).get("written"),
         "pairs_scored": (rr.get("pairs") or {}).get("scored"),
         "pairs_from_cache": (rr.get("pairs") or {}).get("cached"),
     }

@@ -2,11 +2,16 @@
 
 Tables (in the LanceDB database at ``storage.uri``):
 
-- ``passages``: one row per document: ``id, title, text, <metadata>, vector, content_hash,
-  model, embedded_at, run_id``. Upserted by ``id``.
+- ``passages``: one row per passage of a document (a document that fits the bi-encoder is one passage):
+  ``id, passage_id, passage, passage_start, passage_end, title, text, <metadata>, vector, content_hash, model,
+  passage_settings, embedded_at, run_id``. ``id`` is the document's id (as in the corpus and the judgments),
+  ``passage`` the passage's number in it (0, 1, ...), ``passage_id`` = ``<id>#<passage>`` the row's key,
+  ``passage_start``/``passage_end`` its character offsets into the document's text, ``text`` the passage's text
+  and ``content_hash`` the document's. Upserted by ``passage_id``; a changed document replaces all its passages.
 - ``rankings``: one row per query of the query log: ``query_id, query, count, last_seen, doc_ids,
-  scores, retrieval_scores, retrieval_ranks, candidates, run_id, bi_encoder, cross_encoder,
-  passages_version, normalizer, ranked_at``. Each rerank run replaces the whole set in one
+  scores, retrieval_scores, retrieval_ranks, passage_ids, passage_starts, passage_ends, candidates, run_id,
+  bi_encoder, cross_encoder, passages_version, normalizer, ranked_at``; ``passage_ids`` (and offsets) are the
+  passage of each ranked document that earned its score. Each rerank run replaces the whole set in one
   commit (a new table version, tagged with the run id); lookups go by ``query_id``.
 - ``quarantine``: one row per rejected input row: ``run_id, job, source, row, id,
   reason_code, reason, raw, quarantined_at``. Append-only log.
@@ -34,6 +39,11 @@ CONTENT_HASH = "content_hash"
 MODEL = "model"
 EMBEDDED_AT = "embedded_at"
 RUN_ID = "run_id"
+PASSAGE_ID = "passage_id"  # <document id>#<passage number>: the row's key
+PASSAGE = "passage"  # the passage's number within its document, from 0
+PASSAGE_START = "passage_start"  # character offsets of the passage into the document's text
+PASSAGE_END = "passage_end"
+PASSAGE_SETTINGS = "passage_settings"  # JSON: how documents became passages (chunking, document prompt)
 
 # provenance and quarantine
 SOURCE = "source"
@@ -61,6 +71,9 @@ CROSS_ENCODER = "cross_encoder"
 PASSAGES_VERSION = "passages_version"
 NORMALIZER = "normalizer"  # JSON of the query normalisation rules, applied again at lookup
 RANKED_AT = "ranked_at"
+PASSAGE_IDS = "passage_ids"  # the passage of each ranked document that earned its score
+PASSAGE_STARTS = "passage_starts"
+PASSAGE_ENDS = "passage_ends"
 SETTINGS = "settings"  # digest of everything a ranking depends on besides the query and passages (models, k, ...)
 
 # pair_scores (query, cross_encoder and run_id are named as in rankings)
@@ -77,6 +90,11 @@ DELETED = "_deleted"  # a change feed's delete marker for its id (corpus.mode: c
 CAND_IDS = "_cand_ids"  # retrieve → score: the candidates of each query, best retrieval first
 CAND_TEXTS = "_cand_texts"
 CAND_SCORES = "_cand_scores"
+CAND_PASSAGES = "_cand_passages"  # the passage id of each candidate (its best passage at document level)
+CAND_STARTS = "_cand_starts"
+CAND_ENDS = "_cand_ends"
+SPANS_START = "_spans_start"  # embed → sink: each document's passages as character offsets (one vector each)
+SPANS_END = "_spans_end"
 RETRIEVE_SECONDS = "_retrieve_seconds"
 SCORE_SECONDS = "_score_seconds"
 NODE = "_node"  # the Ray node that embedded a row (``<ip>/<node id prefix>``), counted per node in reports
@@ -91,7 +109,8 @@ _META_TYPES = {"string": pa.string(), "int": pa.int64(), "float": pa.float64(), 
 # Columns batchrank itself writes or carries with a corpus row: a metadata field may not take one of these names
 # (it would collide after embedding); names starting with "_" are batchrank's in-flight columns.
 RESERVED_COLUMNS = frozenset({ID, TITLE, TEXT, VECTOR, CONTENT_HASH, MODEL, EMBEDDED_AT, RUN_ID, SOURCE, ROW,
-                              REASON_CODE, REASON, RAW, JOB, QUARANTINED_AT})
+                              REASON_CODE, REASON, RAW, JOB, QUARANTINED_AT, PASSAGE_ID, PASSAGE, PASSAGE_START,
+                              PASSAGE_END, PASSAGE_SETTINGS})
 
 
 def metadata_fields(metadata: dict[str, str]) -> list[pa.Field]:
@@ -123,12 +142,17 @@ def passages_schema(metadata: dict[str, str], dim: int) -> pa.Schema:
     return pa.schema(
         [
             pa.field(ID, pa.string(), nullable=False),
+            pa.field(PASSAGE_ID, pa.string(), nullable=False),
+            pa.field(PASSAGE, pa.int32()),
+            pa.field(PASSAGE_START, pa.int64()),
+            pa.field(PASSAGE_END, pa.int64()),
             pa.field(TITLE, pa.string()),
             pa.field(TEXT, pa.string()),
             *metadata_fields(metadata),
             pa.field(VECTOR, pa.list_(pa.float32(), dim)),
             pa.field(CONTENT_HASH, pa.string()),
             pa.field(MODEL, pa.string()),
+            pa.field(PASSAGE_SETTINGS, pa.string()),
             pa.field(EMBEDDED_AT, TIMESTAMP),
             pa.field(RUN_ID, pa.string()),
         ]
@@ -175,6 +199,9 @@ RANKINGS_SCHEMA = pa.schema(
         pa.field(RETRIEVAL_SCORES, pa.list_(pa.float32())),
         pa.field(RETRIEVAL_RANKS, pa.list_(pa.int32())),
         pa.field(CROSS_ENCODER_SCORES, pa.list_(pa.float32())),
+        pa.field(PASSAGE_IDS, pa.list_(pa.string())),
+        pa.field(PASSAGE_STARTS, pa.list_(pa.int64())),
+        pa.field(PASSAGE_ENDS, pa.list_(pa.int64())),
         pa.field(FUSION_WEIGHT, pa.float32()),
         pa.field(CANDIDATES, pa.int32()),
         pa.field(RUN_ID, pa.string()),
@@ -226,11 +253,13 @@ RUNS_SCHEMA = pa.schema(
 
 
 def fingerprint_rows(rows: pa.Table) -> str:
-    """A digest of (id, content hash) rows in any order: equal exactly when the documents are equal."""
+    """A digest of (id, content hash) rows in any order (a document's passages repeat the pair: counted once):
+    equal exactly when the documents are equal."""
     import hashlib
 
     import pyarrow.compute as pc
 
+    rows = rows.select([ID, CONTENT_HASH]).group_by([ID, CONTENT_HASH]).aggregate([])
     rows = rows.take(pc.sort_indices(rows, [(ID, "ascending")]))
     h = hashlib.blake2b(digest_size=16)
     for batch in rows.to_batches(65536):

@@ -25,7 +25,8 @@ def _encoder(model: str, device: str, dtype: str, max_seq_length: int | None, tr
 
 
 def search(cfg, query: str, *, k: int = 10, source: str = "vector", exact: bool = False) -> list[dict[str, Any]]:
-    """Top ``k`` passages for ``query`` from ``source`` (vector, fts or hybrid), best first, with a ``score``."""
+    """Top ``k`` documents for ``query`` from ``source`` (vector, fts or hybrid), best first, each with its best
+    passage (``passage_id``, offsets, text) and a ``score`` (``retrieve.level: passage``: the top k passages)."""
     from pipelines.rerank.retrieve import CandidateSearch
     from pipelines.store import Store
 
@@ -37,7 +38,10 @@ def search(cfg, query: str, *, k: int = 10, source: str = "vector", exact: bool 
     if source != "fts":
         e = cfg.embed
         model = _encoder(e.model, e.device, e.dtype, e.max_seq_length, e.trust_remote_code, e.backend, e.batch_tokens)
-        vectors = model.encode([query], normalize_embeddings=e.normalize, convert_to_numpy=True).astype("float32")
+        from pipelines.models.prompts import query_prompt
+
+        vectors = model.encode([query], normalize_embeddings=e.normalize, convert_to_numpy=True,
+                               prompt=query_prompt(model, e)).astype("float32")
     with CandidateSearch.from_config(store, table, cfg, k=k, source=source, exact=exact, columns=(S.TITLE, S.TEXT),
                                      threads=1) as candidates:
         return candidates(vectors, [query])[0].to_pylist()

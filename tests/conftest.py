@@ -98,6 +98,21 @@ def ray_per_module():
     ray.shutdown()
 
 
+def as_passages(rows, settings: str | None = None):
+    """Rows of whole documents (``id, title, text, vector, ...``) as the index job stores a document that fits the
+    model: one passage each (``<id>#0``, offsets over the whole text), with ``passage_settings``."""
+    import pyarrow as pa
+
+    from pipelines import schema as S
+
+    n, texts = rows.num_rows, rows[S.TEXT].to_pylist()
+    rows = rows.append_column(S.PASSAGE_ID, pa.array([f"{i}#0" for i in rows[S.ID].to_pylist()]))
+    rows = rows.append_column(S.PASSAGE, pa.array([0] * n, pa.int32()))
+    rows = rows.append_column(S.PASSAGE_START, pa.array([0] * n, pa.int64()))
+    rows = rows.append_column(S.PASSAGE_END, pa.array([len(t or "") for t in texts], pa.int64()))
+    return rows.append_column(S.PASSAGE_SETTINGS, pa.array([settings] * n, pa.string()))
+
+
 def write_jsonl(path: Path, rows: list) -> Path:
     with path.open("w", encoding="utf-8") as fh:
         for row in rows:

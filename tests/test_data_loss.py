@@ -64,7 +64,7 @@ def test_a_snapshot_with_unreadable_rows_deletes_nothing_it_cannot_prove_absent(
     report = index.run(cfg)
 
     assert report["status"] == "succeeded"
-    assert report["passages"]["deleted"] == 0
+    assert report["documents"]["deleted"] == 0
     assert set(_ids(cfg)) == {d["_id"] for d in docs} | {"new"}  # the new one landed; nothing was deleted
     withheld = report["deletions_withheld"]
     lost = 1 if fmt != "parquet" else 10  # the torn record, or the truncated file's ten documents
@@ -75,7 +75,7 @@ def test_a_snapshot_with_unreadable_rows_deletes_nothing_it_cannot_prove_absent(
     # the user who accepts the risk says so
     allowed = make_config(tmp_path / "c", corpus={"format": fmt, "delete_despite_unreadable": True})
     report = index.run(allowed)
-    assert report["passages"]["deleted"] == lost + 1 and "deletions_withheld" not in report
+    assert report["documents"]["deleted"] == lost + 1 and "deletions_withheld" not in report
 
 
 def test_a_quarantined_row_with_a_long_id_keeps_its_document(tmp_path, make_config):
@@ -89,7 +89,7 @@ def test_a_quarantined_row_with_a_long_id_keeps_its_document(tmp_path, make_conf
     report = index.run(cfg)
     assert report["rows"]["quarantined"] == 1
     assert long_id in _ids(cfg) and "d2" not in _ids(cfg)
-    assert report["passages"]["deleted"] == 1
+    assert report["documents"]["deleted"] == 1
     quarantined = Store(cfg.storage).quarantine(report["run_id"]).to_pylist()
     assert quarantined[0]["id"] == long_id  # the whole id, in the quarantine too
 

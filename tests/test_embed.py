@@ -16,9 +16,11 @@ def test_embedder_maps_batch_to_batch(tiny_model):
     stage = Embedder(tiny_model, batch_size=2)
     out = stage(batch)
     assert out.num_rows == 3 and "_embed_input" not in out.column_names
-    vecs = out["vector"].to_pylist()
+    vecs = out["vector"].to_pylist()  # per document, one vector per passage
     assert vecs[1] is None  # bad rows pass through without a vector
-    good = np.array([vecs[0], vecs[2]], dtype=np.float32)
+    assert len(vecs[0]) == len(vecs[2]) == 1  # short documents are one passage each
+    assert out["_spans_start"].to_pylist() == [[0], None, [0]] and out["_spans_end"].to_pylist() == [[12], None, [11]]
+    good = np.array([vecs[0][0], vecs[2][0]], dtype=np.float32)
     assert good.shape == (2, 32)
     np.testing.assert_allclose(np.linalg.norm(good, axis=1), 1.0, rtol=1e-5)
     assert out["_seconds"][0].as_py() > 0

@@ -33,7 +33,8 @@ def test_one_changed_document_is_the_only_one_embedded(tmp_path, make_config, em
     assert second["plan"] == {"embed": 1, "unchanged": 39, "delete": 0, "embedded_on": embedded_on}
     assert second["rows"] == {"read": 40, "written": 1, "unchanged": 39, "delete_markers": 0, "quarantined": 0,
                               "reconciled": True}
-    assert second["passages"] == {"before": 40, "added": 0, "updated": 1, "deleted": 0, "after": 40}
+    assert second["documents"] == {"added": 0, "updated": 1, "deleted": 0}
+    assert second["passages"] == {"before": 40, "written": 1, "after": 40}
     rows = _passages(cfg)
     assert {i for i, r in rows.items() if r["run_id"] == second["run_id"]} == {"d7"}
     assert rows["d7"]["text"] == "a changed abstract about gene data"
@@ -54,7 +55,8 @@ def test_snapshot_deletes_absent_documents_in_the_same_commit(tmp_path, make_con
     kept[0]["text"] = "changed"
     write_jsonl(tmp_path / "c.jsonl", kept)
     second = run(cfg)
-    assert second["passages"] == {"before": 30, "added": 1, "updated": 1, "deleted": 2, "after": 29}
+    assert second["documents"] == {"added": 1, "updated": 1, "deleted": 2}
+    assert second["passages"] == {"before": 30, "written": 2, "after": 29}
     assert second["table"]["committed_version"] == first["table"]["version"] + 1  # upserts + deletions: one commit
     assert Store(cfg.storage).passages().tags.list()[second["run_id"]]["version"] == second["table"]["version"]
     assert set(_passages(cfg)) == {d["_id"] for d in kept}
@@ -76,7 +78,8 @@ def test_change_feed_upserts_and_deletes(tmp_path, make_config):
     report = run(make_config(tmp_path / "feed.jsonl", corpus={"mode": "changes"}))
     assert report["rows"] == {"read": 5, "written": 2, "unchanged": 0, "delete_markers": 2, "quarantined": 1,
                               "reconciled": True}
-    assert report["passages"] == {"before": 20, "added": 1, "updated": 1, "deleted": 1, "after": 20}
+    assert report["documents"] == {"added": 1, "updated": 1, "deleted": 1}
+    assert report["passages"] == {"before": 20, "written": 2, "after": 20}
     rows = _passages(cfg)
     assert "d5" not in rows and "d6" in rows and rows["d2"]["text"] == "new text of two" and "d20" in rows
     assert report["quarantine_reasons"] == {"bad_deleted_flag": 1}

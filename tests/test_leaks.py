@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pyarrow as pa
 import pytest
-from conftest import good_docs, write_jsonl
+from conftest import as_passages, good_docs, write_jsonl
 
 from pipelines import schema as S
 from pipelines.config import parse_config
@@ -86,6 +86,7 @@ def _build_passages(cfg, model: str) -> None:
                      S.VECTOR: pa.FixedSizeListArray.from_arrays(pa.array(vecs.ravel()), dim),
                      S.CONTENT_HASH: [d["_id"] for d in docs], S.MODEL: [model] * n,
                      S.EMBEDDED_AT: pa.array([None] * n, S.TIMESTAMP), S.RUN_ID: ["test-index"] * n})
+    rows = as_passages(rows, cfg.passage_settings)
     store = Store(cfg.storage)
     staged = store.stage(cfg.storage.passages_table, "test-index", S.passages_schema({}, dim))
     staged.add(rows)

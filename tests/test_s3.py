@@ -22,7 +22,7 @@ from urllib.parse import quote
 
 import pyarrow as pa
 import pytest
-from conftest import good_docs
+from conftest import as_passages, good_docs
 
 from pipelines import schema as S
 from pipelines.config import parse_config
@@ -304,6 +304,7 @@ def test_two_batchrank_commits_racing_on_s3_both_land_once(s3, tiny_model):
                          S.VECTOR: pa.array([[1.0, 0.0]] * len(ids), pa.list_(pa.float32(), 2)),
                          S.CONTENT_HASH: [f"h-{i}-{run_id}" for i in ids], S.MODEL: ["m"] * len(ids),
                          S.EMBEDDED_AT: pa.array([None] * len(ids), S.TIMESTAMP), S.RUN_ID: [run_id] * len(ids)})
+        rows = as_passages(rows, cfg.passage_settings)
         table = store.stage(cfg.storage.passages_table, run_id, schema)
         table.add(rows)
         return table

@@ -5,6 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pyarrow as pa
 import pytest
+from conftest import as_passages
 
 from pipelines import schema as S
 from pipelines.config import parse_config
@@ -18,12 +19,12 @@ def rows(ids, *, seed=0, text="t", model="m", run="r1"):
     vecs = rng.normal(size=(len(ids), DIM)).astype("float32")
     vecs /= np.linalg.norm(vecs, axis=1, keepdims=True)
     n = len(ids)
-    return pa.table({
+    return as_passages(pa.table({
         S.ID: ids, S.TITLE: [""] * n, S.TEXT: [f"{text} {i}" for i in ids],
         S.VECTOR: pa.FixedSizeListArray.from_arrays(pa.array(vecs.ravel()), DIM),
         S.CONTENT_HASH: [f"{text}-{i}" for i in ids], S.MODEL: [model] * n,
         S.EMBEDDED_AT: pa.array([None] * n, S.TIMESTAMP), S.RUN_ID: [run] * n,
-    })
+    }))
 
 
 @pytest.fixture

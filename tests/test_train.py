@@ -9,7 +9,7 @@ from pathlib import Path
 import numpy as np
 import pyarrow as pa
 import pytest
-from conftest import good_docs, write_jsonl
+from conftest import as_passages, good_docs, write_jsonl
 
 from pipelines import schema as S
 from pipelines.quality import train_reranker as train
@@ -37,6 +37,7 @@ def build_passages(cfg, docs: list[dict], model: str, run_id: str = "test-index"
         S.CONTENT_HASH: [d["_id"] for d in docs], S.MODEL: [model] * n,
         S.EMBEDDED_AT: pa.array([None] * n, S.TIMESTAMP), S.RUN_ID: ["test-index"] * n,
     })
+    rows = as_passages(rows, cfg.passage_settings)
     store = Store(cfg.storage)
     staged = store.stage(cfg.storage.passages_table, run_id, S.passages_schema({}, dim))
     staged.add(rows)

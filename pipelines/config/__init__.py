@@ -32,6 +32,7 @@ from pipelines.config.base import (  # noqa: F401
 )
 from pipelines.config.index import (  # noqa: F401
     AnnConfig,
+    ChunkConfig,
     CorpusConfig,
     EmbedConfig,
     FtsConfig,
@@ -65,6 +66,7 @@ class Config(_Section):
     storage: StorageConfig = Field(default_factory=StorageConfig)
     corpus: CorpusConfig | None = None
     embed: EmbedConfig = Field(default_factory=EmbedConfig)
+    chunk: ChunkConfig = Field(default_factory=ChunkConfig)
     index: IndexConfig = Field(default_factory=IndexConfig)
     maintenance: MaintenanceConfig = Field(default_factory=MaintenanceConfig)
     query_log: QueryLogConfig | None = None
@@ -85,6 +87,11 @@ class Config(_Section):
             raise ValueError(f"rerank.top_n ({self.rerank.top_n}) must be <= retrieve.k ({self.retrieve.k}); "
                              "lower rerank.top_n or raise retrieve.k")
         return self
+
+    @property
+    def passage_settings(self) -> str:
+        """How documents become passages (``ChunkConfig.settings``), recorded with every passage."""
+        return self.chunk.settings(self.embed)
 
     def require(self, *sections: str, command: str) -> None:
         """Stop a job whose config lacks a section it needs, naming the section and the command."""

@@ -110,6 +110,16 @@ class EmbedConfig(PooledStage, _Section):
     max_seq_length: int | None = Field(None, gt=0)
     normalize: bool = True
     trust_remote_code: bool = False
+    query_prompt: str | None = Field(
+        "auto", description="what queries are prefixed with (rerank retrieval, eval, search, training): a prompt "
+                            "name from the model's configuration, or a literal string; auto: the model's own "
+                            "'query' prompt when it defines one (as encode_query), else its default prompt; null "
+                            "or '': none")
+    document_prompt: str | None = Field(
+        "auto", description="what passages are prefixed with when embedded: a prompt name or a literal string; "
+                            "auto: the model's 'document', 'passage' or 'corpus' prompt (as encode_document), else "
+                            "its default prompt; null or '': none. Part of the passages' identity: changing it "
+                            "rebuilds")
 
     @property
     def identity(self) -> str:
@@ -132,6 +142,61 @@ class EmbedConfig(PooledStage, _Section):
                 "raise rows_per_call or lower batch_size"
             )
         return self
+
+
+class ChunkConfig(_Section):
+    """Documents split into passages by the bi-encoder's own tokenizer, so that no token goes unembedded."""
+
+    enabled: bool = Field(True, description="split documents longer than the bi-encoder reads into passages; "
+                                            "false: one passage per document, cut at the model's max_seq_length "
+                                            "(the rest of a long document is never embedded)")
+    tokens: int | None = Field(None, gt=0, description="tokens per passage, its title's included (the document "
+                                                       "prompt and special tokens come on top); null: as many as "
+                                                       "the model reads (max_seq_length less special tokens, "
+                                                       "prompt and a margin of 2)")
+    overlap: int | None = Field(None, ge=0, description="tokens shared by consecutive passages of a document, so "
+                                                        "that a sentence on a boundary is read whole by one of "
+                                                        "them; null: an eighth of the window (31 tokens for "
+                                                        "all-MiniLM-L6-v2's 256)")
+    title_tokens: int | None = Field(None, gt=0, description="at most this many title tokens in each passage's "
+                                                             "input (a longer title is cut); null: a quarter of "
+                                                             "the passage window")
+
+    @model_validator(mode="after")
+    def _window(self) -> ChunkConfig:
+        if self.tokens is not None and self.overlap is not None and self.tokens <= self.overlap:
+            raise ValueError(f"chunk.tokens ({self.tokens}) must be larger than chunk.overlap ({self.overlap}): "
+                             "each passage must move past the last; raise chunk.tokens or lower chunk.overlap")
+        return self
+
+    def settings(self, embed: EmbedConfig) -> str:
+        """How documents become passages, as recorded in ``passages.passage_settings`` (a change rebuilds): the
+        chunking and the document prompt (as configured: the same model resolves it the same way)."""
+        import json
+
+        chunk = ({"tokens": self.tokens, "overlap": self.overlap, "title_tokens": self.title_tokens}
+                 if self.enabled else "off")
+        return json.dumps({"chunk": chunk, "document_prompt": embed.document_prompt or None,
+                           "max_seq_length": embed.max_seq_length, "input_fields": embed.input_fields,
+                           "separator": embed.separator, "query_prompt": embed.query_prompt or None}, sort_keys=True)
+
+
+def same_passages(a: str | None, b: str | None) -> bool:
+    """Whether two ``passage_settings`` make the same passages: all but the query prompt (recorded so that a query
+    prompt other than the one the table was built with can be reported) must be equal."""
+    import json
+
+    if a is None or b is None:
+        return a == b
+    strip = lambda s: {k: v for k, v in json.loads(s).items() if k != "query_prompt"}
+    return strip(a) == strip(b)
+
+
+def built_query_prompt(settings: str | None) -> str | None:
+    """The query prompt setting recorded when the passages were built (None when unknown)."""
+    import json
+
+    return json.loads(settings).get("query_prompt", "unknown") if settings else "unknown"
 
 
 class AnnConfig(_Section):

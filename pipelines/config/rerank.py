@@ -70,6 +70,13 @@ class RetrieveConfig(PooledStage, _Section):
     exact_max_bytes: int = Field(2 << 30, gt=0, description="auto/true: the matrix product only when the passages' "
                                                              "vectors (rows x dim x 4 bytes) fit; each retrieve actor "
                                                              "holds one copy (in GPU memory on a GPU)")
+    level: Literal["document", "passage"] = Field(
+        "document", description="document: candidates are documents, each scored by its best passage (the max "
+                                "over its passages' hits; k counts documents), and the cross-encoder reads that "
+                                "passage; passage: candidates are passages (a document may appear more than once)")
+    passage_hits: int = Field(4, gt=0, le=64, description="document level: passages fetched per wanted document "
+                                                          "on the first try (k x passage_hits); a query whose hits "
+                                                          "hold fewer than k documents is searched again deeper")
     queries_per_call: int = Field(256, gt=0, description="queries embedded and searched per batch")
     search_threads: int = Field(4, gt=0, description="concurrent searches per retrieve actor")
     actors: Actors = 1

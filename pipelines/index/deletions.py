@@ -6,6 +6,7 @@ Reads top to bottom::
     rebuild_deletions      a model change's overwrite: documents the new model's set lacks
     check_delete_fraction  more than corpus.max_delete_fraction of the table gone: refused (a truncated file)
     show_id                an id cut for the report and messages
+    rebuild_change         whether a run rebuilds passages (another model, chunking or document prompt), and why
 
 ``state`` is the index run's state: its sink (the ids seen, delete markers, unreadable rows) and its report.
 """
@@ -69,3 +70,29 @@ def check_delete_fraction(cfg, n_gone: int, n_table: int, what: str) -> None:
 def show_id(doc_id: str, limit: int = 200) -> str:
     """An id cut for display only (decisions always use the whole id)."""
     return doc_id if len(doc_id) <= limit else f"{doc_id[:limit]}... [{len(doc_id):,} chars]"
+
+
+def rebuild_change(cfg, store) -> dict | None:
+    """None when ``passages`` can be updated in place; else what makes this run a rebuild (every document embedded
+    again, one overwrite): ``model_change`` (another bi-encoder) or ``passage_settings_change`` (other chunking,
+    document prompt or input fields). A change feed cannot rebuild (it does not hold every document): refused."""
+    from pipelines.config.index import same_passages
+    from pipelines.store import StoreError
+
+    built_with, name, identity = store.passages_model(), cfg.storage.passages_table, cfg.embed.identity
+    if built_with is None:
+        return None
+    settings = store.passages_settings()
+    if built_with != identity:
+        change, what = {"model_change": {"from": built_with, "to": identity}}, \
+            f"was built with '{built_with}' and embed.model is now '{identity}'"
+    elif not same_passages(settings, cfg.passage_settings):
+        change, what = {"passage_settings_change": {"from": settings, "to": cfg.passage_settings}}, \
+            f"was split into passages as {settings} and is now to be as {cfg.passage_settings}"
+    else:
+        return None
+    if cfg.corpus.mode == "changes":
+        raise StoreError(f"'{name}' {what}: that change re-embeds every document, and a change feed does not hold "
+                         "them all; run this once with corpus.mode: snapshot on the full corpus (or set the "
+                         "settings back)")
+    return change

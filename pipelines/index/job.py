@@ -2,15 +2,19 @@
 
 Reads top to bottom (``_index``)::
 
-    _start           Ray up; what passages holds decides the run: full, incremental or a model change (rebuild);
+    _start           the passage split checked (chunk.py); Ray up; what passages holds decides the run: full,
+                     incremental, or a rebuild (another model, or other chunk / document prompt settings);
                      a killed run's staging table is taken over (resume.py)
     _plan_and_embed  compare every row with passages, no model (deletions: deletions.py); embed only the new
                      and changed rows: on the driver when few (local.py), else on the actor pool
     _stream_all      or, with nothing to compare with: read_corpus → map_batches(Embedder, actor pool) in one pass
-    stage            the sink on the driver (sink.py): good rows → staging table, bad rows → quarantine
-    _commit          one merge_insert commit to passages (overwrite on a model change), tagged with the run id
+                     (the Embedder splits each document into passages and embeds each with the document prompt)
+    stage            the sink on the driver (sink.py): good documents → their passage rows → staging table, bad rows
+                     → quarantine
+    _commit          one merge_insert commit to passages by passage id, a changed document's leftover passages and
+                     the deleted documents' removed in it (overwrite on a rebuild), tagged with the run id
     _upkeep          ANN + full-text indexes brought up to date, compaction, old versions cleaned
-    → report: rows read = written + unchanged + quarantined (summary.py)
+    → report: documents read = written + unchanged + quarantined; passage rows written (summary.py)
 
 Example::
 
@@ -27,7 +31,7 @@ from pipelines import runs
 from pipelines import schema as S
 from pipelines.cluster.runtime import READ_CPUS
 from pipelines.faults import maybe_fail
-from pipelines.index.deletions import deletions, rebuild_deletions, show_id
+from pipelines.index.deletions import deletions, rebuild_change, rebuild_deletions, show_id
 from pipelines.index.local import Preload, local_embedder
 from pipelines.index.resume import (
     drop_stale_resumed,
@@ -41,7 +45,7 @@ from pipelines.index.sink import FLUSH_ROWS, FLUSH_SECONDS, Sink, stage
 from pipelines.index.summary import finish_report, summary
 from pipelines.report import Progress, redact_uri
 
-__all__ = ["run", "summary", "FLUSH_ROWS", "FLUSH_SECONDS"]  # the flush sizes stay importable here
+__all__ = ["FLUSH_ROWS", "FLUSH_SECONDS", "run", "summary"]  # the flush sizes stay importable here
 
 log = logging.getLogger("batchrank.index")
 LOCAL_READ_BYTES = 256 << 20  # an incremental run reads a corpus up to this size in-process (no read tasks)
@@ -65,7 +69,7 @@ def run(cfg, *, run_id: str | None = None, save: bool = True) -> dict[str, Any]:
     """
     job = runs.start(cfg, "index", sections=("corpus",), command="batchrank index", run_id=run_id, save=save,
                      tables=(cfg.storage.passages_table,))
-    state = _RunState(job.run_id, cfg.embed.identity, job)
+    state = _RunState(job.run_id, cfg.embed.identity, job, passage_settings=cfg.passage_settings)
     return runs.guarded(job, cfg, body=lambda: _index(cfg, state), finish=lambda: finish_report(cfg, state),
                         lock_table=cfg.storage.passages_table)
 
@@ -74,10 +78,10 @@ class _RunState:
     """What an index run has done so far: the sink's counters, what passages held when it started and the startup's
     decisions; its report, stage timer and lock are the run protocol's (``run``)."""
 
-    def __init__(self, run_id: str, model: str, run: runs.Run | None = None):
+    def __init__(self, run_id: str, model: str, run: runs.Run | None = None, passage_settings: str | None = None):
         self.run = run if run is not None else runs.Run("index", run_id, save=False, report={})
         self.run_id, self.report, self.timer = run_id, self.run.report, self.run.timer
-        self.sink = Sink(run_id, model)
+        self.sink = Sink(run_id, model, passage_settings)
         self.known: dict[str, str] = {}  # {id: content hash} in passages when the run started
         self.cluster = None
         self.rebuild = False  # the model changed: every document is embedded again, then one overwrite
@@ -112,12 +116,15 @@ def _start(cfg, state: _RunState, store):
 
     from pipelines.cluster.runtime import check_not_in_job_package, init_ray
     from pipelines.index.corpus import expand_paths, read_local
-    from pipelines.store import StoreError
+    from pipelines.models.prompts import check_passages
 
     e, name, report = cfg.embed, cfg.storage.passages_table, state.report
     with state.timer("startup"):
         expand_paths(cfg.corpus.path, cfg.storage.storage_options)  # fail fast on a missing corpus, before Ray starts
         check_not_in_job_package(cfg.storage.uri, "storage.uri")
+        # the prompts and the passage window, refused here (naming the setting) rather than in every actor
+        report["passages_split"] = check_passages(cfg) or {"checked": "by the embedding actors (model files not "
+                                                                      "readable on the driver)"}
         ctx = ray.data.DataContext.get_current()
         ctx.execution_options.preserve_order = True  # deterministic: the first row of a duplicated id wins
         ctx.enable_progress_bars = False  # our own progress line below, readable in job logs too
@@ -126,17 +133,11 @@ def _start(cfg, state: _RunState, store):
             object_store_memory=PIPELINE_OBJECT_STORE_BYTES)
         # Ray before LanceDB loads: Ray forks processes, LanceDB's runtime dislikes forks
         cluster = state.cluster = init_ray(cfg.ray)
-        built_with = store.passages_model()
-        rebuild = state.rebuild = built_with is not None and built_with != e.identity
-        if rebuild and cfg.corpus.mode == "changes":
-            raise StoreError(
-                f"'{name}' was built with '{built_with}' and embed.model is now '{e.identity}': a model change "
-                "re-embeds every document, and a change feed does not hold them all; run this once with "
-                "corpus.mode: snapshot on the full corpus (or set embed.model back)")
+        change = rebuild_change(cfg, store)  # another model, chunking or document prompt: every document again
+        rebuild = state.rebuild = change is not None
         known = state.known = {} if rebuild else store.content_hashes()
         report["mode"] = "rebuild" if rebuild else "incremental" if known else "full"
-        if rebuild:
-            report["model_change"] = {"from": built_with, "to": e.identity}
+        report.update(change or {})
         report["cluster"] = {"address": cluster.address, "nodes": cluster.nodes, "cpus": cluster.cpus,
                              "gpus": cluster.gpus}
         # A small delta is embedded right here: the model loads while the corpus is compared.
@@ -169,7 +170,7 @@ def _plan_and_embed(cfg, state: _RunState, store, staged):
         batches = _planned_batches(cfg, state, todo, local)
         embedder = local_embedder(cfg, state.preload) if local else None
         staged = stage(cfg, state, batches, store, staged, embedder=embedder, planned=todo)
-        missing = set(todo) - sink.written_ids
+        missing = set(todo) - sink.written_ids - sink.empty_ids
         if missing:
             raise StoreError(f"{len(missing):,} document(s) changed while this run was indexing them (e.g. "
                              f"{min(missing)!r}); nothing was written: run the index job again once "
@@ -240,7 +241,7 @@ def _embed_with_actors(cfg, ds, state: _RunState):
     state.report["cluster"].update(actors=e.actors, cpus_per_actor=cpus, gpus_per_actor=gpus)
     return ds.map_batches(
         Embedder,
-        fn_constructor_kwargs=Embedder.config_kwargs(e, device=actor_device(e.device, gpus),
+        fn_constructor_kwargs=Embedder.config_kwargs(cfg, device=actor_device(e.device, gpus),
                                                      num_threads=e.cpus_per_actor),
         # One task in flight per actor: a killed driver's actors finish at most one task each, wasted, and with
         # preserve_order no finished block waits behind a second task (measured: same speed as two; 2k SciFact).
@@ -276,8 +277,10 @@ def _commit(cfg, state: _RunState, store, staged, deletes: list[str]) -> int | N
         if staged is not None or (deletes and not state.rebuild):
             if state.run.lock is not None:
                 state.run.lock.ensure_held()  # a run whose lease another run took must not commit (LockLost)
+            # a changed document's passages are all replaced: those its new version no longer has are deleted
+            replaced = [] if state.rebuild else sorted(i for i in sink.written_ids if i in state.known)
             version = store.commit_passages(staged, state.run_id, deletes=[] if state.rebuild else deletes,
-                                            replace=state.rebuild)
+                                            replace=state.rebuild, replaced=replaced)
             report["table_tag"] = state.run_id
         else:  # nothing new, changed or deleted: no new version
             version = before.version if before is not None else None

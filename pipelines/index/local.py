@@ -4,7 +4,7 @@ Reads top to bottom::
 
     Preload          started at startup: loads the model in a background thread while the corpus is compared
     local_embedder   the loaded model (waiting for the preload), or one loaded now
-    driver_embedder  the Embedder built from ``cfg.embed``, using every CPU of this process
+    driver_embedder  the Embedder built from the config, using every CPU of this process
 
 Example::
 
@@ -23,7 +23,7 @@ def driver_embedder(cfg):
     """The bi-encoder in this process, for a run small enough to embed here."""
     from pipelines.index.embed import Embedder
 
-    return Embedder.from_config(cfg.embed, device=cfg.embed.device, num_threads=os.cpu_count())
+    return Embedder.from_config(cfg, device=cfg.embed.device, num_threads=os.cpu_count())
 
 
 def local_embedder(cfg, preload: Preload | None):

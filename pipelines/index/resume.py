@@ -40,11 +40,14 @@ def resume(cfg, state, store):
                          resumable=True)
     if not staged.resume():
         return None
-    cols = staged.columns([S.ID, S.CONTENT_HASH, S.MODEL, S.RUN_ID])
+    cols = staged.columns([S.ID, S.CONTENT_HASH, S.MODEL, S.PASSAGE_SETTINGS, S.RUN_ID])
     models = set(cols[S.MODEL].to_pylist())
-    if models - {cfg.embed.identity}:
-        log.warning("dropping %s: staged with %s, and embed.model is now %s", existing, sorted(models),
-                    cfg.embed.identity)
+    settings = set(cols[S.PASSAGE_SETTINGS].to_pylist())
+    from pipelines.config.index import same_passages
+
+    if models - {cfg.embed.identity} or not all(same_passages(x, cfg.passage_settings) for x in settings):
+        log.warning("dropping %s: staged with %s %s, and the run embeds with %s %s", existing, sorted(models),
+                    sorted(map(str, settings)), cfg.embed.identity, cfg.passage_settings)
         staged.drop()
         return None
     state.sink.done = set(zip(cols[S.ID].to_pylist(), cols[S.CONTENT_HASH].to_pylist()))
@@ -70,7 +73,7 @@ def keep_planned(batch: pa.Table, todo: dict[str, str]) -> pa.Table:
     """Second pass of an incremental run (in the read tasks, or here): keep the rows the plan embeds, by id and
     content hash (a later duplicate with other content was quarantined by the plan; the sink drops a later
     duplicate with the same content)."""
-    keep = [todo.get(i) == h for i, h in zip(batch[S.ID].to_pylist(), batch[S.CONTENT_HASH].to_pylist())]
+    keep = [i in todo and todo[i] == h for i, h in zip(batch[S.ID].to_pylist(), batch[S.CONTENT_HASH].to_pylist())]
     return batch.filter(pa.array(keep, pa.bool_()))
 
 
@@ -97,13 +100,16 @@ def drop_stale_resumed(state, staged) -> None:
 
 
 def keep_one_row_per_id(state, staged) -> None:
-    """Before the commit of a resumed run: exactly one staged row per id, the one with the content this run
-    took over (or embedded). Two killed runs can leave two versions of a changed document in the staging table;
-    publishing both would put the id in passages twice."""
+    """Before the commit of a resumed run: exactly one staged version per document id (its passages), the one with
+    the content this run took over (or embedded). Two killed runs can leave two versions of a changed document in
+    the staging table; publishing both would mix their passages."""
     cols = staged.columns([S.ID, S.CONTENT_HASH, S.RUN_ID])
     rows: dict[str, list[tuple[str, str]]] = {}
+    seen: set[tuple[str, str, str]] = set()
     for i, h, r in zip(cols[S.ID].to_pylist(), cols[S.CONTENT_HASH].to_pylist(), cols[S.RUN_ID].to_pylist()):
-        rows.setdefault(i, []).append((h, r))
+        if (i, h, r) not in seen:  # one entry per (document, content, run): a document's passages share them
+            seen.add((i, h, r))
+            rows.setdefault(i, []).append((h, r))
     keep = {}
     for i, versions in rows.items():
         if len(versions) < 2:

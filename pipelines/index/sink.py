@@ -51,7 +51,7 @@ def stage(cfg, state, batches, store, staged=None, *, embedder=None, planned: di
             else:
                 good, bad = sink.embedded(batch, planned), batch.slice(0, 0)
             if staged is None and good.num_rows:
-                dim = good.schema.field(S.VECTOR).type.list_size
+                dim = good.schema.field(S.VECTOR).type.value_type.list_size  # a list of passage vectors
                 staged = store.stage(cfg.storage.passages_table, state.run_id,
                                      S.passages_schema(dict(cfg.corpus.metadata_fields), dim), resumable=True)
             if sink.pending_rows >= FLUSH_ROWS or (sink.pending_rows and
@@ -70,8 +70,8 @@ def stage(cfg, state, batches, store, staged=None, *, embedder=None, planned: di
 class Sink:
     """Driver-side end of the stream: splits good from bad rows, catches duplicate ids, counts."""
 
-    def __init__(self, run_id: str, model: str):
-        self.run_id, self.model = run_id, model
+    def __init__(self, run_id: str, model: str, passage_settings: str | None = None):
+        self.run_id, self.model, self.passage_settings = run_id, model, passage_settings
         # id's 64-bit hash -> where its first good row was (source index << 41 | row): ~100 bytes per document, the
         # only per-document state of a first run; a collision (p ~ 3e-8 at 1M ids) would quarantine a good row
         self.seen: dict[int, int] = {}
@@ -83,6 +83,8 @@ class Sink:
         self.written_ids: set[str] = set()
         self.rows_read = self.rows_written = self.rows_unchanged = self.rows_quarantined = 0
         self.rows_delete_markers = self.rows_deleted = 0
+        self.passages_written = 0  # passage rows staged by this run (a document is one or more passages)
+        self.empty_ids: set[str] = set()  # planned documents quarantined by the embedding (nothing to embed)
         self.embed_seconds = 0.0
         self.nodes: dict[str, int] = {}  # rows embedded per Ray node
         self.reasons: dict[str, int] = {}
@@ -155,8 +157,19 @@ class Sink:
 
     def embedded(self, batch: pa.Table, planned: dict[str, str]) -> pa.Table:
         """Second pass of an incremental run: rows the plan chose, now with vectors (already counted as read).
-        A later copy of an id already taken (a duplicate, quarantined by the plan) is dropped."""
+        A later copy of an id already taken (a duplicate, quarantined by the plan) is dropped; a document the
+        embedding found nothing to embed in is quarantined."""
         self._count_embedded(batch)
+        batch = batch.filter(pa.array([i in planned for i in batch[S.ID].to_pylist()], pa.bool_()))
+        bad = pc.is_valid(batch[S.REASON_CODE])  # planned, then found to hold nothing to embed
+        if pc.any(bad).as_py():
+            rejected = batch.filter(bad)
+            self._bad.append(rejected.select([S.SOURCE, S.ROW, S.ID, S.REASON_CODE, S.REASON, S.RAW]))
+            self.rows_quarantined += rejected.num_rows
+            for code in rejected[S.REASON_CODE].to_pylist():
+                self.reasons[code] = self.reasons.get(code, 0) + 1
+            self.empty_ids.update(rejected[S.ID].to_pylist())
+            batch = batch.filter(pc.invert(bad))
         in_batch: set[str] = set()
         keep = []
         for i in batch[S.ID].to_pylist():
@@ -171,13 +184,18 @@ class Sink:
             count_nodes(self.nodes, embedded[S.NODE])
 
     def _keep(self, good: pa.Table) -> pa.Table:
+        """Good documents → their passage rows, pending for the staging table (all of a document's passages in
+        one append). Returns the documents."""
         if good.num_rows:
-            now = pa.array([utcnow()] * good.num_rows, S.TIMESTAMP)
-            good = (good.append_column(S.MODEL, pa.array([self.model] * good.num_rows))
-                    .append_column(S.EMBEDDED_AT, now)
-                    .append_column(S.RUN_ID, pa.array([self.run_id] * good.num_rows)))
-            self._pending.append(good)
-            self.pending_rows += good.num_rows
+            passages = to_passages(good)
+            n = passages.num_rows
+            passages = (passages.append_column(S.MODEL, pa.array([self.model] * n, pa.string()))
+                        .append_column(S.PASSAGE_SETTINGS, pa.array([self.passage_settings] * n, pa.string()))
+                        .append_column(S.EMBEDDED_AT, pa.array([utcnow()] * n, S.TIMESTAMP))
+                        .append_column(S.RUN_ID, pa.array([self.run_id] * n, pa.string())))
+            self._pending.append(passages)
+            self.pending_rows += n
+            self.passages_written += n
             self.rows_written += good.num_rows
             if self.track_ids:
                 self.written_ids.update(good[S.ID].to_pylist())
@@ -220,6 +238,31 @@ class Sink:
     def quarantine_table(self) -> pa.Table:
         """The run's bad rows, as the quarantine table stores them."""
         return S.quarantine_rows(pa.concat_tables(self._bad) if self._bad else None, self.run_id, "index")
+
+
+def to_passages(docs: pa.Table) -> pa.Table:
+    """Embedded documents (one row each, ``vector`` a list with one vector per passage, ``_spans_start`` /
+    ``_spans_end`` their offsets) → one row per passage: ``passage_id`` = ``<id>#<n>``, ``passage`` = n, the offsets,
+    ``text`` the passage's own text; the other columns repeat the document's."""
+    import numpy as np
+
+    vectors = docs[S.VECTOR].combine_chunks()
+    parents = pc.list_parent_indices(vectors).to_numpy(zero_copy_only=False)
+    lengths = pc.list_value_length(vectors).to_numpy(zero_copy_only=False)
+    firsts = np.concatenate([[0], np.cumsum(lengths)[:-1]])
+    numbers = np.arange(len(parents)) - firsts[parents]
+    starts = pc.list_flatten(docs[S.SPANS_START]).to_numpy(zero_copy_only=False)
+    ends = pc.list_flatten(docs[S.SPANS_END]).to_numpy(zero_copy_only=False)
+    rows = docs.drop_columns([S.VECTOR, S.SPANS_START, S.SPANS_END]).take(pa.array(parents, pa.int64()))
+    ids, texts = rows[S.ID].to_pylist(), rows[S.TEXT].to_pylist()
+    rows = rows.set_column(rows.schema.get_field_index(S.TEXT), S.TEXT,
+                           pa.array([(t or "")[a:b] for t, a, b in zip(texts, starts, ends)], pa.string()))
+    at = rows.schema.get_field_index(S.ID) + 1
+    for name, values in ((S.PASSAGE_END, pa.array(ends, pa.int64())), (S.PASSAGE_START, pa.array(starts, pa.int64())),
+                         (S.PASSAGE, pa.array(numbers, pa.int32())),
+                         (S.PASSAGE_ID, pa.array([f"{i}#{n}" for i, n in zip(ids, numbers)], pa.string()))):
+        rows = rows.add_column(at, name, values)
+    return rows.append_column(S.VECTOR, pc.list_flatten(vectors))
 
 
 def _id_hash(doc_id: str) -> int:

@@ -3,7 +3,8 @@
 Reads top to bottom::
 
     row_counts         row accounting: read = written + unchanged + delete markers + quarantined (+ not published)
-    finish_report      the report's fields (rows, passages before/added/updated/deleted/after, speed, table, ...)
+    finish_report      the report's fields (rows; documents added/updated/deleted; passage rows before/written/after;
+                       speed, table, ...)
     reliability_lines  what the run recovered from: a killed run's staging, restarted actors, a stale lock
     summary            the lines the CLI prints at the end of a run
 """
@@ -55,9 +56,10 @@ def finish_report(cfg, state) -> dict[str, Any]:
         "storage": redact_uri(cfg.storage.uri),
         "model": cfg.embed.identity,
         "rows": row_counts(sink, failed=not published),
+        "documents": {"added": (sink.rows_written - updated) if published else 0, "updated": updated,
+                      "deleted": sink.rows_deleted if published else 0},
         "passages": {"before": report.pop("passages_before", None),
-                     "added": (sink.rows_written - updated) if published else 0, "updated": updated,
-                     "deleted": sink.rows_deleted if published else 0, "after": rows},
+                     "written": sink.passages_written if published else 0, "after": rows},
         "quarantine_reasons": dict(sorted(sink.reasons.items())),
         "docs_per_second": round(embedded / pipeline_s, 2) if pipeline_s else None,
         "docs_per_second_end_to_end": round(embedded / seconds["total"], 2) if seconds["total"] else None,
@@ -92,7 +94,7 @@ def summary(report: dict[str, Any]) -> str:
     if report["status"] != "succeeded":
         return (f"index run {report['run_id']}: {report['status']} ({report.get('error')})\n"
                 f"  rows: {r}\n  the previous table version is intact; report: {report.get('report_path')}")
-    p = report["passages"]
+    p, d = report["passages"], report["documents"]
     lines = [
         f"index run {report['run_id']}: {report['status']} ({report.get('mode')}"
         + (f", model {report['model_change']['from']} -> {report['model_change']['to']}"
@@ -102,8 +104,9 @@ def summary(report: dict[str, Any]) -> str:
         + (f"{r['delete_markers']:,} delete markers + " if r.get("delete_markers") else "")
         + f"{r['quarantined']:,} quarantined"
         + ("" if r["reconciled"] else "  (DOES NOT RECONCILE)"),
-        (f"  passages: {p['before'] or 0:,} before, {p['added']:,} added, {p['updated']:,} updated, "
-         f"{p['deleted']:,} deleted, {p['after'] if isinstance(p['after'], str) else format(p['after'], ',')} after"),
+        (f"  documents: {d['added']:,} added, {d['updated']:,} updated, {d['deleted']:,} deleted; passages: "
+         f"{p['before'] or 0:,} before, {p['written']:,} written, "
+         f"{p['after'] if isinstance(p['after'], str) else format(p['after'], ',')} after"),
     ]
     if report["quarantine_reasons"]:
         lines.append("  quarantined: " + ", ".join(f"{k} {v}" for k, v in report["quarantine_reasons"].items()))
@@ -127,7 +130,7 @@ def summary(report: dict[str, Any]) -> str:
                  f"{ann.get('type')} up to date")
     lines += [
         "  time: " + ", ".join(f"{k} {v:.1f}s" for k, v in s.items()),
-        f"  table: {report['table']['name']} v{report['table']['version']}, {report['table']['rows']:,} rows"
+        f"  table: {report['table']['name']} v{report['table']['version']}, {report['table']['rows']:,} passages"
         + (f" (tag {report['table']['tag']})" if report["table"].get("tag") else " (no change: no new version)")
         if report["table"]["version"] is not None else f"  table: {report['table']['name']} not created (no good rows)",
         f"  indexes: ann {ann_state}; fts {'on' if 'fts' in ix else 'off'}"

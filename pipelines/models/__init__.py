@@ -191,13 +191,14 @@ class TokenBatchedBiEncoder(_TokenBatched):
         super().__init__(model, token_budget=token_budget, autocast=autocast, pairs=False)
         self.max_seq_length = model.max_seq_length
         self.prompt = model.prompts.get(model.default_prompt_name) if model.default_prompt_name else None
+        self._active_prompt = self.prompt
         self.normalize = False
 
     def get_embedding_dimension(self) -> int:
         return self.model.get_embedding_dimension()
 
     def _prep_kwargs(self) -> dict:
-        return {"prompt": self.prompt} if self.prompt else {}
+        return {"prompt": self._active_prompt} if self._active_prompt else {}
 
     def _output(self, out):
         import torch
@@ -206,10 +207,12 @@ class TokenBatchedBiEncoder(_TokenBatched):
         return torch.nn.functional.normalize(emb, p=2, dim=1) if self.normalize else emb
 
     def encode(self, texts: list[str], normalize_embeddings: bool = False, convert_to_tensor: bool = False,
-               **_) -> "np.ndarray":
+               prompt: str | None = None, **_) -> np.ndarray:
+        """As ``SentenceTransformer.encode``; ``prompt`` (a text) replaces the model's default prompt."""
         from pipelines.models.batching import encode_output
 
         self.normalize = normalize_embeddings
+        self._active_prompt = prompt if prompt is not None else self.prompt
         return encode_output(self.runner, texts, self.get_embedding_dimension(), convert_to_tensor)
 
 
@@ -219,6 +222,11 @@ class TokenBatchedCrossEncoder(_TokenBatched):
     def __init__(self, model, *, token_budget: int, autocast=None):
         super().__init__(model, token_budget=token_budget, autocast=autocast, pairs=True)
         self.num_labels, self.max_length = model.num_labels, model.max_length
+        name = getattr(model, "default_prompt_name", None)  # CrossEncoder.predict applies the default prompt
+        self.prompt = (getattr(model, "prompts", None) or {}).get(name) if name else None
+
+    def _prep_kwargs(self) -> dict:
+        return {"prompt": self.prompt} if self.prompt else {}
 
     def _output(self, out):
         scores = out["scores"].float()
@@ -226,7 +234,7 @@ class TokenBatchedCrossEncoder(_TokenBatched):
             scores = self.model.activation_fn(scores)
         return scores.reshape(-1)
 
-    def predict(self, pairs: list, **_) -> "np.ndarray":
+    def predict(self, pairs: list, **_) -> np.ndarray:
         import numpy as np
 
         out = self.runner.run([(a, b) for a, b in pairs])

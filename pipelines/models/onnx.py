@@ -14,10 +14,23 @@ this stack runs transformers 5. So batchrank exports the model itself, once per 
   activation (sigmoid for one label, as ``CrossEncoder.predict``) stay in numpy, exactly as configured.
 
 Exports are cached under ``$BATCHRANK_CACHE`` (default ``~/.cache/batchrank``)/onnx, keyed by the model's files,
-the kind, the quantisation and the library versions; a new folder appears atomically (concurrent actors on
-one machine export at most a few times, and never read a half-written model).
+the kind, the quantisation, the library versions and ``FORMAT``; a new folder appears atomically (concurrent actors
+on one machine export at most a few times, and never read a half-written model). An int8 export is the cached fp32
+export, quantised.
 
-Batching is ``pipelines.models.batching.BatchRunner``'s: by padded tokens, the next batch tokenised in a thread while
+Each export is checked before it is kept: the graph's inputs are the ones the model reads (ModernBERT takes no
+``token_type_ids``, DeBERTa-v3 ignores them: the exporter drops an input no node reads, so the session is fed its
+graph's inputs only), the tokenizer saved with it tokenises as the model's own, and the graph gives torch's outputs
+on inputs of another batch size and length than the one it was traced with. A model that fails any of this, or is
+not Transformer → Pooling (→ Normalize), is refused when it is loaded, with a ``BackendError`` naming the model, the
+backend and the fix (the torch backend).
+
+Prompts: the bi-encoder keeps the model's ``prompts`` and ``default_prompt_name`` and prepends them in ``encode``
+as ``SentenceTransformer.encode`` does; a Pooling that leaves prompt tokens out (``include_prompt=False``, as
+Instructor models) is refused, since the graph pools every token.
+
+The sessions (``OnnxBiEncoder``, ``OnnxCrossEncoder``) live in ``onnx_runtime.py``. Batching is
+``pipelines.models.batching.BatchRunner``'s: by padded tokens, the next batch tokenised in a thread while
 ONNX Runtime runs the current one (it releases the GIL), so the model does not wait for the tokenizer.
 """
 
@@ -35,9 +48,14 @@ from typing import Any
 
 import numpy as np
 
+from pipelines.models.onnx_runtime import OnnxBiEncoder, OnnxCrossEncoder, ort_session  # the runtime side
+
 log = logging.getLogger(__name__)
 BACKENDS = ("torch", "onnx", "onnx-int8")
 OPSET = 17
+FORMAT = 2  # the export's files and meta; bump on any change so that older cached exports are made again
+MODEL_INPUTS = ("input_ids", "attention_mask", "token_type_ids")
+CHECK_TOKENS = 256  # the export check's longest input, whatever the model's own limit
 
 
 class BackendError(ValueError):
@@ -51,7 +69,7 @@ def cache_root() -> Path:
 def _fingerprint(name: str, kind: str, quantize: bool) -> str:
     from importlib.metadata import version  # not imports: an actor with a cached export never loads torch
 
-    h = hashlib.sha256(json.dumps([name, kind, quantize, OPSET, version("onnxruntime"), version("torch"),
+    h = hashlib.sha256(json.dumps([name, kind, quantize, OPSET, FORMAT, version("onnxruntime"), version("torch"),
                                    version("transformers")]).encode())
     root = Path(name)
     if root.exists():
@@ -63,10 +81,27 @@ def _fingerprint(name: str, kind: str, quantize: bool) -> str:
 
 
 def export(name: str, kind: str, *, quantize: bool, trust_remote_code: bool = False) -> Path:
-    """The cached export folder of model ``name`` (``kind``: ``bi-encoder`` or ``cross-encoder``), made if needed."""
+    """The cached export folder of model ``name`` (``kind``: ``bi-encoder`` or ``cross-encoder``), made if needed
+    (int8: the fp32 export, quantised). ``BackendError`` when the model cannot run on the ONNX backend."""
     from pipelines.models.names import resolve_model
 
     resolved = resolve_model(name)
+    refuse = _refusal(name, kind, "onnx-int8" if quantize else "onnx")
+    exporter = _export_bi_encoder if kind == "bi-encoder" else _export_cross_encoder
+
+    def fp32(work: Path) -> dict[str, Any]:
+        return exporter(resolved, work, trust_remote_code, refuse)
+
+    def int8(work: Path) -> dict[str, Any]:
+        shutil.copytree(_cached(name, kind, resolved, False, fp32), work, dirs_exist_ok=True)
+        _quantize(work / "model.onnx")
+        return json.loads((work / "meta.json").read_text())
+
+    return _cached(name, kind, resolved, quantize, int8 if quantize else fp32)
+
+
+def _cached(name: str, kind: str, resolved: str, quantize: bool, make) -> Path:
+    """The cache folder of one export, made by ``make(work_folder) -> meta`` when missing, atomically."""
     target = cache_root() / f"{Path(str(name)).name}-{kind}-{'int8' if quantize else 'fp32'}-" \
                             f"{_fingerprint(resolved, kind, quantize)}"
     if (target / "meta.json").is_file():
@@ -74,10 +109,7 @@ def export(name: str, kind: str, *, quantize: bool, trust_remote_code: bool = Fa
     target.parent.mkdir(parents=True, exist_ok=True)
     work = Path(tempfile.mkdtemp(prefix=".export-", dir=target.parent))
     try:
-        meta = (_export_bi_encoder if kind == "bi-encoder" else _export_cross_encoder)(resolved, work,
-                                                                                     trust_remote_code)
-        if quantize:
-            _quantize(work / "model.onnx")
+        meta = make(work)
         meta.update(quantized=quantize, source=str(name))
         (work / "meta.json").write_text(json.dumps(meta, indent=2))
         try:
@@ -90,7 +122,20 @@ def export(name: str, kind: str, *, quantize: bool, trust_remote_code: bool = Fa
     return target
 
 
-def _onnx_export(model, sample: dict, path: Path, output: str) -> list[str]:
+def _first_line(exc: BaseException) -> str:
+    return f"{type(exc).__name__}: {(str(exc).strip().splitlines() or [''])[0][:300]}"
+
+
+def _refusal(name: str, kind: str, backend: str):
+    key = "embed.backend" if kind == "bi-encoder" else "rerank.backend"
+
+    def refuse(why: str) -> BackendError:
+        return BackendError(f"{key} {backend} cannot run '{name}': {why}; use {key}: torch")
+
+    return refuse
+
+
+def _onnx_export(model, sample: dict, path: Path, output: str) -> None:
     import torch
 
     names = list(sample)
@@ -106,55 +151,106 @@ def _onnx_export(model, sample: dict, path: Path, output: str) -> list[str]:
     if hasattr(model, "set_attn_implementation"):
         model.set_attn_implementation("eager")
     model = model.float().eval()
-    # The tracer's two notes on this export are known and harmless: the branch it freezes compares the attention
-    # mask's length with the sequence length, equal for every input this graph is given (the mask comes with its
-    # input ids), and the advanced indexing it warns about gets no negative index; the tests check the exported
-    # graph against the torch model.
+    # The tracer's notes on this export are known and harmless: the branches it freezes compare the attention mask's
+    # length with the sequence length, equal for every input this graph is given (the mask comes with its input ids),
+    # and the advanced indexing it warns about gets no negative index; ``_export_checked`` then runs the graph on
+    # inputs of another shape against the torch model.
     with torch.inference_mode(), warnings.catch_warnings():
         warnings.filterwarnings("ignore", category=torch.jit.TracerWarning)
         warnings.filterwarnings("ignore", message="Exporting aten::index operator of advanced indexing")
+        # DeBERTa-v2 wraps its head size (a constant) in torch.tensor while tracing
+        warnings.filterwarnings("ignore", message="To copy construct from a tensor", category=UserWarning)
         torch.onnx.export(Wrapped(model), tuple(sample[n] for n in names), str(path), input_names=names,
                           output_names=[output], opset_version=OPSET, dynamo=False,
                           dynamic_axes={**{n: {0: "batch", 1: "tokens"} for n in names}, output: {0: "batch"}})
-    return names
 
 
-def _export_bi_encoder(resolved: str, work: Path, trust_remote_code: bool) -> dict[str, Any]:
+# Inputs of another batch size and length than the traced sample (``a sample``...), with capitals, punctuation,
+# digits, an accent and a text longer than ``CHECK_TOKENS`` (truncated).
+_LONG = " ".join(f"Word{i} about the study of cells, brains and genes." for i in range(40))
+CHECK_TEXTS = (["The Cell protein binding, in 2024: café!", _LONG, "a"],)
+CHECK_PAIRS = (["What binds the Cell protein?", "brain", "a"], [_LONG, "The Brain data, in 2024: café!", "b"])
+
+
+def _export_checked(model, tok, sample: tuple, check: tuple, work: Path, output: str, refuse,
+                    max_length: int | None) -> list[str]:
+    """Export ``model`` traced on ``tok(*sample)`` to ``work``/model.onnx with ``tok`` beside it, and check it; the
+    graph's input names. ``BackendError`` (from ``refuse``) when it does not export, or the export's tokenizer or
+    graph give other inputs or outputs than the model's own on ``tok(*check)``."""
+    import inspect
+
+    import torch
+    from transformers import AutoTokenizer
+
+    arch = type(model).__name__
+    params = inspect.signature(model.forward).parameters
+    encoded = tok(*sample, padding=True, return_tensors="pt")
+    names = [n for n in MODEL_INPUTS if n in encoded and n in params]  # ModernBERT takes no token_type_ids
+    if names[:2] != ["input_ids", "attention_mask"]:
+        raise refuse(f"its {arch} does not take input_ids and attention_mask")
+    try:
+        _onnx_export(model, {n: encoded[n] for n in names}, work / "model.onnx", output)
+    except Exception as exc:  # noqa: BLE001 - any tracer or exporter failure means: this model needs torch
+        raise refuse(f"its {arch} does not export to ONNX ({_first_line(exc)})") from exc
+    tok.save_pretrained(str(work))
+    session = ort_session(work / "model.onnx", threads=None)
+    inputs = [i.name for i in session.get_inputs()]  # an input the graph does not read is dropped by the exporter
+    length = min(max_length or CHECK_TOKENS, CHECK_TOKENS)
+    kwargs = dict(padding=True, truncation=True, max_length=length)
+    want = tok(*check, return_tensors="pt", **kwargs)  # as the model's own tokenizer gives them
+    got = AutoTokenizer.from_pretrained(str(work))(*check, return_tensors="np", **kwargs,
+                                                   return_token_type_ids="token_type_ids" in inputs)
+    if any(n in want and not np.array_equal(got[n], want[n].numpy()) for n in {*inputs, "attention_mask"}):
+        raise refuse(f"the tokenizer saved with its export ({type(tok).__name__}) tokenises otherwise than the model's")
+    with torch.inference_mode():  # eval again: the exporter puts back the mode it found (train, fresh from loading)
+        ref = getattr(model.eval()(**{n: want[n] for n in names if n in want}), output).float().numpy()
+    try:
+        out = session.run(None, {n: got[n].astype(np.int64) for n in inputs})[0]
+    except Exception as exc:  # noqa: BLE001 - e.g. a shape the tracer froze
+        raise refuse(f"its ONNX graph ({arch}) fails on inputs of another shape than the traced sample "
+                     f"({_first_line(exc)})") from exc
+    real = want["attention_mask"].numpy().astype(bool) if output == "last_hidden_state" else slice(None)
+    err = float(np.abs(out[real] - ref[real]).max()) if out.shape == ref.shape else float("inf")
+    if not err <= 1e-3 * max(1.0, float(np.abs(ref[real]).max())):  # fp32 rounding is ~1e-6
+        raise refuse(f"its ONNX graph ({arch}) gives other outputs than torch (max difference {err:.3g}) on inputs of "
+                     "another shape than the traced sample")
+    return inputs
+
+
+
+def _export_bi_encoder(resolved: str, work: Path, trust_remote_code: bool, refuse) -> dict[str, Any]:
     from sentence_transformers import SentenceTransformer
 
     st = SentenceTransformer(resolved, device="cpu", trust_remote_code=trust_remote_code)
     modules = list(st)
     kinds = [type(m).__name__ for m in modules]
     if kinds[:2] != ["Transformer", "Pooling"] or any(k != "Normalize" for k in kinds[2:]):
-        raise BackendError(f"embed.backend onnx runs Transformer → Pooling (→ Normalize) models; this one is "
-                           f"{' → '.join(kinds)}: use embed.backend: torch")
+        raise refuse(f"the ONNX backend runs Transformer → Pooling (→ Normalize) models, and this one is "
+                     f"{' → '.join(kinds)}")
     pooling = getattr(modules[1], "pooling_mode", None)
     if pooling not in ("mean", "cls", "max"):
-        raise BackendError(f"embed.backend onnx supports mean, cls and max pooling, not {pooling!r}: use "
-                           "embed.backend: torch")
-    tok = st.tokenizer
-    sample = dict(tok(["a sample", "another sample text"], padding=True, return_tensors="pt"))
-    inputs = _onnx_export(modules[0].auto_model, sample, work / "model.onnx", "last_hidden_state")
-    tok.save_pretrained(str(work))
+        raise refuse(f"the ONNX backend pools by mean, cls or max, not {pooling!r}")
+    if not getattr(modules[1], "include_prompt", True):
+        raise refuse("its Pooling leaves prompt tokens out (include_prompt=False), and the ONNX graph would pool "
+                     "them with the text")
+    inputs = _export_checked(modules[0].auto_model, st.tokenizer, (["a sample", "another sample text"],), CHECK_TEXTS,
+                             work, "last_hidden_state", refuse, st.max_seq_length)
     return {"kind": "bi-encoder", "inputs": inputs, "pooling": pooling, "normalize": len(modules) > 2,
-            "max_seq_length": st.max_seq_length, "dim": st.get_embedding_dimension()}
+            "max_seq_length": st.max_seq_length, "dim": st.get_embedding_dimension(), "prompts": dict(st.prompts),
+            "default_prompt_name": st.default_prompt_name}
 
 
-def _export_cross_encoder(resolved: str, work: Path, trust_remote_code: bool) -> dict[str, Any]:
+def _export_cross_encoder(resolved: str, work: Path, trust_remote_code: bool, refuse) -> dict[str, Any]:
     from sentence_transformers import CrossEncoder
 
     ce = CrossEncoder(resolved, device="cpu", trust_remote_code=trust_remote_code)
     activation = type(ce.activation_fn).__name__
     if activation not in ("Sigmoid", "Identity"):
-        raise BackendError(f"rerank.backend onnx supports a Sigmoid or Identity activation, not {activation}: use "
-                           "rerank.backend: torch")
-    tok = ce.tokenizer
-    sample = dict(tok([["a query", "a document"], ["q", "another document text"]], padding=True,
-                      return_tensors="pt"))
-    inputs = _onnx_export(ce.model, sample, work / "model.onnx", "logits")
-    tok.save_pretrained(str(work))
+        raise refuse(f"the ONNX backend applies a Sigmoid or Identity activation, not {activation}")
+    inputs = _export_checked(ce.model, ce.tokenizer, (["a query", "q"], ["a document", "another document text"]),
+                             CHECK_PAIRS, work, "logits", refuse, ce.max_seq_length)
     return {"kind": "cross-encoder", "inputs": inputs, "activation": activation, "num_labels": ce.num_labels,
-            "max_length": ce.max_length}
+            "max_length": ce.max_seq_length}
 
 
 def _quantize(path: Path) -> None:
@@ -180,100 +276,6 @@ class _DropMessage(logging.Filter):
 
     def filter(self, record: logging.LogRecord) -> bool:
         return self.fragment not in record.getMessage()
-
-
-class _Session:
-    """An ONNX Runtime session, its tokenizer and metadata."""
-
-    def __init__(self, folder: Path, threads: int | None):
-        import onnxruntime as ort
-        from transformers import AutoTokenizer
-
-        self.meta = json.loads((folder / "meta.json").read_text())
-        self.tokenizer = AutoTokenizer.from_pretrained(str(folder))
-        opts = ort.SessionOptions()
-        opts.intra_op_num_threads = max(1, int(threads or os.cpu_count() or 1))
-        opts.inter_op_num_threads = 1
-        opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-        self.session = ort.InferenceSession(str(folder / "model.onnx"), opts, providers=["CPUExecutionProvider"])
-
-    def runner(self, length: int, token_budget: int, prepare, finish, pairs: bool):
-        from pipelines.models.batching import BatchRunner, token_counter
-
-        def forward(feeds):
-            return finish(self.session.run(None, feeds)[0], feeds)
-
-        return BatchRunner(lengths=token_counter(self.tokenizer, length, pairs=pairs), prepare=prepare,
-                           forward=forward, token_budget=token_budget)
-
-    def feeds(self, encoded) -> dict[str, np.ndarray]:
-        return {n: np.asarray(encoded[n], dtype=np.int64) for n in self.meta["inputs"]}
-
-
-class OnnxBiEncoder:
-    """``encode`` like ``SentenceTransformer.encode`` (numpy out), on an exported model."""
-
-    device = "cpu"
-
-    def __init__(self, folder: Path, *, threads: int | None = None, max_seq_length: int | None = None,
-                 batch_tokens: int = 4096):
-        self._s = _Session(folder, threads)
-        self.max_seq_length = max_seq_length or self._s.meta["max_seq_length"]
-        self.normalize = bool(self._s.meta["normalize"])
-        self.runner = self._s.runner(self.max_seq_length, batch_tokens, self._tokenize, self._finish, pairs=False)
-
-    def get_embedding_dimension(self) -> int:
-        return int(self._s.meta["dim"])
-
-    def _tokenize(self, batch):
-        return self._s.feeds(self._s.tokenizer(batch, padding=True, truncation=True, max_length=self.max_seq_length,
-                                               return_tensors="np"))
-
-    def _finish(self, hidden, feeds):
-        pooling = self._s.meta["pooling"]
-        mask = feeds["attention_mask"][..., None].astype(np.float32)
-        if pooling == "cls":
-            emb = hidden[:, 0]
-        elif pooling == "max":
-            emb = np.where(mask > 0, hidden, -np.inf).max(axis=1)
-        else:
-            emb = (hidden * mask).sum(axis=1) / np.clip(mask.sum(axis=1), 1e-9, None)
-        if self.normalize:
-            emb = emb / np.clip(np.linalg.norm(emb, axis=1, keepdims=True), 1e-12, None)
-        return emb.astype(np.float32)
-
-    def encode(self, texts: list[str], normalize_embeddings: bool = False, convert_to_tensor: bool = False,
-               **_: Any):
-        from pipelines.models.batching import encode_output
-
-        self.normalize = bool(self._s.meta["normalize"]) or normalize_embeddings
-        return encode_output(self.runner, texts, self.get_embedding_dimension(), convert_to_tensor)
-
-
-class OnnxCrossEncoder:
-    """``predict`` like ``CrossEncoder.predict`` (one label, activation applied), on an exported model."""
-
-    device = "cpu"
-
-    def __init__(self, folder: Path, *, threads: int | None = None, max_length: int | None = None,
-                 batch_tokens: int = 4096):
-        self._s = _Session(folder, threads)
-        self.num_labels = self._s.meta["num_labels"]
-        self.max_length = max_length or self._s.meta["max_length"]
-        self.sigmoid = self._s.meta["activation"] == "Sigmoid"
-        self.runner = self._s.runner(self.max_length, batch_tokens, self._tokenize, self._finish, pairs=True)
-
-    def _tokenize(self, batch):
-        return self._s.feeds(self._s.tokenizer([p[0] for p in batch], [p[1] for p in batch], padding=True,
-                                               truncation=True, max_length=self.max_length, return_tensors="np"))
-
-    def _finish(self, logits, _feeds):
-        scores = logits[:, 0].astype(np.float32)
-        return 1.0 / (1.0 + np.exp(-scores)) if self.sigmoid else scores
-
-    def predict(self, pairs: list[tuple[str, str]], **_: Any) -> np.ndarray:
-        out = self.runner.run([(a, b) for a, b in pairs])
-        return np.zeros(0, np.float32) if out is None else out.astype(np.float32)
 
 
 def load(name: str, kind: str, backend: str, *, threads: int | None = None, trust_remote_code: bool = False,

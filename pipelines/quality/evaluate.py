@@ -184,7 +184,9 @@ def _reorder(ids: list[str], scores) -> list[str]:
 def _variant(source, depth, fusion, ranked, chosen, judgments, pairs, seconds, score_seconds) -> dict[str, Any]:
     from pipelines.quality.metrics import evaluate
 
-    # Scores from ranks: ir-measures sorts by score, and first-stage ties (BM25, RRF) must keep our order.
+    # Scores from ranks: ir-measures sorts by score, and first-stage ties (BM25, RRF) must keep our order. A document
+    # ranked more than once (retrieve.level: passage) counts at its best rank.
+    ranked = [list(dict.fromkeys(ids)) for ids in ranked]
     run = {q: {d: float(len(ids) - i) for i, d in enumerate(ids)} for q, ids in zip(chosen, ranked)}
     name = source if depth is None else f"{source} → CE@{depth}" + ("" if fusion is None else f" + fusion (w={fusion:g})")
     return {"name": name, "source": source, "depth": depth, "fusion": fusion,
@@ -213,13 +215,15 @@ def _encode(cfg, texts: list[str]) -> tuple[Any, str, float]:
     import numpy as np
 
     from pipelines.models import load_bi_encoder
+    from pipelines.models.prompts import query_prompt
 
     e = cfg.embed
     model = load_bi_encoder(e.model, device=e.device, dtype=e.dtype, max_seq_length=e.max_seq_length,
                             trust_remote_code=e.trust_remote_code, backend=e.backend, batch_tokens=e.batch_tokens)
+    prompt = query_prompt(model, e)
     start = time.perf_counter()  # the cost of a source: encoding the queries, not loading the model
     vectors = model.encode(texts, batch_size=e.batch_size, normalize_embeddings=e.normalize, convert_to_numpy=True,
-                           show_progress_bar=False)
+                           show_progress_bar=False, prompt=prompt)
     return np.asarray(vectors, dtype=np.float32), str(model.device), time.perf_counter() - start
 
 
@@ -240,6 +244,7 @@ def _files(cfg) -> dict[str, str]:
 def ensure_passages(cfg, corpus_path, *, needs_fts: bool) -> dict[str, Any]:
     """Reuse ``passages`` when it holds exactly the corpus as the index job would write it; else run the index job."""
     from pipelines.config import CorpusConfig
+    from pipelines.config.index import same_passages
     from pipelines.store import Store
 
     corpus = cfg.corpus or CorpusConfig(path=corpus_path, format="jsonl")
@@ -256,6 +261,8 @@ def ensure_passages(cfg, corpus_path, *, needs_fts: bool) -> dict[str, Any]:
             reason = f"a {corpus.format} corpus is not fingerprinted here; the index job checks it (unchanged rows stay)"
         elif expected != store.content_fingerprint(table):
             reason = "passages differs from the corpus (ids or content hashes)"
+        elif not same_passages(store.passages_settings(), cfg.passage_settings):
+            reason = "passages was split into passages with other settings (chunk, embed.document_prompt)"
         else:
             same = "passages holds exactly the corpus (same ids and content hashes)"
             if needs_fts and not store.has_fts_index(cfg.index.fts.columns, table=table):

@@ -73,6 +73,7 @@ class Data:
         """Each text's top ``k`` passages (id, title, text, score; best first) from ``source``, queries embedded
         by ``embed.model`` (the table's bi-encoder) in chunks of ``retrieve.queries_per_call``."""
         from pipelines.models import configure_threads, load_bi_encoder
+        from pipelines.models.prompts import query_prompt
         from pipelines.rerank.retrieve import CandidateSearch
 
         cfg, e = self.cfg, self.cfg.embed
@@ -84,12 +85,13 @@ class Data:
                                            trust_remote_code=e.trust_remote_code, backend=e.backend,
                                            batch_tokens=e.batch_tokens)
         out, step = [], cfg.retrieve.queries_per_call
+        prompt = "" if self.encoder is None else query_prompt(self.encoder, e)
         with search:
             for start in range(0, len(texts), step):
                 chunk = texts[start:start + step]
                 vectors = None if source == "fts" else self.encoder.encode(
                     chunk, batch_size=e.batch_size, normalize_embeddings=e.normalize, convert_to_numpy=True,
-                    show_progress_bar=False).astype("float32")
+                    show_progress_bar=False, prompt=prompt).astype("float32")
                 out += [hits.to_pylist() for hits in search(vectors, chunk)]
         return out
 
@@ -300,7 +302,15 @@ def _positives(queries: dict, positives: dict, found: dict, report: dict) -> tup
 
 
 def _rows(store, table, ids: list[str]) -> dict[str, dict]:
-    return {r[S.ID]: r for r in store.rows_by_id(table, ids, [S.ID, S.TITLE, S.TEXT]).to_pylist()}
+    """{document id: row} of the judged documents: a document split into passages is represented by its first
+    passage (its title and opening, where abstracts and summaries sit)."""
+    if S.PASSAGE not in table.schema.names:
+        return {r[S.ID]: r for r in store.rows_by_id(table, ids, [S.ID, S.TITLE, S.TEXT]).to_pylist()}
+    rows = store.rows_by_id(table, ids, [S.ID, S.PASSAGE, S.TITLE, S.TEXT]).to_pylist()
+    out: dict[str, dict] = {}
+    for r in sorted(rows, key=lambda r: r[S.PASSAGE]):
+        out.setdefault(r[S.ID], r)
+    return out
 
 
 def _sha256(path: str) -> str:

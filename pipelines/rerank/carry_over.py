@@ -51,7 +51,8 @@ def settings_key(cfg, cross_encoder_id: str, fusion_weight: float | None, passag
 
     rt, rr, e, ix = cfg.retrieve, cfg.rerank, cfg.embed, cfg.index
     settings = {"bi_encoder": e.identity, "normalize": e.normalize, "max_seq_length": e.max_seq_length,
-                "k": rt.k, "source": rt.source, "rrf_k": rt.rrf_k,
+                "k": rt.k, "source": rt.source, "rrf_k": rt.rrf_k, "level": rt.level, "passage_hits": rt.passage_hits,
+                "query_prompt": e.query_prompt,
                 "method": configured_method(cfg, passages_version)[0],
                 "metric": ix.metric, "ann": ix.ann.model_dump(mode="json"), "fts": ix.fts.columns,
                 "cross_encoder": cross_encoder_id, "top_n": rr.top_n, "input_fields": rr.input_fields,
@@ -64,7 +65,7 @@ def unchanged_rankings(store, cfg, selected: pa.Table, sink) -> pa.Table:
     normalisation), passages version and settings (``sink.passages_version``, ``sink.settings``,
     ``sink.normalizer``). Count, last_seen and run_id are this run's."""
     table = store.open(cfg.storage.rankings_table)
-    if table is None or S.SETTINGS not in table.schema.names:
+    if table is None or set(S.RANKINGS_SCHEMA.names) - set(table.schema.names):  # an older release's table
         return S.RANKINGS_SCHEMA.empty_table()
     rows = store.rows_by_id(table, selected[S.QUERY_ID].to_pylist(), S.RANKINGS_SCHEMA.names, key=S.QUERY_ID)
     same = pc.and_(pc.and_(pc.equal(rows[S.PASSAGES_VERSION], sink.passages_version),

@@ -122,6 +122,7 @@ def _start(cfg, state: _RunState, store) -> tuple[Any, float | None]:
     import ray.data
 
     from pipelines.cluster.runtime import check_not_in_job_package, init_ray
+    from pipelines.models.prompts import query_prompt_warning
     from pipelines.store import StoreError
 
     rt, rr, report = cfg.retrieve, cfg.rerank, state.run.report
@@ -140,6 +141,9 @@ def _start(cfg, state: _RunState, store) -> tuple[Any, float | None]:
         fusion_weight, fusion_origin = resolve_weight(rr)
         report["fusion"] = {"cross_encoder_weight": fusion_weight, "origin": fusion_origin}
         report["tables"] = {"passages": {"name": cfg.storage.passages_table, "version": passages_version}}
+        if warning := query_prompt_warning(cfg, store.passages_settings()):
+            log.warning(warning)
+            report.setdefault("warnings", []).append(warning)
         if rr.cache:
             state.cache_version = P.current_version(store)
             if state.cache_version is not None:

@@ -1,9 +1,10 @@
 """Retrieve stage: embed a batch of queries with the bi-encoder, fetch each one's top-k candidates.
 
 Loaded once per actor: the bi-encoder and the ``passages`` table pinned at one version (every
-query of a run sees the same corpus). Candidates come from ``CandidateSearch``: vector, full
+query of a run sees the same corpus). Queries are embedded with the query prompt (``embed.query_prompt``). Candidates come from ``CandidateSearch``: vector, full
 text (BM25) or hybrid (both, fused by reciprocal rank). Output rows keep the query columns and
-add the candidates, best retrieval first: ids, the text the cross-encoder reads, retrieval scores.
+add the candidates, best retrieval first: document ids, the text the cross-encoder reads (the document's best
+passage at document level), retrieval scores, and the passage ids and offsets.
 
 Example (no Ray needed)::
 
@@ -40,7 +41,36 @@ def document_text(title: str | None, text: str | None, fields, separator: str = 
 def search_settings(rt) -> dict[str, Any]:
     """``CandidateSearch``'s (and ``Retriever``'s) search keywords from ``rt``, the ``retrieve`` config section."""
     return {"k": rt.k, "source": rt.source, "rrf_k": rt.rrf_k, "exact": rt.exact, "exact_max_rows": rt.exact_max_rows,
-            "exact_max_bytes": rt.exact_max_bytes, "threads": rt.search_threads}
+            "exact_max_bytes": rt.exact_max_bytes, "threads": rt.search_threads, "level": rt.level,
+            "passage_hits": rt.passage_hits}
+
+
+def best_per_document(hits: pa.Table, k: int) -> pa.Table:
+    """Passage hits (best first) → the first k documents, each as its best passage's row: a document's score is
+    the max over its passages. Exact for the max: a document absent from the hits scores at most the last hit."""
+    first: dict[str, int] = {}
+    for i, doc in enumerate(hits[S.ID].to_pylist()):
+        if doc not in first:
+            first[doc] = i
+            if len(first) == k:
+                break
+    return hits.take(pa.array(list(first.values()), pa.int64()))
+
+
+def deepen(per_query: list[pa.Table], fetched: int, k: int, total: int, fetch) -> list[pa.Table]:
+    """Document level: queries whose ``fetched`` passage hits hold fewer than ``k`` documents (while the table has
+    more passages, ``total``) are searched again four times deeper (``fetch(indices, depth)``); then each query's
+    hits become its best ``k`` documents."""
+    out = [best_per_document(h, k) for h in per_query]
+    depth = fetched
+    short = [i for i, (h, d) in enumerate(zip(per_query, out)) if d.num_rows < k and h.num_rows >= depth]
+    while short and depth < total:
+        depth = min(depth * 4, total)
+        again = fetch(short, depth)
+        for i, hits in zip(short, again):
+            out[i] = best_per_document(hits, k)
+        short = [i for i, hits in zip(short, again) if out[i].num_rows < k and hits.num_rows >= depth]
+    return out
 
 
 class CandidateSearch:
@@ -53,13 +83,18 @@ class CandidateSearch:
     * ``fts``: BM25 over the full-text index (``index.fts.columns``), one query per call, in threads;
     * ``hybrid``: both lists fused by reciprocal rank (``rrf_k``); the score is the fused one.
 
+    ``level`` ``document`` (on a table of passages): candidates are documents, each the row of its best passage (a
+    document scores the max over its passages); ``k x passage_hits`` passages are fetched, deeper for a query whose
+    hits hold fewer than k documents (``deepen``). ``passage``: candidates are passages. The ``id`` column is always
+    the document's id; ``passage_id`` and its offsets name the passage.
+
     Shared by the rerank job, the eval job and hard-negative mining, so that all three see the same candidates.
     """
 
     def __init__(self, store, table, index_cfg, *, k: int, source: str = "vector", rrf_k: int = 60,
                  exact: bool | str = "auto", columns: tuple[str, ...] = (S.ID,), threads: int = 4,
                  exact_max_rows: int | None = None, exact_max_bytes: int | None = None, exact_device: str = "auto",
-                 exact_chunk_bytes: int | None = None):
+                 exact_chunk_bytes: int | None = None, level: str = "document", passage_hits: int = 4):
         if source not in ("vector", "fts", "hybrid"):
             raise ValueError(f"unknown candidate source {source!r}; use vector, fts or hybrid")
         if source != "vector" and not store.has_fts_index(index_cfg.fts.columns, table=table):
@@ -68,7 +103,13 @@ class CandidateSearch:
                              "`batchrank index`")
         self.store, self.table, self.index_cfg = store, table, index_cfg
         self.k, self.source, self.rrf_k, self.exact = k, source, rrf_k, exact
-        self.columns = list(dict.fromkeys([S.ID, *columns]))
+        self.has_passages = S.PASSAGE_ID in table.schema.names  # False: a table built before passages
+        passage_columns = (S.PASSAGE_ID, S.PASSAGE_START, S.PASSAGE_END) if self.has_passages else ()
+        self.columns = list(dict.fromkeys([S.ID, *columns, *passage_columns]))
+        self.by_doc = level == "document" and self.has_passages
+        self.fetch = k * passage_hits if self.by_doc else k
+        self.key = S.PASSAGE_ID if self.has_passages and not self.by_doc else S.ID  # what fusion counts
+        self.total = table.count_rows() if self.by_doc else 0
         self.method, self.method_reason, self.matrix = None, "full-text search only", None
         if source != "fts":
             from pipelines.rerank.exact_search import CHUNK_BYTES, ExactSearch, resolve_method
@@ -101,13 +142,19 @@ class CandidateSearch:
         return [self._fuse(v, f) for v, f in zip(self.vector(vectors), self.fts(texts))]
 
     def vector(self, vectors: np.ndarray) -> list[pa.Table]:
+        hits = self._vector(vectors, self.fetch)
+        if not self.by_doc:
+            return hits
+        return deepen(hits, self.fetch, self.k, self.total, lambda rows, depth: self._vector(vectors[rows], depth))
+
+    def _vector(self, vectors: np.ndarray, k: int) -> list[pa.Table]:
         from pipelines.store import distance_to_score
 
         if self.matrix is not None:
-            return self.matrix.tables(vectors, self.k)
+            return self.matrix.tables(vectors, k)
 
         def chunk(start: int) -> pa.Table:
-            return self.store.search_batch(vectors[start:start + SEARCH_CHUNK], k=self.k, index_cfg=self.index_cfg,
+            return self.store.search_batch(vectors[start:start + SEARCH_CHUNK], k=k, index_cfg=self.index_cfg,
                                            exact=self.method == "lance_flat", columns=self.columns, table=self.table)
 
         metric = self.index_cfg.metric
@@ -124,8 +171,15 @@ class CandidateSearch:
         return per_query
 
     def fts(self, texts: list[str]) -> list[pa.Table]:
+        hits = self._fts(texts, self.fetch)
+        if not self.by_doc:
+            return hits
+        return deepen(hits, self.fetch, self.k, self.total,
+                      lambda rows, depth: self._fts([texts[i] for i in rows], depth))
+
+    def _fts(self, texts: list[str], k: int) -> list[pa.Table]:
         def one(text: str) -> pa.Table:
-            hits = self.store.search_text(text, k=self.k, fts_columns=self.index_cfg.fts.columns,
+            hits = self.store.search_text(text, k=k, fts_columns=self.index_cfg.fts.columns,
                                           columns=self.columns, table=self.table)
             return hits.select(self.columns).append_column("score", hits["_score"].cast(pa.float32()))
 
@@ -134,10 +188,10 @@ class CandidateSearch:
     def _fuse(self, vec: pa.Table, fts: pa.Table) -> pa.Table:
         from pipelines.rerank.fusion import rrf
 
-        fused = rrf([vec[S.ID].to_pylist(), fts[S.ID].to_pylist()], k=self.rrf_k, limit=self.k)
+        fused = rrf([vec[self.key].to_pylist(), fts[self.key].to_pylist()], k=self.rrf_k, limit=self.k)
         both = pa.concat_tables([vec.select(self.columns), fts.select(self.columns)])
         first = {}
-        for i, doc in enumerate(both[S.ID].to_pylist()):
+        for i, doc in enumerate(both[self.key].to_pylist()):
             first.setdefault(doc, i)
         rows = both.take(pa.array([first[d] for d, _ in fused], pa.int64()))
         return rows.append_column("score", pa.array([s for _, s in fused], pa.float32()))
@@ -153,9 +207,11 @@ class Retriever:
                  separator: str = " ", threads: int = 4, device: str = "auto", dtype: str = "auto",
                  max_seq_length: int | None = None, normalize: bool = True, trust_remote_code: bool = False,
                  num_threads: float | None = None, encode_batch_size: int = 64, backend: str = "torch",
-                 batch_tokens: int | None = 0):
+                 batch_tokens: int | None = 0, query_prompt: str | None = "auto", level: str = "document",
+                 passage_hits: int = 4):
         from pipelines.cluster.runtime import node_label
         from pipelines.models import configure_threads, load_bi_encoder
+        from pipelines.models.prompts import resolve_prompt
         from pipelines.store import Store
 
         if backend == "torch":
@@ -166,13 +222,16 @@ class Retriever:
         self.encoder = None if source == "fts" else load_bi_encoder(  # BM25 alone needs no query vectors
             model, device=device, dtype=dtype, max_seq_length=max_seq_length, trust_remote_code=trust_remote_code,
             backend=backend, threads=num_threads, batch_tokens=batch_tokens)
+        self.prompt = "" if self.encoder is None else resolve_prompt(query_prompt, self.encoder, "query",
+                                                                     key="embed.query_prompt", name=model)
         store = Store(storage_cfg)
         self.doc_fields, self.separator = tuple(doc_fields), separator
         self.normalize, self.encode_batch_size = normalize, encode_batch_size
         columns = tuple(f for f in (S.TITLE, S.TEXT) if f in self.doc_fields)
         self.search = CandidateSearch(store, store.passages(passages_version), index_cfg, k=k, source=source,
                                       rrf_k=rrf_k, exact=exact, exact_max_rows=exact_max_rows,
-                                      exact_max_bytes=exact_max_bytes, columns=columns, threads=threads)
+                                      exact_max_bytes=exact_max_bytes, columns=columns, threads=threads,
+                                      level=level, passage_hits=passage_hits)
 
     @staticmethod
     def config_kwargs(cfg, *, passages_version: int, **overrides: Any) -> dict[str, Any]:
@@ -185,7 +244,8 @@ class Retriever:
         return {"storage_cfg": cfg.storage, "index_cfg": cfg.index, "passages_version": passages_version,
                 "model": e.model, **search_settings(rt), **documents, "device": e.device, "dtype": e.dtype,
                 "max_seq_length": e.max_seq_length, "normalize": e.normalize, "trust_remote_code": e.trust_remote_code,
-                "num_threads": rt.cpus_per_actor, "backend": e.backend, "batch_tokens": e.batch_tokens, **overrides}
+                "num_threads": rt.cpus_per_actor, "backend": e.backend, "batch_tokens": e.batch_tokens,
+                "query_prompt": e.query_prompt, **overrides}
 
     @classmethod
     def from_config(cls, cfg, *, passages_version: int, **overrides: Any) -> Retriever:
@@ -203,7 +263,8 @@ class Retriever:
         vectors = None
         if self.encoder is not None:
             vectors = self.encoder.encode(queries, batch_size=self.encode_batch_size, convert_to_numpy=True,
-                                          normalize_embeddings=self.normalize, show_progress_bar=False)
+                                          prompt=self.prompt, normalize_embeddings=self.normalize,
+                                          show_progress_bar=False)
             vectors = np.asarray(vectors, dtype=np.float32)
         per_query = self.search(vectors, queries)
         maybe_fail("retrieve_call")
@@ -211,9 +272,16 @@ class Retriever:
         ids = [h[S.ID].to_pylist() for h in per_query]
         texts = [self._doc_texts(h) for h in per_query]
         scores = [h["score"].to_pylist() for h in per_query]
+        passages = self.search.has_passages
+        pids = [h[S.PASSAGE_ID].to_pylist() if passages else h[S.ID].to_pylist() for h in per_query]
+        starts = [h[S.PASSAGE_START].to_pylist() if passages else [None] * h.num_rows for h in per_query]
+        ends = [h[S.PASSAGE_END].to_pylist() if passages else [None] * h.num_rows for h in per_query]
         seconds = (time.perf_counter() - start) / max(len(batch), 1)
         return (batch.append_column(S.CAND_IDS, pa.array(ids, pa.list_(pa.string())))
                 .append_column(S.CAND_TEXTS, pa.array(texts, pa.list_(pa.string())))
                 .append_column(S.CAND_SCORES, pa.array(scores, pa.list_(pa.float32())))
+                .append_column(S.CAND_PASSAGES, pa.array(pids, pa.list_(pa.string())))
+                .append_column(S.CAND_STARTS, pa.array(starts, pa.list_(pa.int64())))
+                .append_column(S.CAND_ENDS, pa.array(ends, pa.list_(pa.int64())))
                 .append_column(S.RETRIEVE_SECONDS, pa.array([seconds] * len(batch), pa.float64()))
                 .append_column(S.RETRIEVE_NODE, pa.array([self.node] * len(batch), pa.string())))

@@ -120,6 +120,8 @@ class Scorer:
         queries = batch[S.QUERY].to_pylist()
         cand_ids, cand_texts = batch[S.CAND_IDS].to_pylist(), batch[S.CAND_TEXTS].to_pylist()
         cand_scores = batch[S.CAND_SCORES].to_pylist()
+        passages = [batch[c].to_pylist() for c in (S.CAND_PASSAGES, S.CAND_STARTS, S.CAND_ENDS)] \
+            if S.CAND_PASSAGES in batch.column_names else [[[None] * len(ids) for ids in cand_ids]] * 3
         if self.cache is None:
             flat = self.predict([(q, t) for q, texts in zip(queries, cand_texts) for t in texts])
             fresh: list[list[tuple[str, str, str, float]]] = [[] for _ in queries]
@@ -128,8 +130,9 @@ class Scorer:
             flat, fresh = self._cached_scores(queries, cand_ids, cand_texts)
             scored = [len(f) for f in fresh]
         doc_ids, scores, ce_scores, r_scores, r_ranks = [], [], [], [], []
+        kept_passages: list[list[list]] = [[], [], []]  # passage ids, starts, ends of the kept documents
         offset = 0
-        for ids, retrieval in zip(cand_ids, cand_scores):
+        for q, (ids, retrieval) in enumerate(zip(cand_ids, cand_scores)):
             ce = flat[offset:offset + len(ids)]
             offset += len(ids)
             final = ce if self.fusion_weight is None else blend(ce, retrieval, self.fusion_weight).astype(np.float32)
@@ -139,8 +142,11 @@ class Scorer:
             ce_scores.append(ce[keep].tolist())
             r_scores.append([retrieval[i] for i in keep])
             r_ranks.append((keep + 1).tolist())
+            for out_list, values in zip(kept_passages, passages):
+                out_list.append([values[q][i] for i in keep])
         seconds = (time.perf_counter() - start) / max(len(batch), 1)
-        out = batch.drop_columns([S.CAND_IDS, S.CAND_TEXTS, S.CAND_SCORES])
+        out = batch.drop_columns([c for c in (S.CAND_IDS, S.CAND_TEXTS, S.CAND_SCORES, S.CAND_PASSAGES, S.CAND_STARTS,
+                                              S.CAND_ENDS) if c in batch.column_names])
         strings = pa.list_(pa.string())
         columns = {
             S.DOC_IDS: pa.array(doc_ids, strings),
@@ -148,6 +154,9 @@ class Scorer:
             S.RETRIEVAL_SCORES: pa.array(r_scores, pa.list_(pa.float32())),
             S.RETRIEVAL_RANKS: pa.array(r_ranks, pa.list_(pa.int32())),
             S.CROSS_ENCODER_SCORES: pa.array(ce_scores, pa.list_(pa.float32())),
+            S.PASSAGE_IDS: pa.array(kept_passages[0], strings),
+            S.PASSAGE_STARTS: pa.array(kept_passages[1], pa.list_(pa.int64())),
+            S.PASSAGE_ENDS: pa.array(kept_passages[2], pa.list_(pa.int64())),
             S.FUSION_WEIGHT: pa.array([self.fusion_weight] * len(batch), pa.float32()),
             S.CANDIDATES: pa.array([len(ids) for ids in cand_ids], pa.int32()),
             S.SCORE_SECONDS: pa.array([seconds] * len(batch), pa.float64()),

@@ -163,8 +163,17 @@ class Store:
         rows = self.scan(table, [S.MODEL], limit=1)
         return rows[S.MODEL][0].as_py()
 
+    def passages_settings(self) -> str | None:
+        """How the passages table's documents became passages (``passage_settings`` of its first row); None for a
+        new or empty table, or one built before documents were split into passages."""
+        table = self.open(self.cfg.passages_table)
+        if table is None or S.PASSAGE_SETTINGS not in table.schema.names or table.count_rows() == 0:
+            return None
+        return self.scan(table, [S.PASSAGE_SETTINGS], limit=1)[S.PASSAGE_SETTINGS][0].as_py()
+
     def content_hashes(self) -> dict[str, str]:
-        """{id: content hash} of every passage (empty when there is no table): what a rerun need not embed."""
+        """{document id: content hash} of every passage's document (empty when there is no table): what a rerun need
+        not embed."""
         rows = self.scan(self.cfg.passages_table, [S.ID, S.CONTENT_HASH])
         if rows is None:
             return {}

@@ -114,10 +114,12 @@ def drop_dead_staging(store, table: str) -> list[str]:
 
 
 def commit_passages(store, staged: StagedTable | None, run_id: str, *, deletes: list[str] = (),
-                    replace: bool = False) -> int:
+                    replace: bool = False, replaced: list[str] = ()) -> int:
     """Publish a run's changes to ``passages`` in one commit; return the new version (tagged ``run_id``).
 
-    Staged rows are upserted by id and ``deletes`` removed in the same ``merge_insert``; with ``replace``
+    Staged passages are upserted by ``passage_id``; the documents of ``deletes`` removed, and the passages of
+    ``replaced`` documents (changed ones) that the staged rows do not hold (the document got shorter), in the same
+    ``merge_insert``; with ``replace``
     (a model change) the staged rows become the whole table, in one overwrite commit, so readers see the
     old model's vectors or the new one's, never a mix, and older versions stay readable."""
     name = store.cfg.passages_table
@@ -132,12 +134,13 @@ def commit_passages(store, staged: StagedTable | None, run_id: str, *, deletes: 
             check_compatible(store, table.schema, staged.schema)
         else:  # deletions only: an empty source with the table's own schema
             source = pa.RecordBatchReader.from_batches(table.schema, iter(()))
-        merge = (table.merge_insert(S.ID)
+        merge = (table.merge_insert(S.PASSAGE_ID)
                  .when_matched_update_all(where=f"target.{S.CONTENT_HASH} != source.{S.CONTENT_HASH} "
                                                 f"OR target.{S.CONTENT_HASH} IS NULL")
                  .when_not_matched_insert_all())
-        if deletes:
-            merge = merge.when_not_matched_by_source_delete(f"{S.ID} IN ({sql_strings(deletes)})")
+        gone = sorted({*deletes, *replaced})
+        if gone:
+            merge = merge.when_not_matched_by_source_delete(f"{S.ID} IN ({sql_strings(gone)})")
         merge.execute(source)
     version = table.version
     table.tags.create(run_id, version)

@@ -130,13 +130,16 @@ def ensure_indexes(store, index_cfg) -> dict[str, Any]:
             table.to_lance().update_config({ANN_MERGED: str(changed)})
         else:
             done["ann"] = {"type": kind, "built": False, "reason": "up to date"}
-    id_ix = existing.get(f"{S.ID}_idx")
-    if id_ix is None:  # lookups join documents by id
-        from lancedb.index import BTree
+    for key in (S.ID, S.PASSAGE_ID):  # lookups join passages by id; commits merge by passage id
+        if key not in table.schema.names:
+            continue
+        key_ix = existing.get(f"{key}_idx")
+        if key_ix is None:
+            from lancedb.index import BTree
 
-        table.create_index(S.ID, config=BTree(), replace=True)
-    elif unindexed(table, id_ix.name):
-        increments.append(id_ix.name)
+            table.create_index(key, config=BTree(), replace=True)
+        elif unindexed(table, key_ix.name):
+            increments.append(key_ix.name)
     if index_cfg.fts.enabled:
         from lancedb.index import FTS
 

@@ -1,0 +1,135 @@
+"""ONNX Runtime sessions for exported models (``pipelines/models/onnx.py`` exports them): ``OnnxBiEncoder.encode``
+and ``OnnxCrossEncoder.predict``, batched by padded tokens like the torch backend.
+
+Example::
+
+    model = OnnxBiEncoder(export("all-MiniLM-L6-v2", "bi-encoder", quantize=True), threads=2)
+    vectors = model.encode(["vitamin d and bone density"], normalize_embeddings=True)
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+log = logging.getLogger(__name__)
+
+
+def ort_session(path: Path, threads: int | None):
+    import onnxruntime as ort
+
+    opts = ort.SessionOptions()
+    opts.intra_op_num_threads = max(1, int(threads or os.cpu_count() or 1))
+    opts.inter_op_num_threads = 1
+    opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    return ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
+
+
+class _Session:
+    """An ONNX Runtime session, its tokenizer and metadata."""
+
+    def __init__(self, folder: Path, threads: int | None):
+        from transformers import AutoTokenizer
+
+        self.meta = json.loads((folder / "meta.json").read_text())
+        self.inputs: list[str] = list(self.meta["inputs"])
+        self.tokenizer = AutoTokenizer.from_pretrained(str(folder))
+        self.session = ort_session(folder / "model.onnx", threads)
+
+    def runner(self, length: int, token_budget: int, prepare, finish, pairs: bool):
+        from pipelines.models.batching import BatchRunner, token_counter
+
+        def forward(feeds):
+            return finish(self.session.run(None, {n: feeds[n] for n in self.inputs})[0], feeds)
+
+        return BatchRunner(lengths=token_counter(self.tokenizer, length, pairs=pairs), prepare=prepare,
+                           forward=forward, token_budget=token_budget)
+
+    def feeds(self, *texts, max_length: int) -> dict[str, np.ndarray]:
+        """The graph's inputs for ``texts`` (one list, or two for pairs), and the attention mask for pooling."""
+        encoded = self.tokenizer(*texts, padding=True, truncation=True, max_length=max_length, return_tensors="np",
+                                 return_token_type_ids="token_type_ids" in self.inputs)
+        return {n: np.asarray(encoded[n], dtype=np.int64) for n in {*self.inputs, "attention_mask"}}
+
+
+class OnnxBiEncoder:
+    """``encode`` like ``SentenceTransformer.encode`` (numpy out), on an exported model; ``prompts`` and
+    ``default_prompt_name`` are the model's."""
+
+    device = "cpu"
+
+    def __init__(self, folder: Path, *, threads: int | None = None, max_seq_length: int | None = None,
+                 batch_tokens: int = 4096):
+        self._s = _Session(folder, threads)
+        self.max_seq_length = max_seq_length or self._s.meta["max_seq_length"]
+        self.normalize = bool(self._s.meta["normalize"])
+        self.prompts: dict[str, str] = dict(self._s.meta.get("prompts") or {})
+        self.default_prompt_name: str | None = self._s.meta.get("default_prompt_name")
+        self.runner = self._s.runner(self.max_seq_length, batch_tokens, self._tokenize, self._finish, pairs=False)
+
+    def get_embedding_dimension(self) -> int:
+        return int(self._s.meta["dim"])
+
+    def _tokenize(self, batch):
+        return self._s.feeds(batch, max_length=self.max_seq_length)
+
+    def _finish(self, hidden, feeds):
+        pooling = self._s.meta["pooling"]
+        mask = feeds["attention_mask"][..., None].astype(np.float32)
+        if pooling == "cls":
+            emb = hidden[:, 0]
+        elif pooling == "max":
+            emb = np.where(mask > 0, hidden, -np.inf).max(axis=1)
+        else:
+            emb = (hidden * mask).sum(axis=1) / np.clip(mask.sum(axis=1), 1e-9, None)
+        if self.normalize:
+            emb = emb / np.clip(np.linalg.norm(emb, axis=1, keepdims=True), 1e-12, None)
+        return emb.astype(np.float32)
+
+    def encode(self, texts: list[str], normalize_embeddings: bool = False, convert_to_tensor: bool = False,
+               prompt: str | None = None, prompt_name: str | None = None, **_: Any):
+        """One float32 row per text. ``prompt`` is prepended to every text; without it, the model's prompt named
+        ``prompt_name``, else its default prompt (``SentenceTransformer.encode``'s rule; ``prompt=""`` for none)."""
+        from pipelines.models.batching import encode_output
+
+        if prompt is None and prompt_name is not None:
+            if prompt_name not in self.prompts:
+                raise ValueError(f"prompt_name {prompt_name!r} is not one of this model's prompts "
+                                 f"{sorted(self.prompts)}; pass prompt= or a known name")
+            prompt = self.prompts[prompt_name]
+        elif prompt is None and self.default_prompt_name is not None:
+            prompt = self.prompts.get(self.default_prompt_name)
+        if prompt:
+            texts = [prompt + text for text in texts]
+        self.normalize = bool(self._s.meta["normalize"]) or normalize_embeddings
+        return encode_output(self.runner, texts, self.get_embedding_dimension(), convert_to_tensor)
+
+
+class OnnxCrossEncoder:
+    """``predict`` like ``CrossEncoder.predict`` (one label, activation applied), on an exported model."""
+
+    device = "cpu"
+
+    def __init__(self, folder: Path, *, threads: int | None = None, max_length: int | None = None,
+                 batch_tokens: int = 4096):
+        self._s = _Session(folder, threads)
+        self.num_labels = self._s.meta["num_labels"]
+        self.max_length = max_length or self._s.meta["max_length"]
+        self.sigmoid = self._s.meta["activation"] == "Sigmoid"
+        self.runner = self._s.runner(self.max_length, batch_tokens, self._tokenize, self._finish, pairs=True)
+
+    def _tokenize(self, batch):
+        return self._s.feeds([p[0] for p in batch], [p[1] for p in batch], max_length=self.max_length)
+
+    def _finish(self, logits, _feeds):
+        scores = logits[:, 0].astype(np.float32)
+        return 1.0 / (1.0 + np.exp(-scores)) if self.sigmoid else scores
+
+    def predict(self, pairs: list[tuple[str, str]], **_: Any) -> np.ndarray:
+        out = self.runner.run([(a, b) for a, b in pairs])
+        return np.zeros(0, np.float32) if out is None else out.astype(np.float32)
