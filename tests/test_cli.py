@@ -50,7 +50,8 @@ def test_job_with_missing_corpus_exits_1_with_the_path(tmp_path):
 def test_search_hybrid_prints_the_fusion_of_the_vector_and_full_text_lists(tmp_path, make_config, tiny_model):
     """`batchrank search --source hybrid` on passages written in-process (no Ray): its hits are exactly the
     reciprocal-rank fusion (1 / (60 + rank), summed) of the vector hits, which match an exact search recomputed
-    here, and the full-text hits, best first; the plain output lists the same documents."""
+    here, and the full-text hits, best first; the plain output lists the same documents. At document level the
+    fusion ranks k x retrieve.passage_hits passages of each list (one passage per document here)."""
     import json
 
     import numpy as np
@@ -70,21 +71,22 @@ def test_search_hybrid_prints_the_fusion_of_the_vector_and_full_text_lists(tmp_p
     path = tmp_path / "job.yaml"
     path.write_text(yaml.safe_dump(cfg.model_dump(mode="json")))
 
-    def search(source: str, *extra: str) -> str:
-        result = CliRunner().invoke(app, ["search", "--config", str(path), query, "-k", str(k), "--source", source,
+    def search(source: str, *extra: str, n: int = k) -> str:
+        result = CliRunner().invoke(app, ["search", "--config", str(path), query, "-k", str(n), "--source", source,
                                           *extra])
         assert result.exit_code == 0, result.output
         return result.stdout
 
-    def hits(source: str) -> list[dict]:
-        return [json.loads(line) for line in search(source, "--json").splitlines() if line.startswith("{")]
+    def hits(source: str, n: int = k) -> list[dict]:
+        return [json.loads(line) for line in search(source, "--json", n=n).splitlines() if line.startswith("{")]
 
-    vector, fts, hybrid = hits("vector"), hits("fts"), hits("hybrid")
+    deep = k * cfg.retrieve.passage_hits  # what the hybrid search fuses
+    vector, fts, hybrid = hits("vector", deep), hits("fts", deep), hits("hybrid")
     model = SentenceTransformer(tiny_model, device="cpu")
     doc_vecs = model.encode([f"{d['title']} {d['text']}" for d in docs], normalize_embeddings=True)
-    exact = np.argsort(-(doc_vecs @ model.encode([query], normalize_embeddings=True)[0]), kind="stable")[:k]
+    exact = np.argsort(-(doc_vecs @ model.encode([query], normalize_embeddings=True)[0]), kind="stable")[:deep]
     assert [h["id"] for h in vector] == [docs[i]["_id"] for i in exact]
-    assert len(fts) == k and all({"cancer", "risk", "11"} & set(h["text"].split()) for h in fts)
+    assert len(fts) == deep and all({"cancer", "risk", "11"} & set(h["text"].split()) for h in fts[:k])
     assert {h["id"] for h in vector} != {h["id"] for h in fts}  # two different lists: the fusion is not trivial
 
     fused: dict[str, float] = {}

@@ -85,7 +85,9 @@ class CandidateSearch:
 
     ``level`` ``document`` (on a table of passages): candidates are documents, each the row of its best passage (a
     document scores the max over its passages); ``k x passage_hits`` passages are fetched, deeper for a query whose
-    hits hold fewer than k documents (``deepen``). ``passage``: candidates are passages. The ``id`` column is always
+    hits hold fewer than k documents (``deepen``). Hybrid fuses the two passage lists by rank first, then takes
+    each document's best fused passage (measured on SciFact and its long variant: better than fusing the two
+    document lists, 0.7089 against 0.7066 and 0.6947 against 0.6833 nDCG@10). ``passage``: candidates are passages. The ``id`` column is always
     the document's id; ``passage_id`` and its offsets name the passage.
 
     Shared by the rerank job, the eval job and hard-negative mining, so that all three see the same candidates.
@@ -108,7 +110,7 @@ class CandidateSearch:
         self.columns = list(dict.fromkeys([S.ID, *columns, *passage_columns]))
         self.by_doc = level == "document" and self.has_passages
         self.fetch = k * passage_hits if self.by_doc else k
-        self.key = S.PASSAGE_ID if self.has_passages and not self.by_doc else S.ID  # what fusion counts
+        self.key = S.PASSAGE_ID if self.has_passages else S.ID  # what hybrid fusion ranks: passages
         self.total = table.count_rows() if self.by_doc else 0
         self.method, self.method_reason, self.matrix = None, "full-text search only", None
         if source != "fts":
@@ -139,7 +141,14 @@ class CandidateSearch:
             return self.vector(vectors)
         if self.source == "fts":
             return self.fts(texts)
-        return [self._fuse(v, f) for v, f in zip(self.vector(vectors), self.fts(texts))]
+        if not self.by_doc:
+            return [self._fuse(v, f, self.k) for v, f in zip(self._vector(vectors, self.k), self._fts(texts, self.k))]
+
+        def fused(rows, depth: int) -> list[pa.Table]:  # passages fused by rank, then each document's best
+            v, f = self._vector(vectors[rows], depth), self._fts([texts[i] for i in rows], depth)
+            return [self._fuse(a, b, None) for a, b in zip(v, f)]
+
+        return deepen(fused(np.arange(len(texts)), self.fetch), self.fetch, self.k, self.total, fused)
 
     def vector(self, vectors: np.ndarray) -> list[pa.Table]:
         hits = self._vector(vectors, self.fetch)
@@ -185,10 +194,11 @@ class CandidateSearch:
 
         return list(self.pool.map(one, texts))
 
-    def _fuse(self, vec: pa.Table, fts: pa.Table) -> pa.Table:
+    def _fuse(self, vec: pa.Table, fts: pa.Table, limit: int | None) -> pa.Table:
         from pipelines.rerank.fusion import rrf
 
-        fused = rrf([vec[self.key].to_pylist(), fts[self.key].to_pylist()], k=self.rrf_k, limit=self.k)
+        fused = rrf([vec[self.key].to_pylist(), fts[self.key].to_pylist()], k=self.rrf_k,
+                    limit=limit or vec.num_rows + fts.num_rows)
         both = pa.concat_tables([vec.select(self.columns), fts.select(self.columns)])
         first = {}
         for i, doc in enumerate(both[self.key].to_pylist()):
