@@ -69,7 +69,7 @@ class CorpusConfig(_Section):
                                 "are deleted; changes: a change feed of new, changed and deleted documents")
     deleted_field: str = Field("deleted", description="changes mode: a row whose field is true deletes its id")
     max_delete_fraction: float = Field(0.5, ge=0, le=1, description="snapshot mode: refuse a run that would delete "
-                                                                    "more than this share of passages (a truncated "
+                                                                    "more than this share of documents (a truncated "
                                                                     "snapshot); 1 allows any")
     delete_despite_unreadable: bool = Field(
         False, description="snapshot mode: when some input rows or files could not be read (no id to be had), a "
