@@ -77,6 +77,19 @@ class PooledStage:
         return ActorPool(self.actors, self.cpus_per_actor, self.gpus_per_actor)
 
 
+class ModelStage(PooledStage, _Section):
+    """The settings shared by the two model stages (the bi-encoder's ``embed`` and the cross-encoder's ``rerank``):
+    their actor pool, where and at what precision the model runs, and its backend."""
+
+    actors: Actors = 2
+    cpus_per_actor: CpusPerActor = 1.0
+    gpus_per_actor: GpusPerActor = 0.0
+    device: Device = "auto"
+    dtype: Dtype = "auto"
+    backend: Backend = "torch"
+    trust_remote_code: bool = False
+
+
 # Fixes for the commonest mistakes, keyed by dotted path; the generic message names the key anyway.
 _HINTS = {
     "embed.batch_size": "lower it if the device runs out of memory; 16 is fastest on small CPUs",

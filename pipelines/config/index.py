@@ -7,7 +7,7 @@ from typing import Literal
 
 from pydantic import Field, field_validator, model_validator
 
-from pipelines.config.base import Actors, Backend, CpusPerActor, Device, Dtype, GpusPerActor, PooledStage, _Section
+from pipelines.config.base import ModelStage, _Section
 
 CorpusFormat = Literal["auto", "jsonl", "parquet", "csv", "lance"]
 MetadataType = Literal["string", "int", "float", "bool"]
@@ -89,7 +89,7 @@ class CorpusConfig(_Section):
         return v
 
 
-class EmbedConfig(PooledStage, _Section):
+class EmbedConfig(ModelStage):
     model: str = "all-MiniLM-L6-v2"
     input_fields: list[str] = Field(default_factory=lambda: ["title", "text"], min_length=1)
     separator: str = " "
@@ -101,15 +101,8 @@ class EmbedConfig(PooledStage, _Section):
     local_max_rows: int = Field(500, ge=0, description="an incremental run with at most this many new or changed "
                                                        "documents embeds them on the driver (starting the actor "
                                                        "pool would cost more); 0: always the actors")
-    actors: Actors = 2
-    cpus_per_actor: CpusPerActor = 1.0
-    gpus_per_actor: GpusPerActor = 0.0
-    device: Device = "auto"
-    dtype: Dtype = "auto"
-    backend: Backend = "torch"
     max_seq_length: int | None = Field(None, gt=0)
     normalize: bool = True
-    trust_remote_code: bool = False
     query_prompt: str | None = Field(
         "auto", description="what queries are prefixed with (rerank retrieval, eval, search, training): a prompt "
                             "name from the model's configuration, or a literal string; auto: the model's own "

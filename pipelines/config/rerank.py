@@ -8,7 +8,7 @@ from typing import Annotated, Literal
 
 from pydantic import Field, model_validator
 
-from pipelines.config.base import Actors, Backend, CpusPerActor, Device, Dtype, GpusPerActor, Lax, PooledStage, _Section
+from pipelines.config.base import Actors, CpusPerActor, GpusPerActor, Lax, ModelStage, PooledStage, _Section
 
 
 class NormalizeConfig(_Section):
@@ -90,7 +90,7 @@ class FusionConfig(_Section):
     cross_encoder: float = Field(..., ge=0, le=1, description="weight w of the cross-encoder's score")
 
 
-class RerankConfig(PooledStage, _Section):
+class RerankConfig(ModelStage):
     model: str = Field(..., description="sentence-transformers CrossEncoder name or path")
     top_n: int = Field(20, gt=0, description="ranked documents kept per query")
     input_fields: list[Literal["title", "text"]] = Field(default_factory=lambda: ["title", "text"], min_length=1)
@@ -101,13 +101,6 @@ class RerankConfig(PooledStage, _Section):
                              "device's default, 4096 on CPU and 65536 on GPU; null: batches of batch_size rows)")
     max_length: int | None = Field(None, gt=0, description="tokens per (query, document) pair; default: the model's")
     queries_per_call: int = Field(4, gt=0, description="queries whose candidates are scored in one call")
-    actors: Actors = 2
-    cpus_per_actor: CpusPerActor = 1.0
-    gpus_per_actor: GpusPerActor = 0.0
-    device: Device = "auto"
-    dtype: Dtype = "auto"
-    backend: Backend = "torch"
-    trust_remote_code: bool = False
     carry_over: bool = Field(True, description="a query ranked by the previous run on the same passages version "
                                                "with the same settings keeps that ranking (no retrieval, no "
                                                "scoring); its count and last_seen are updated")
