@@ -215,7 +215,8 @@ def test_onnx_refuses_a_graph_that_differs_from_torch(built, monkeypatch):
 
 
 def test_token_batched_cross_encoder_applies_the_default_prompt_as_predict(built):
-    """``CrossEncoder.predict`` prepends the model's default prompt; the jobs' token-batched scorer must too."""
+    """``CrossEncoder.predict`` prepends the model's default prompt to the query; the jobs' scorers (torch
+    token-batched, ONNX) must too."""
     from sentence_transformers import CrossEncoder
 
     path, _ = built.get("bert", "cross")
@@ -225,5 +226,7 @@ def test_token_batched_cross_encoder_applies_the_default_prompt_as_predict(built
     model.save(prompted)
     want = CrossEncoder(prompted, device="cpu").predict(PAIRS)
     assert np.abs(want - CrossEncoder(path, device="cpu").predict(PAIRS)).max() > 1e-4  # the prompt matters
-    got = load_cross_encoder(prompted, device="cpu", dtype="float32", batch_tokens=0).predict(PAIRS)
-    assert np.abs(got - want).max() <= 1e-4 * (want.max() - want.min())
+    for backend in ("torch", "onnx"):
+        got = load_cross_encoder(prompted, device="cpu", dtype="float32", backend=backend,
+                                 batch_tokens=0).predict(PAIRS)
+        assert np.abs(got - want).max() <= 1e-4 * (want.max() - want.min()), backend

@@ -53,7 +53,7 @@ from pipelines.models.onnx_runtime import OnnxBiEncoder, OnnxCrossEncoder, ort_s
 log = logging.getLogger(__name__)
 BACKENDS = ("torch", "onnx", "onnx-int8")
 OPSET = 17
-FORMAT = 2  # the export's files and meta; bump on any change so that older cached exports are made again
+FORMAT = 3  # the export's files and meta; bump on any change so that older cached exports are made again
 MODEL_INPUTS = ("input_ids", "attention_mask", "token_type_ids")
 CHECK_TOKENS = 256  # the export check's longest input, whatever the model's own limit
 
@@ -244,13 +244,18 @@ def _export_cross_encoder(resolved: str, work: Path, trust_remote_code: bool, re
     from sentence_transformers import CrossEncoder
 
     ce = CrossEncoder(resolved, device="cpu", trust_remote_code=trust_remote_code)
+    if ce.num_labels != 1:  # before the export: the torch backend refuses it too
+        raise ValueError(f"cross-encoder '{resolved}' has {ce.num_labels} labels; reranking needs one relevance "
+                         "score per pair (num_labels=1): use a reranker model, or train one with "
+                         "`batchrank train-reranker`")
     activation = type(ce.activation_fn).__name__
     if activation not in ("Sigmoid", "Identity"):
         raise refuse(f"the ONNX backend applies a Sigmoid or Identity activation, not {activation}")
     inputs = _export_checked(ce.model, ce.tokenizer, (["a query", "q"], ["a document", "another document text"]),
                              CHECK_PAIRS, work, "logits", refuse, ce.max_seq_length)
+    name = getattr(ce, "default_prompt_name", None)  # CrossEncoder.predict prepends it to the query
     return {"kind": "cross-encoder", "inputs": inputs, "activation": activation, "num_labels": ce.num_labels,
-            "max_length": ce.max_seq_length}
+            "max_length": ce.max_seq_length, "prompt": (getattr(ce, "prompts", None) or {}).get(name) if name else None}
 
 
 def _quantize(path: Path) -> None:

@@ -111,13 +111,15 @@ class OnnxBiEncoder:
 
 
 class OnnxCrossEncoder:
-    """``predict`` like ``CrossEncoder.predict`` (one label, activation applied), on an exported model."""
+    """``predict`` like ``CrossEncoder.predict`` (one label, activation applied, the model's default prompt
+    prepended to the query), on an exported model."""
 
     device = "cpu"
 
     def __init__(self, folder: Path, *, threads: int | None = None, max_length: int | None = None,
                  batch_tokens: int = 4096):
         self._s = _Session(folder, threads)
+        self.prompt: str = self._s.meta.get("prompt") or ""
         self.num_labels = self._s.meta["num_labels"]
         self.max_length = max_length or self._s.meta["max_length"]
         self.sigmoid = self._s.meta["activation"] == "Sigmoid"
@@ -131,5 +133,5 @@ class OnnxCrossEncoder:
         return 1.0 / (1.0 + np.exp(-scores)) if self.sigmoid else scores
 
     def predict(self, pairs: list[tuple[str, str]], **_: Any) -> np.ndarray:
-        out = self.runner.run([(a, b) for a, b in pairs])
+        out = self.runner.run([(self.prompt + a, b) for a, b in pairs])
         return np.zeros(0, np.float32) if out is None else out.astype(np.float32)
