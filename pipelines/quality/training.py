@@ -126,7 +126,8 @@ def _run(cfg, section: str, fit: Callable, report: dict, timer: Timer, force: bo
         report["passages_version"] = table.version
         report["inputs"] = {k: {"path": p, "sha256": _sha256(p)}
                             for k, p in (("queries", t.queries), ("qrels", t.qrels))}
-        report["fingerprint"] = _fingerprint(cfg, report["job"], t, store.content_fingerprint(table),
+        passages = [store.content_fingerprint(table), store.passages_settings()]  # the documents, and their passages
+        report["fingerprint"] = _fingerprint(cfg, report["job"], t, passages,
                                              report["inputs"], extra)
         previous = _previous(out, f"{section}.output")
         if previous and previous.get("fingerprint") == report["fingerprint"] and not force:
@@ -318,14 +319,15 @@ def _sha256(path: str) -> str:
         return hashlib.file_digest(fh, "sha256").hexdigest()
 
 
-def _fingerprint(cfg, job: str, t, passages_content: str, inputs: dict, extra: list) -> str:
+def _fingerprint(cfg, job: str, t, passages_content: list, inputs: dict, extra: list) -> str:
     """What the trained model depends on: the job's settings, the mining model and candidate settings, the
-    passages' content (not their version: a reindex that changed nothing must not retrain), the document text
-    fields (``extra``), the two input files."""
+    passages' content and split (not their version: a reindex that changed nothing must not retrain), the document
+    text fields (``extra``), the two input files."""
     r = cfg.retrieve
     return hashlib.sha256(json.dumps([
         job, t.model_dump(mode="json", exclude={"output"}), cfg.embed.model, cfg.embed.normalize, cfg.index.metric,
-        r.source, r.rrf_k, r.exact, passages_content, extra, [v["sha256"] for v in inputs.values()],
+        r.source, r.rrf_k, r.exact, r.level, r.passage_hits, cfg.embed.query_prompt, passages_content, extra,
+        [v["sha256"] for v in inputs.values()],
     ], sort_keys=True).encode()).hexdigest()
 
 
