@@ -24,8 +24,9 @@ def encoder(tiny_model) -> str:
     return tiny_model
 
 
-def build_passages(cfg, docs: list[dict], model: str, run_id: str = "test-index") -> None:
-    """The passages table as `batchrank index` would write it, embedded in-process (no Ray)."""
+def build_passages(cfg, docs: list[dict], model: str, run_id: str = "test-index", *, replace: bool = False) -> None:
+    """The passages table as `batchrank index` would write it, embedded in-process (no Ray); ``replace``: as a
+    rebuild writes it (one overwrite)."""
     from sentence_transformers import SentenceTransformer
 
     encoder = SentenceTransformer(model, device="cpu")
@@ -42,7 +43,7 @@ def build_passages(cfg, docs: list[dict], model: str, run_id: str = "test-index"
     staged = store.stage(cfg.storage.passages_table, run_id, S.passages_schema({}, dim))
     staged.add(rows)
     try:
-        store.commit_passages(staged, run_id)
+        store.commit_passages(staged, run_id, replace=replace)
     finally:
         staged.drop()
 
@@ -272,6 +273,12 @@ def test_rerun_is_cached_until_forced_or_changed(cfg, monkeypatch):
     cfg.train.seed += 1
     changed = train.run(cfg)
     assert changed["status"] == "succeeded" and changed["fingerprint"] != first["fingerprint"]
+    monkeypatch.setattr(train, "_fit", lambda *a: pytest.fail("a cached run must not train"))
+    assert train.run(cfg)["status"] == "cached"
+    cfg.chunk.overlap = 3  # the same documents split otherwise (as a rebuild would write them): mined anew
+    build_passages(cfg, good_docs(30) + good_docs(2, start=100), cfg.embed.model, "resplit", replace=True)
+    monkeypatch.setattr(train, "_fit", fake_fit)
+    assert train.run(cfg)["status"] == "succeeded"
 
 
 def test_failed_training_leaves_the_previous_reranker(cfg, monkeypatch):
