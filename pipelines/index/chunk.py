@@ -115,6 +115,8 @@ class Chunker:
         """Each title as it enters the passages' input (cut to ``title_tokens``) and its token count."""
         if "title" not in self.fields:
             return [""] * len(titles), [0] * len(titles)
+        if not self.enabled:  # whole documents: the title as it is
+            return [t or "" for t in titles], [int(bool((t or "").strip())) for t in titles]
         cut, counts = [], []
         for title, offs in zip(titles, self._tokens([t or "" for t in titles])):
             if len(offs) > self.title_tokens:
@@ -130,7 +132,9 @@ class Chunker:
         titles_in, title_counts = self._title(titles)
         with_text = "text" in self.fields
         texts = [t or "" for t in texts]
-        offsets = self._tokens(texts) if with_text else [[] for _ in texts]
+        # chunking off: no offsets needed (each document is one passage, cut by the model as before)
+        offsets = self._tokens(texts) if with_text and self.enabled else [[(0, len(t))] if t.strip() else []
+                                                                          for t in texts]
         all_spans, inputs, bad = [], [], {}
         for row, (title, n_title, text, offs) in enumerate(zip(titles_in, title_counts, texts, offsets)):
             if not with_text:
