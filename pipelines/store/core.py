@@ -83,17 +83,16 @@ class Store:
         return self.open(table, version) if isinstance(table, str) else table
 
     def passages(self, version: int | str | None = None):
-        table = self.open(self.cfg.passages_table, version)
-        if table is None:
-            raise StoreError(f"no '{self.cfg.passages_table}' table in {redact(self.cfg.uri)}; "
-                             "run `batchrank index` first")
-        return table
+        return self._required(self.cfg.passages_table, version, "batchrank index")
 
     def rankings(self, version: int | str | None = None):
-        table = self.open(self.cfg.rankings_table, version)
+        return self._required(self.cfg.rankings_table, version, "batchrank rerank")
+
+    def _required(self, name: str, version: int | str | None, job: str):
+        """Table ``name`` opened (at ``version``), or a StoreError naming the job that writes it."""
+        table = self.open(name, version)
         if table is None:
-            raise StoreError(f"no '{self.cfg.rankings_table}' table in {redact(self.cfg.uri)}; "
-                             "run `batchrank rerank` first")
+            raise StoreError(f"no '{name}' table in {redact(self.cfg.uri)}; run `{job}` first")
         return table
 
     def scan(self, table, columns: list[str] | None = None, *, where: str | None = None,
