@@ -15,6 +15,8 @@ Every step is a batchrank job run as users run it (``python -m jobs.<job> --conf
    settings; plus the *per-abstract* reference: the abstracts of step 1 (passages) retrieved as they are, each
    hit mapped to its group (a group scores its best abstract). Truncation reads only the first ~256 tokens of
    each group; passages should recover most of what it loses against the reference.
+   Hybrid candidates both ways (``retrieve.hybrid_fusion``: reciprocal rank and the convex combination, the
+   default) on the train claims, where the default was chosen, and on the test claims.
 3. **A night** on SciFact-long (passages): one group edited (its third abstract replaced by another text), one
    shortened (only its first abstract kept); ``jobs.index`` again. The table is then read: only those two
    documents' passages are new, the shortened one has none left over, every other passage is untouched.
@@ -65,7 +67,7 @@ def main() -> None:
             ev = _job("eval", cfg)
             section[setting] = {"index_seconds": ix["seconds"]["total"], "documents": ix["rows"]["written"],
                                 "rows": ix["table"]["rows"], "split": ix.get("passages_split"),
-                                "config": str(cfg), **_metrics(ev)}
+                                "config": str(cfg), **_metrics(ev), "hybrid_fusion": _fusions(cfg, coll)}
     result["sections"]["scifact_long"]["per_abstract_reference"] = _reference(
         work, _config(work, short, "scifact_passages", {}), long)
     result["night"] = _night(work, long, args.group)
@@ -155,25 +157,53 @@ def _metrics(report: dict) -> dict:
     return {v["name"]: {m: v["metrics"][m] for m in MEASURES} for v in report["variants"]}
 
 
-def _reference(work: Path, abstracts_cfg: Path, long: Path) -> dict:
-    """The per-abstract figure for SciFact-long: abstracts retrieved as they are (passages of step 1), each hit
-    mapped to its group, a group ranked at its best abstract; test claims, the same leak exclusions as eval."""
-    from pipelines.config import load_config
+def _claims(cfg, coll: Path, split: str):
+    """The judged claims of ``split``: (their ids, texts, query vectors, judgments)."""
     from pipelines.models import load_bi_encoder
     from pipelines.models.prompts import query_prompt
     from pipelines.quality.beir import read_qrels, read_queries
+
+    judgments = read_qrels(str(coll / "qrels" / f"{split}.tsv"))
+    queries = read_queries(str(coll / "queries.jsonl"))
+    judged = sorted({q for q, _, _ in judgments if q in queries})
+    texts = [queries[q] for q in judged]
+    model = load_bi_encoder(cfg.embed.model, batch_tokens=0)
+    vectors = model.encode(texts, normalize_embeddings=True, prompt=query_prompt(model, cfg.embed))
+    return judged, texts, vectors, judgments
+
+
+def _fusions(config: Path, coll: Path) -> dict:
+    """Hybrid candidates fused by reciprocal rank and by the convex combination (``retrieve.hybrid_fusion``), on
+    the train claims (where the default was chosen) and the test claims; k = 100, document level."""
+    from pipelines.config import load_config
+    from pipelines.quality.metrics import evaluate
+    from pipelines.rerank.retrieve import CandidateSearch
+    from pipelines.store import Store
+
+    cfg = load_config(config)
+    store = Store(cfg.storage)
+    out = {}
+    for split in ("train", "test"):
+        judged, texts, vectors, judgments = _claims(cfg, coll, split)
+        for fusion in ("rrf", "convex"):
+            with CandidateSearch.from_config(store, store.passages(), cfg, source="hybrid", fusion=fusion) as search:
+                hits = search(vectors, texts)
+            run = {q: {d: float(len(h) - i) for i, d in enumerate(h["id"].to_pylist())} for q, h in zip(judged, hits)}
+            out.setdefault(split, {})[fusion] = {m: round(v, 6) for m, v in evaluate(run, judgments, MEASURES).items()}
+    return out
+
+
+def _reference(work: Path, abstracts_cfg: Path, long: Path) -> dict:
+    """The per-abstract figure for SciFact-long: abstracts retrieved as they are (passages of step 1), each hit
+    mapped to its group, a group ranked at its best abstract; test claims (all judged, as ``_fusions``)."""
+    from pipelines.config import load_config
     from pipelines.quality.metrics import evaluate
     from pipelines.rerank.retrieve import CandidateSearch
     from pipelines.store import Store
 
     cfg = load_config(abstracts_cfg)
     where = json.loads((long / "groups.json").read_text())
-    judgments = read_qrels(str(long / "qrels" / "test.tsv"))
-    queries = read_queries(str(long / "queries.jsonl"))
-    judged = sorted({q for q, _, _ in judgments if q in queries})
-    texts = [queries[q] for q in judged]
-    model = load_bi_encoder(cfg.embed.model, batch_tokens=0)
-    vectors = model.encode(texts, normalize_embeddings=True, prompt=query_prompt(model, cfg.embed))
+    judged, texts, vectors, judgments = _claims(cfg, long, "test")
     store = Store(cfg.storage)
     out = {}
     for source in ("vector", "hybrid"):
@@ -243,6 +273,16 @@ def _print(result: dict) -> None:
             v, h = r["vector"], r["hybrid"]
             print(f"| {name} | {setting} | {r['rows']:,} | {r['index_seconds']:.0f} | {v['ndcg@10']:.4f} | "
                   f"{v['recall@100']:.4f} | {h['ndcg@10']:.4f} | {h['recall@100']:.4f} |")
+    print("\n| collection | setting | hybrid fusion | train nDCG@10 | test nDCG@10 | test R@100 |")
+    print("|---|---|---|---|---|---|")
+    for name, section in result["sections"].items():
+        for setting, r in section.items():
+            for fusion in ("rrf", "convex"):
+                tr, te = r.get("hybrid_fusion", {}).get("train", {}).get(fusion), r.get("hybrid_fusion", {}).get(
+                    "test", {}).get(fusion)
+                if tr and te:
+                    print(f"| {name} | {setting} | {fusion} | {tr['ndcg@10']:.4f} | {te['ndcg@10']:.4f} | "
+                          f"{te['recall@100']:.4f} |")
     n = result["night"]
     print(f"\nnight: {n['documents']}, {n['passages_written']} passages written in {n['index_seconds']:.0f} s; new "
           f"passages belong to {n['new_passages_belong_to']} (expected {n['expected']}); shortened document now "

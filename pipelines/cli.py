@@ -134,8 +134,8 @@ def search(
     query: Annotated[str, typer.Argument(help="text to search for")],
     config: ConfigOpt,
     k: Annotated[int, typer.Option("-k", min=1, help="number of results")] = 10,
-    source: Annotated[str, typer.Option("--source", help="vector, fts (BM25) or hybrid (both, fused by reciprocal "
-                                                          "rank)")] = "vector",
+    source: Annotated[str, typer.Option("--source", help="vector, fts (BM25) or hybrid (both, fused as "
+                                                          "retrieve.hybrid_fusion says)")] = "vector",
     exact: Annotated[bool, typer.Option("--exact", help="exact search, bypassing the ANN index")] = False,
     as_json: Annotated[bool, typer.Option("--json", help="print JSON lines")] = False,
 ) -> None:

@@ -49,7 +49,7 @@ def test_job_with_missing_corpus_exits_1_with_the_path(tmp_path):
 
 def test_search_hybrid_prints_the_fusion_of_the_vector_and_full_text_lists(tmp_path, make_config, tiny_model):
     """`batchrank search --source hybrid` on passages written in-process (no Ray): its hits are exactly the
-    reciprocal-rank fusion (1 / (60 + rank), summed) of the vector hits, which match an exact search recomputed
+    convex fusion (0.5 x min-max scaled score of each list, summed) of the vector hits, which match an exact search recomputed
     here, and the full-text hits, best first; the plain output lists the same documents. At document level the
     fusion ranks k x retrieve.passage_hits passages of each list (one passage per document here)."""
     import json
@@ -89,10 +89,12 @@ def test_search_hybrid_prints_the_fusion_of_the_vector_and_full_text_lists(tmp_p
     assert len(fts) == deep and all({"cancer", "risk", "11"} & set(h["text"].split()) for h in fts[:k])
     assert {h["id"] for h in vector} != {h["id"] for h in fts}  # two different lists: the fusion is not trivial
 
-    fused: dict[str, float] = {}
-    for ranked in ([h["id"] for h in vector], [h["id"] for h in fts]):
-        for rank, doc in enumerate(ranked, 1):
-            fused[doc] = fused.get(doc, 0.0) + 1 / (60 + rank)
+    def scaled(hits: list[dict]) -> dict[str, float]:  # min-max over the list
+        lo, hi = min(h["score"] for h in hits), max(h["score"] for h in hits)
+        return {h["id"]: (h["score"] - lo) / (hi - lo) for h in hits}
+
+    v, f = scaled(vector), scaled(fts)
+    fused = {d: 0.5 * v.get(d, 0.0) + 0.5 * f.get(d, 0.0) for d in [*v, *(d for d in f if d not in v)]}
     expected = sorted(fused.items(), key=lambda item: -item[1])[:k]  # stable: the vector side's order breaks ties
     assert [h["id"] for h in hybrid] == [d for d, _ in expected], (hybrid, expected)
     assert np.allclose([h["score"] for h in hybrid], [s for _, s in expected], rtol=1e-6)
@@ -103,3 +105,14 @@ def test_search_hybrid_prints_the_fusion_of_the_vector_and_full_text_lists(tmp_p
     lines = search("hybrid").splitlines()  # the plain listing: rank, score, [id] title
     assert [line.split("[", 1)[1].split("]", 1)[0] for line in lines] == [h["id"] for h in hybrid]
     assert lines[0].split()[:2] == ["1.", f"{hybrid[0]['score']:.4f}"]
+
+    path.write_text(yaml.safe_dump(cfg.model_dump(mode="json") | {  # reciprocal rank instead: 1 / (60 + rank)
+        "retrieve": {**cfg.retrieve.model_dump(mode="json"), "hybrid_fusion": "rrf"}}))
+    rrf: dict[str, float] = {}
+    for ranked in ([h["id"] for h in vector], [h["id"] for h in fts]):
+        for rank, doc in enumerate(ranked, 1):
+            rrf[doc] = rrf.get(doc, 0.0) + 1 / (60 + rank)
+    expected = sorted(rrf.items(), key=lambda item: -item[1])[:k]
+    by_rank = hits("hybrid")
+    assert [h["id"] for h in by_rank] == [d for d, _ in expected]
+    assert np.allclose([h["score"] for h in by_rank], [s for _, s in expected], rtol=1e-6)

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from pipelines.config import parse_config
-from pipelines.rerank.fusion import blend, fit_weight, resolve_weight, rrf, zscore
+from pipelines.rerank.fusion import blend, convex, fit_weight, minmax, resolve_weight, rrf, zscore
 
 
 def test_reciprocal_rank_fusion_by_hand():
@@ -17,6 +17,30 @@ def test_reciprocal_rank_fusion_by_hand():
     assert fused == [("c", 0.75), ("a", 0.5), ("b", pytest.approx(1 / 3)), ("d", pytest.approx(1 / 3))]
     assert [d for d, _ in rrf([["a", "b", "c"], ["c", "d"]], k=1, limit=2)] == ["c", "a"]
     assert rrf([[], []]) == []
+
+
+def test_convex_fusion_by_hand():
+    assert minmax([3.0, 1.0, 2.0]).tolist() == [1.0, 0.0, 0.5] and minmax([2.0, 2.0]).tolist() == [1.0, 1.0]
+    vector, bm25 = (["a", "b", "c"], [0.9, 0.7, 0.5]), (["c", "d"], [12.0, 4.0])
+    # a: 0.8 x 1; b: 0.8 x 0.5; c: 0.8 x 0 + 0.2 x 1; d: 0.2 x 0
+    fused = convex([vector, bm25], [0.8, 0.2])
+    assert [d for d, _ in fused] == ["a", "b", "c", "d"]
+    assert [s for _, s in fused] == pytest.approx([0.8, 0.4, 0.2, 0.0])
+    assert convex([vector, bm25], [0.8, 0.2], limit=2) == fused[:2] and convex([([], []), ([], [])], [0.5, 0.5]) == []
+    assert [d for d, _ in convex([vector, bm25], [0.0, 1.0])][:2] == ["c", "a"]  # BM25 alone decides, ties stable
+    with pytest.raises(ValueError, match="2 lists but 1 weights"):
+        convex([vector, bm25], [1.0])
+
+
+def test_convex_fusion_groups_passages_into_documents():
+    """Each list scores a document by its best passage; every passage comes back under its document's score,
+    the document's best passage (by its own fused score) first."""
+    groups = {"x#0": "x", "x#1": "x", "y#0": "y", "z#0": "z"}
+    vector = (["x#1", "y#0", "x#0", "z#0"], [1.0, 0.8, 0.4, 0.0])  # scaled: x#1 1, y#0 0.8, x#0 0.4, z#0 0
+    bm25 = (["x#0", "z#0"], [10.0, 0.0])                           # scaled: x#0 1, z#0 0
+    fused = convex([vector, bm25], [0.5, 0.5], groups=groups)
+    # x: 0.5 x 1 (x#1) + 0.5 x 1 (x#0) = 1.0; y: 0.4; z: 0; x#0's own (0.2 + 0.5) beats x#1's (0.5)
+    assert fused == [("x#0", 1.0), ("x#1", 1.0), ("y#0", pytest.approx(0.4)), ("z#0", 0.0)]
 
 
 def test_blend_standardises_each_side():

@@ -154,8 +154,9 @@ def test_hybrid_candidates_fusion_and_head_selection(tmp_path, setup):
     for row in rows:
         assert row["fusion_weight"] == 0.25 and row["scores"] == sorted(row["scores"], reverse=True)
         assert len(row["cross_encoder_scores"]) == len(row["doc_ids"]) == 5
-        # hybrid candidates carry reciprocal-rank-fusion scores: at most 2 / (rrf_k + 1)
-        assert all(0 < s <= 2 / 61 + 1e-6 for s in row["retrieval_scores"])
+        # hybrid candidates carry convex-fusion scores: 0.5 x min-max scaled cosine + 0.5 x scaled BM25
+        assert all(0 <= s <= 1 + 1e-6 for s in row["retrieval_scores"])
+        assert max(row["retrieval_scores"]) >= 0.5 - 1e-6  # each list's best scores 0.5 from that list alone
 
 
 def test_refusals_name_the_fix(tmp_path, setup):

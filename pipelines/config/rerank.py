@@ -56,8 +56,13 @@ CandidateSource = Literal["vector", "fts", "hybrid"]
 class RetrieveConfig(PooledStage, _Section):
     k: int = Field(100, gt=0, le=10_000, description="candidates per query")
     source: CandidateSource = Field("vector", description="vector (bi-encoder), fts (BM25) or hybrid (both, "
-                                                          "fused by reciprocal rank)")
-    rrf_k: int = Field(60, gt=0, description="reciprocal-rank fusion constant: 1 / (rrf_k + rank)")
+                                                          "fused as hybrid_fusion says)")
+    hybrid_fusion: Literal["convex", "rrf"] = Field(
+        "convex", description="hybrid: convex (vector_weight x min-max scaled cosine + (1 - vector_weight) x min-max "
+                              "scaled BM25, each over the query's hits) or rrf (reciprocal rank, rrf_k); convex was "
+                              "better on SciFact's train claims (benchmarks/passages_scifact.py)")
+    vector_weight: float = Field(0.5, ge=0, le=1, description="hybrid_fusion convex: the vector list's weight")
+    rrf_k: int = Field(60, gt=0, description="hybrid_fusion rrf: 1 / (rrf_k + rank)")
     exact: Literal["auto", "lance_flat"] | Annotated[bool, Lax] = Field(
         "auto", description="auto: exact search as an in-memory matrix product (pipelines/rerank/exact_search.py) while the "
                             "vectors fit exact_max_bytes and, with an ANN index, rows <= exact_max_rows, else ANN "

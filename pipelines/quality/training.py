@@ -326,7 +326,8 @@ def _fingerprint(cfg, job: str, t, passages_content: list, inputs: dict, extra: 
     r = cfg.retrieve
     return hashlib.sha256(json.dumps([
         job, t.model_dump(mode="json", exclude={"output"}), cfg.embed.model, cfg.embed.normalize, cfg.index.metric,
-        r.source, r.rrf_k, r.exact, r.level, r.passage_hits, cfg.embed.query_prompt, passages_content, extra,
+        r.source, r.rrf_k, r.hybrid_fusion, r.vector_weight, r.exact, r.level, r.passage_hits, cfg.embed.query_prompt,
+        passages_content, extra,
         [v["sha256"] for v in inputs.values()],
     ], sort_keys=True).encode()).hexdigest()
 

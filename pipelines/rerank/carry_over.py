@@ -51,7 +51,8 @@ def settings_key(cfg, cross_encoder_id: str, fusion_weight: float | None, passag
 
     rt, rr, e, ix = cfg.retrieve, cfg.rerank, cfg.embed, cfg.index
     settings = {"bi_encoder": e.identity, "normalize": e.normalize, "max_seq_length": e.max_seq_length,
-                "k": rt.k, "source": rt.source, "rrf_k": rt.rrf_k, "level": rt.level, "passage_hits": rt.passage_hits,
+                "k": rt.k, "source": rt.source, "rrf_k": rt.rrf_k, "hybrid_fusion": rt.hybrid_fusion,
+                "vector_weight": rt.vector_weight, "level": rt.level, "passage_hits": rt.passage_hits,
                 "query_prompt": e.query_prompt,
                 "method": configured_method(cfg, passages_version)[0],
                 "metric": ix.metric, "ann": ix.ann.model_dump(mode="json"), "fts": ix.fts.columns,

@@ -40,7 +40,8 @@ def document_text(title: str | None, text: str | None, fields, separator: str = 
 
 def search_settings(rt) -> dict[str, Any]:
     """``CandidateSearch``'s (and ``Retriever``'s) search keywords from ``rt``, the ``retrieve`` config section."""
-    return {"k": rt.k, "source": rt.source, "rrf_k": rt.rrf_k, "exact": rt.exact, "exact_max_rows": rt.exact_max_rows,
+    return {"k": rt.k, "source": rt.source, "fusion": rt.hybrid_fusion, "vector_weight": rt.vector_weight,
+            "rrf_k": rt.rrf_k, "exact": rt.exact, "exact_max_rows": rt.exact_max_rows,
             "exact_max_bytes": rt.exact_max_bytes, "threads": rt.search_threads, "level": rt.level,
             "passage_hits": rt.passage_hits}
 
@@ -81,30 +82,37 @@ class CandidateSearch:
       scan); which one is decided once here from ``exact`` (``auto``, true, false, ``lance_flat``: see
       ``exact_search.choose_method``) and kept in ``method``;
     * ``fts``: BM25 over the full-text index (``index.fts.columns``), one query per call, in threads;
-    * ``hybrid``: both lists fused by reciprocal rank (``rrf_k``); the score is the fused one.
+    * ``hybrid``: both lists fused (``fusion``): ``convex`` (default), vector_weight x min-max scaled cosine +
+      (1 - vector_weight) x min-max scaled BM25, or ``rrf``, reciprocal rank (``rrf_k``); the score is the fused one.
 
     ``level`` ``document`` (on a table of passages): candidates are documents, each the row of its best passage (a
     document scores the max over its passages); ``k x passage_hits`` passages are fetched, deeper for a query whose
-    hits hold fewer than k documents (``deepen``). Hybrid fuses the two passage lists by rank first, then takes
-    each document's best fused passage (measured on SciFact and its long variant: better than fusing the two
-    document lists, 0.7089 against 0.7066 and 0.6947 against 0.6833 nDCG@10). ``passage``: candidates are passages. The ``id`` column is always
-    the document's id; ``passage_id`` and its offsets name the passage.
+    hits hold fewer than k documents (``deepen``). Hybrid: convex scores each document by its best passage in each
+    list and fuses those (a document's row is its passage with the best fused score of its own); rrf fuses the
+    two passage lists by rank, then takes each document's best fused passage. Measured in
+    ``benchmarks/passages_scifact.py`` (SciFact and its long variant, chosen on the train claims). ``passage``:
+    candidates are passages. The ``id`` column is always the document's id; ``passage_id`` and its offsets name
+    the passage.
 
     Shared by the rerank job, the eval job and hard-negative mining, so that all three see the same candidates.
     """
 
-    def __init__(self, store, table, index_cfg, *, k: int, source: str = "vector", rrf_k: int = 60,
+    def __init__(self, store, table, index_cfg, *, k: int, source: str = "vector", fusion: str = "convex",
+                 vector_weight: float = 0.5, rrf_k: int = 60,
                  exact: bool | str = "auto", columns: tuple[str, ...] = (S.ID,), threads: int = 4,
                  exact_max_rows: int | None = None, exact_max_bytes: int | None = None, exact_device: str = "auto",
                  exact_chunk_bytes: int | None = None, level: str = "document", passage_hits: int = 4):
         if source not in ("vector", "fts", "hybrid"):
             raise ValueError(f"unknown candidate source {source!r}; use vector, fts or hybrid")
+        if fusion not in ("convex", "rrf"):
+            raise ValueError(f"unknown hybrid fusion {fusion!r}; use convex or rrf")
         if source != "vector" and not store.has_fts_index(index_cfg.fts.columns, table=table):
             raise ValueError(f"candidate source {source!r} needs the full-text index on passages "
                              f"({', '.join(index_cfg.fts.columns)}); set index.fts.enabled: true and rerun "
                              "`batchrank index`")
         self.store, self.table, self.index_cfg = store, table, index_cfg
         self.k, self.source, self.rrf_k, self.exact = k, source, rrf_k, exact
+        self.fusion, self.vector_weight = fusion, vector_weight
         self.has_passages = S.PASSAGE_ID in table.schema.names  # False: a table built before passages
         passage_columns = (S.PASSAGE_ID, S.PASSAGE_START, S.PASSAGE_END) if self.has_passages else ()
         self.columns = list(dict.fromkeys([S.ID, *columns, *passage_columns]))
@@ -144,7 +152,7 @@ class CandidateSearch:
         if not self.by_doc:
             return [self._fuse(v, f, self.k) for v, f in zip(self._vector(vectors, self.k), self._fts(texts, self.k))]
 
-        def fused(rows, depth: int) -> list[pa.Table]:  # passages fused by rank, then each document's best
+        def fused(rows, depth: int) -> list[pa.Table]:  # passages fused, each document's best first
             v, f = self._vector(vectors[rows], depth), self._fts([texts[i] for i in rows], depth)
             return [self._fuse(a, b, None) for a, b in zip(v, f)]
 
@@ -195,10 +203,17 @@ class CandidateSearch:
         return list(self.pool.map(one, texts))
 
     def _fuse(self, vec: pa.Table, fts: pa.Table, limit: int | None) -> pa.Table:
-        from pipelines.rerank.fusion import rrf
+        from pipelines.rerank.fusion import convex, rrf
 
-        fused = rrf([vec[self.key].to_pylist(), fts[self.key].to_pylist()], k=self.rrf_k,
-                    limit=limit or vec.num_rows + fts.num_rows)
+        keys = [vec[self.key].to_pylist(), fts[self.key].to_pylist()]
+        if self.fusion == "rrf":
+            fused = rrf(keys, k=self.rrf_k, limit=limit)
+        else:
+            groups = None
+            if self.by_doc:  # passages -> documents: each list scores a document by its best passage
+                groups = dict(zip(keys[0], vec[S.ID].to_pylist())) | dict(zip(keys[1], fts[S.ID].to_pylist()))
+            fused = convex([(keys[0], vec["score"].to_numpy()), (keys[1], fts["score"].to_numpy())],
+                           [self.vector_weight, 1.0 - self.vector_weight], groups=groups, limit=limit)
         both = pa.concat_tables([vec.select(self.columns), fts.select(self.columns)])
         first = {}
         for i, doc in enumerate(both[self.key].to_pylist()):
@@ -211,7 +226,8 @@ class Retriever:
     """Stateful Ray Data stage: ``map_batches(Retriever, compute=ActorPoolStrategy(size=n), ...)``."""
 
     def __init__(self, storage_cfg, index_cfg, *, passages_version: int, model: str, k: int = 100,
-                 source: str = "vector", rrf_k: int = 60, exact: bool | str = "auto",
+                 source: str = "vector", fusion: str = "convex", vector_weight: float = 0.5, rrf_k: int = 60,
+                 exact: bool | str = "auto",
                  exact_max_rows: int | None = None, exact_max_bytes: int | None = None,
                  doc_fields: tuple[str, ...] = ("title", "text"),
                  separator: str = " ", threads: int = 4, device: str = "auto", dtype: str = "auto",
@@ -239,7 +255,8 @@ class Retriever:
         self.normalize, self.encode_batch_size = normalize, encode_batch_size
         columns = tuple(f for f in (S.TITLE, S.TEXT) if f in self.doc_fields)
         self.search = CandidateSearch(store, store.passages(passages_version), index_cfg, k=k, source=source,
-                                      rrf_k=rrf_k, exact=exact, exact_max_rows=exact_max_rows,
+                                      fusion=fusion, vector_weight=vector_weight, rrf_k=rrf_k, exact=exact,
+                                      exact_max_rows=exact_max_rows,
                                       exact_max_bytes=exact_max_bytes, columns=columns, threads=threads,
                                       level=level, passage_hits=passage_hits)
 
