@@ -302,6 +302,39 @@ def test_rankings_keep_the_passage_that_earned_each_score(tmp_path, make_config,
     assert hit.passage_id.startswith(hit.id + "#") and hit.text == text_of[hit.passage_id]
 
 
+def test_training_reads_a_judged_document_as_its_best_passage_for_the_query(tmp_path, make_config, tiny_model,
+                                                                            monkeypatch):
+    """The reranker's (and bi-encoder's) positive is the judged document's passage that retrieval found for the
+    query (here its third), not its first; the audit file names it."""
+    from pipelines.quality import train_reranker
+
+    path = corpus(tmp_path, {"L1": long_text(300, seed=5)}, n_short=10)
+    index.run(make_config(path))
+    third = next(p for p in passages(make_config(path)) if p["passage_id"] == "L1#2")
+    write_jsonl(tmp_path / "q.jsonl", [{"_id": "q0", "text": f"long L1 {third['text']}"},
+                                       {"_id": "q1", "text": "cancer risk number 1"}])
+    (tmp_path / "qrels.tsv").write_text("query-id\tcorpus-id\tscore\nq0\tL1\t1\nq1\td1\t1\n")
+    cfg = make_config(path, train={
+        "queries": str(tmp_path / "q.jsonl"), "qrels": str(tmp_path / "qrels.tsv"), "output": str(tmp_path / "ce"),
+        "base_model": str(Path(tiny_model).parent / "raw"), "negatives": {"per_query": 2, "range_max": 8},
+        "validation_fraction": 0.0, "max_steps": 1, "device": "cpu"})
+    seen = {}
+
+    def fit(t, columns, samples, folder):
+        seen.update(columns)
+        folder.mkdir(parents=True)
+        return {"device": "cpu", "steps": 0, "epochs": 0.0, "examples_per_second": 0.0, "head": "new",
+                "loss": {"first": 0.0, "final": 0.0, "mean": 0.0}}
+
+    monkeypatch.setattr(train_reranker, "_fit", fit)
+    train_reranker.run(cfg)
+    positives = [d for d, label in zip(seen["document"], seen["label"]) if label == 1.0]
+    assert positives[0] == f"long L1 {third['text']}"  # not the first passage
+    audit = [json.loads(x) for x in (tmp_path / "ce" / "batchrank-train-pairs.jsonl").read_text().splitlines()]
+    assert [x["passage_id"] for x in audit if x["label"] == 1.0] == ["L1#2", "d1#0"]
+    assert all(x["passage_id"].startswith(x["doc_id"] + "#") for x in audit)
+
+
 # -- prompts ------------------------------------------------------------------------------------------------
 
 

@@ -47,9 +47,10 @@ def _train(cfg, data: training.Data, folder: Path, report: dict[str, Any]) -> di
     data.groups = groups
     text = training.doc_text
     columns = {"anchor": [g.query for g in groups],
-               "positive": [text(g, data.docs[g.positive], fields, sep) for g in groups]}
+               "positive": [text(g, g.row(g.positive, data.docs), fields, sep) for g in groups]}
     for i in range(n):
-        columns[f"negative_{i + 1}"] = [text(g, data.docs[g.negatives[i][0]], fields, sep) for g in groups]
+        columns[f"negative_{i + 1}"] = [text(g, g.row(g.negatives[i][0], data.docs), fields, sep)
+                                        for g in groups]
     validation = _validation(cfg, data, fields, sep)
     data.encoder = None  # free the mining model before training
     result = _fit(t, t.base_model or cfg.embed.model, columns, validation, folder)
@@ -78,9 +79,9 @@ def _validation(cfg, data: training.Data, fields, sep: str):
     lists = data.candidates([data.queries[q] for q in ids], k=cfg.train_biencoder.validation_k, source=r.source,
                             exact=r.exact)
     corpus = {h["id"]: document_text(h["title"], h["text"], fields, sep) for hits in lists for h in hits}
-    for q in ids:
+    for q in ids:  # a positive outside every candidate list is read as its first passage
         for d in data.positives[q]:
-            corpus[d] = document_text(data.docs[d].get("title"), data.docs[d].get("text"), fields, sep)
+            corpus.setdefault(d, document_text(data.docs[d].get("title"), data.docs[d].get("text"), fields, sep))
     return {q: data.queries[q] for q in ids}, corpus, {q: set(data.positives[q]) for q in ids}
 
 

@@ -78,15 +78,15 @@ def _columns(loss: str, groups, docs: dict, fields, sep: str, n: int) -> dict[st
     text = training.doc_text
     if loss == "listwise":
         cols = {"query": [g.query for g in groups],
-                "positive": [text(g, docs[g.positive], fields, sep) for g in groups]}
+                "positive": [text(g, g.row(g.positive, docs), fields, sep) for g in groups]}
         for i in range(n):
-            cols[f"negative_{i + 1}"] = [text(g, docs[g.negatives[i][0]], fields, sep) for g in groups]
+            cols[f"negative_{i + 1}"] = [text(g, g.row(g.negatives[i][0], docs), fields, sep) for g in groups]
         return cols
     cols: dict[str, list] = {"query": [], "document": [], "label": []}
     for g in groups:
         for doc, label in [(g.positive, 1.0)] + [(d, 0.0) for d, _, _ in g.negatives]:
             cols["query"].append(g.query)
-            cols["document"].append(text(g, docs[doc], fields, sep))
+            cols["document"].append(text(g, g.row(doc, docs), fields, sep))
             cols["label"].append(label)
     return cols
 

@@ -42,7 +42,10 @@ CACHED_KEYS = ("queries", "judgments", "pairs", "self_supervised", "training", "
 class Group:
     """One positive of a query and the hard negatives mined for it. ``query_id`` is None for a self-supervised
     pair (a document's title as the query). ``score`` is the positive's first-stage score in the same candidate
-    list; when the positive is not among the candidates (``rank`` None), the lowest candidate score stands in."""
+    list; when the positive is not among the candidates (``rank`` None), the lowest candidate score stands in.
+    ``rows`` holds the passage each document is read as for this query: its best passage in the candidate list
+    (at document level, the one that earned its rank); a positive missing from the list is read as ``Data.docs``
+    has it (its first passage). ``row(doc, docs)`` picks."""
 
     query_id: str | None
     query: str
@@ -50,6 +53,10 @@ class Group:
     rank: int | None
     score: float | None
     negatives: list[tuple[str, int, float]] = field(default_factory=list)  # (doc id, 1-based rank, score)
+    rows: dict[str, dict] = field(default_factory=dict)
+
+    def row(self, doc: str, docs: dict[str, dict]) -> dict:
+        return self.rows.get(doc) or docs[doc]
 
 
 @dataclass
@@ -193,8 +200,10 @@ def mine(data: Data, t, items: list[tuple[str | None, str, list[str], set[str]]]
             ok = [(r, h) for r, h in pool if _within_margins(h["score"], score, n)]
             picked = sorted(rng.sample(ok, min(n.per_query, len(ok))), key=lambda x: x[0])
             short += len(picked) < n.per_query
-            data.docs.update({h[S.ID]: h for _, h in picked})
-            groups.append(Group(qid, text, pos, rank, score, [(h[S.ID], r, h["score"]) for r, h in picked]))
+            for _, h in picked:
+                data.docs.setdefault(h[S.ID], h)
+            rows = {h[S.ID]: h for _, h in picked} | ({pos: hits[rank - 1]} if rank else {})
+            groups.append(Group(qid, text, pos, rank, score, [(h[S.ID], r, h["score"]) for r, h in picked], rows))
     key = "self_supervised" if items[0][0] is None else "queries"
     report[key]["short_of_negatives"] = short  # positives with fewer than per_query eligible negatives
     return groups
@@ -259,11 +268,12 @@ def pair_lines(groups: list[Group]):
     """The audit file's lines: every (query, doc) trained on, with its label and first-stage rank and score."""
     for g in groups:
         source = "self_supervised" if g.query_id is None else "judged"
-        yield {"query_id": g.query_id, "doc_id": g.positive, "label": 1.0, "rank": g.rank, "score": g.score,
-               "source": source}
+        passage = {d: r.get(S.PASSAGE_ID) for d, r in g.rows.items()}
+        yield {"query_id": g.query_id, "doc_id": g.positive, "passage_id": passage.get(g.positive), "label": 1.0,
+               "rank": g.rank, "score": g.score, "source": source}
         for doc, rank, score in g.negatives:
-            yield {"query_id": g.query_id, "doc_id": doc, "label": 0.0, "rank": rank, "score": score,
-                   "source": source}
+            yield {"query_id": g.query_id, "doc_id": doc, "passage_id": passage.get(doc), "label": 0.0,
+                   "rank": rank, "score": score, "source": source}
 
 
 def _select(texts: dict[str, str], qrels: list, max_queries: int | None, report: dict) -> tuple[dict, dict]:
