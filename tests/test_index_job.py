@@ -65,6 +65,7 @@ def test_bad_rows_are_quarantined_and_counts_reconcile(tmp_path, make_config, mo
     """The shipped examples/bad-rows/corpus.jsonl, which `_bad_corpus` wrote; read in one streaming pass through the
     embedding actors, as a corpus too large to plan in-process is."""
     monkeypatch.setattr("pipelines.index.job.LOCAL_READ_BYTES", 0)
+    monkeypatch.setattr("pipelines.index.sink.QUARANTINE_FLUSH_ROWS", 3)  # bad rows leave the driver as they come
     shipped = ROOT / "examples/bad-rows/corpus.jsonl"
     docs = _bad_corpus(tmp_path / "corpus.jsonl")
     assert (tmp_path / "corpus.jsonl").read_bytes() == shipped.read_bytes()
@@ -76,6 +77,7 @@ def test_bad_rows_are_quarantined_and_counts_reconcile(tmp_path, make_config, mo
     for code, _ in BAD_LINES:
         expected[code] = expected.get(code, 0) + 1
     assert report["quarantine_reasons"] == expected
+    assert 3 <= report["quarantine_appended_during_run"] < len(BAD_LINES)  # in batches of 3, the rest at the end
     store = Store(cfg.storage)
     passages = store.passages().to_arrow()
     assert sorted(passages["id"].to_pylist()) == sorted(d["_id"] for d in docs)

@@ -94,6 +94,7 @@ def _index(cfg, state: _RunState) -> None:
     from pipelines.store import Store
 
     store = Store(cfg.storage)
+    state.sink.quarantine = store.append_quarantine  # bad rows appended as they come, never all held here
     staged = _start(cfg, state, store)
     try:
         if state.plan_first:

@@ -10,6 +10,7 @@ Reads top to bottom::
     (plan and split quarantine a later row of an id already seen as a duplicate, naming where the first was;
     resume counts the rows a killed run staged as written by this one)
     take_pending    the rows to append to the staging table;  quarantine_table  the bad rows with their reasons
+                    (appended to the quarantine log every QUARANTINE_FLUSH_ROWS as they come, the rest at the end)
 
 Example::
 
@@ -32,6 +33,7 @@ from pipelines.report import Progress, utcnow
 
 FLUSH_ROWS = 4096  # rows buffered on the driver before a staging append ...
 FLUSH_SECONDS = 2.0  # ... or this long: what a killed driver loses (and a rerun embeds again) stays small
+QUARANTINE_FLUSH_ROWS = 8192  # bad rows held on the driver before they are appended to the quarantine log
 
 
 def stage(cfg, state, batches, store, staged=None, *, embedder=None, planned: dict[str, str] | None = None):
@@ -70,8 +72,11 @@ def stage(cfg, state, batches, store, staged=None, *, embedder=None, planned: di
 class Sink:
     """Driver-side end of the stream: splits good from bad rows, catches duplicate ids, counts."""
 
-    def __init__(self, run_id: str, model: str, passage_settings: str | None = None):
+    def __init__(self, run_id: str, model: str, passage_settings: str | None = None, quarantine=None):
         self.run_id, self.model, self.passage_settings = run_id, model, passage_settings
+        # where bad rows go once QUARANTINE_FLUSH_ROWS wait (``Store.append_quarantine``): the driver never holds a
+        # run's bad rows; None keeps them until ``quarantine_table`` (tests, no store)
+        self.quarantine = quarantine
         # id's 64-bit hash -> where its first good row was (source index << 41 | row): ~100 bytes per document, the
         # only per-document state of a first run; a collision (p ~ 3e-8 at 1M ids) would quarantine a good row
         self.seen: dict[int, int] = {}
@@ -93,6 +98,8 @@ class Sink:
         self._pending: list[pa.Table] = []
         self.pending_rows = 0
         self._bad: list[pa.Table] = []
+        self._bad_rows = 0  # rows in _bad
+        self.quarantine_flushed = 0  # bad rows already appended to the quarantine log during the run
         # (id, content hash) pairs staged by killed runs: two killed runs may have staged two versions of one id
         self.done: set[tuple[str, str]] = set()
         self.resumed: dict[str, str] = {}  # {id: content hash} taken over from the staging table
@@ -120,7 +127,7 @@ class Sink:
             self.delete_markers.update(markers[S.ID].to_pylist())
         bad = batch.filter(is_bad)
         if bad.num_rows:
-            self._bad.append(bad.select([S.SOURCE, S.ROW, S.ID, S.REASON_CODE, S.REASON, S.RAW]))
+            self._hold_bad(bad)
             self.rows_quarantined += bad.num_rows
             for doc_id, code in zip(bad[S.ID].to_pylist(), bad[S.REASON_CODE].to_pylist()):
                 self.reasons[code] = self.reasons.get(code, 0) + 1
@@ -164,7 +171,7 @@ class Sink:
         bad = pc.is_valid(batch[S.REASON_CODE])  # planned, then found to hold nothing to embed
         if pc.any(bad).as_py():
             rejected = batch.filter(bad)
-            self._bad.append(rejected.select([S.SOURCE, S.ROW, S.ID, S.REASON_CODE, S.REASON, S.RAW]))
+            self._hold_bad(rejected)
             self.rows_quarantined += rejected.num_rows
             for code in rejected[S.REASON_CODE].to_pylist():
                 self.reasons[code] = self.reasons.get(code, 0) + 1
@@ -235,9 +242,19 @@ class Sink:
         self._pending, self.pending_rows = [], 0
         return out
 
+    def _hold_bad(self, bad: pa.Table) -> None:
+        self._bad.append(bad.select([S.SOURCE, S.ROW, S.ID, S.REASON_CODE, S.REASON, S.RAW]))
+        self._bad_rows += bad.num_rows
+        if self.quarantine is not None and self._bad_rows >= QUARANTINE_FLUSH_ROWS:
+            rows = self.quarantine_table()
+            self.quarantine(rows)
+            self.quarantine_flushed += rows.num_rows
+
     def quarantine_table(self) -> pa.Table:
-        """The run's bad rows, as the quarantine table stores them."""
-        return S.quarantine_rows(pa.concat_tables(self._bad) if self._bad else None, self.run_id, "index")
+        """The bad rows held since the last flush, as the quarantine table stores them (and no longer held)."""
+        rows = S.quarantine_rows(pa.concat_tables(self._bad) if self._bad else None, self.run_id, "index")
+        self._bad, self._bad_rows = [], 0
+        return rows
 
 
 def to_passages(docs: pa.Table) -> pa.Table:

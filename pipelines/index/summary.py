@@ -61,6 +61,7 @@ def finish_report(cfg, state) -> dict[str, Any]:
         "passages": {"before": report.pop("passages_before", None),
                      "written": sink.passages_written if published else 0, "after": rows},
         "quarantine_reasons": dict(sorted(sink.reasons.items())),
+        "quarantine_appended_during_run": sink.quarantine_flushed,  # the rest at the end, before the commit
         "docs_per_second": round(embedded / pipeline_s, 2) if pipeline_s else None,
         "docs_per_second_end_to_end": round(embedded / seconds["total"], 2) if seconds["total"] else None,
         "seconds": seconds,
