@@ -121,7 +121,11 @@ def test_upkeep_updates_indexes_retrains_compacts_and_keeps_tagged_versions(tmp_
                                                          "retrain_fraction": 0.05}},
                       maintenance=upkeep)
     first = run(cfg)
-    assert first["indexes"]["ann"]["built"] is True
+    ann = first["indexes"]["ann"]
+    assert ann["built"] is True and ann["accelerator"] == "cpu" and ann["build_seconds"] > 0
+    assert ann["built_on"] != "driver" and "/" in ann["built_on"]  # a Ray task on a worker: "<ip>/<node id>"
+    assert ann["train_sample_rows"] == min(300, ann["num_partitions"] * 256)
+    assert f"on {ann['built_on']} (cpu" in summary(first)
     store = Store(cfg.storage)
     table = store.passages()
     table.tags.create("my-release", table.version)  # a user's tag: never cleaned, never expired
@@ -137,8 +141,10 @@ def test_upkeep_updates_indexes_retrains_compacts_and_keeps_tagged_versions(tmp_
     for i in range(2, 20):  # 18 more: 19 of 300 > 5% since training, so the ANN index is trained again
         docs[i]["text"] = f"changed {i}"
     write_jsonl(tmp_path / "c.jsonl", docs)
+    cfg.index.ann = cfg.index.ann.model_copy(update={"build_on": "driver"})
     third = run(cfg)
     assert third["indexes"]["ann"]["built"] is True and "retrain_fraction" in third["indexes"]["ann"]["reason"]
+    assert third["indexes"]["ann"]["built_on"] == "driver"
     assert third["upkeep"]["compaction"]["compacted"] is True  # more than 2 data files
     assert store.passages().stats()["fragment_stats"]["num_fragments"] <= 2
     # version cleanup (retention 0): untagged versions go, tagged ones stay readable

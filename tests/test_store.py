@@ -127,8 +127,10 @@ def test_indexes_exact_below_threshold_and_built_above(cfg):
     assert set(info["fts"]) == {"title", "text"}
     cfg.index.ann = cfg.index.ann.model_validate({"type": "ivf_flat", "min_rows": 0, "num_partitions": 2})
     info = store.ensure_indexes(cfg.index)
+    assert info["ann"].pop("build_seconds") >= 0  # here: no builder given, so on this (the driver's) process
     assert info["ann"] == {"type": "ivf_flat", "built": True, "reason": "no index yet", "metric": "cosine",
-                           "num_partitions": 2}
+                           "num_partitions": 2, "sample_rate": 256, "train_sample_rows": 300,
+                           "built_on": "driver", "accelerator": "cpu"}
     assert store.ensure_indexes(cfg.index)["ann"]["built"] is False  # up to date: no rebuild
     cfg.index.ann = cfg.index.ann.model_validate({"type": "ivf_hnsw_sq", "min_rows": 0, "num_partitions": 1})
     rebuilt = store.ensure_indexes(cfg.index)["ann"]  # another index type: rebuilt
@@ -156,3 +158,25 @@ def test_quarantine_is_an_append_only_log(cfg):
     store.append_quarantine(bad)
     store.append_quarantine(bad.set_column(0, S.RUN_ID, pa.array(["r2"])))
     assert store.quarantine().num_rows == 2 and store.quarantine("r2").num_rows == 1
+
+
+def test_ann_training_device_and_the_refusals_that_name_the_fix(cfg):
+    """index.ann.accelerator: cuda only for ivf_pq (LanceDB's GPU build) and only on a cluster with a GPU."""
+    from pydantic import ValidationError
+
+    from pipelines.cluster.runtime import Cluster
+    from pipelines.index.ann_build import accelerator, builder
+
+    ann = cfg.index.ann.model_validate
+    assert accelerator(ann({"type": "ivf_pq"}), cluster_gpus=1) == "cuda"
+    assert accelerator(ann({"type": "ivf_pq"}), cluster_gpus=0) == "cpu"
+    assert accelerator(ann({"type": "ivf_hnsw_sq"}), cluster_gpus=4) == "cpu"  # no GPU build for HNSW here
+    assert accelerator(ann({"type": "ivf_pq", "accelerator": "cpu"}), cluster_gpus=4) == "cpu"
+    with pytest.raises(ValidationError, match="set index.ann.type: ivf_pq or index.ann.accelerator: cpu"):
+        ann({"type": "ivf_hnsw_sq", "accelerator": "cuda"})
+    cpu_only = Cluster(address="local", local=True, cpus=2, gpus=0, nodes=1)
+    cfg.index.ann = ann({"type": "ivf_pq", "accelerator": "cuda"})
+    with pytest.raises(ValueError, match="has no GPU; add a GPU node or set index.ann.accelerator: auto"):
+        builder(cfg, cpu_only)
+    cfg.index.ann = ann({"build_on": "driver"})
+    assert builder(cfg, cpu_only) is None and builder(cfg.model_copy(), None) is None

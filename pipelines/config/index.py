@@ -206,6 +206,23 @@ class AnnConfig(_Section):
     retrain_fraction: float = Field(0.2, gt=0, description="retrain the ANN index once the rows added or changed "
                                                            "since its training pass this share of the table; below "
                                                            "it, new rows are added to the trained index")
+    sample_rate: int = Field(256, gt=0, description="vectors sampled per partition to train the index: training reads "
+                                                    "at most num_partitions x sample_rate vectors, whatever the "
+                                                    "table's size")
+    build_on: Literal["worker", "driver"] = Field(
+        "worker", description="where a (re)training of the ANN index runs: worker (a Ray task, on a node with a GPU "
+                              "when accelerator asks for one; the driver stays small) or driver (in the job's own "
+                              "process)")
+    accelerator: Literal["auto", "cpu", "cuda"] = Field(
+        "auto", description="train the ANN index on a GPU: cuda (needs type ivf_pq, LanceDB's GPU build, and a GPU in "
+                            "the cluster), auto (cuda for ivf_pq when the cluster has a GPU, else cpu), cpu")
+
+    @model_validator(mode="after")
+    def _gpu_build(self) -> AnnConfig:
+        if self.accelerator == "cuda" and self.type != "ivf_pq":
+            raise ValueError(f"accelerator cuda trains only ivf_pq indexes (LanceDB's GPU build), not {self.type}; "
+                             "set index.ann.type: ivf_pq or index.ann.accelerator: cpu")
+        return self
 
 
 class FtsConfig(_Section):

@@ -295,13 +295,15 @@ def _commit(cfg, state: _RunState, store, staged, deletes: list[str]) -> int | N
 
 def _upkeep(cfg, state: _RunState, store, version: int | None) -> None:
     """After the commit: indexes brought up to date (ANN, full text, id), files compacted, old versions cleaned."""
+    from pipelines.index.ann_build import builder
     from pipelines.store import StoreError
 
     report, name = state.report, cfg.storage.passages_table
     with state.timer("upkeep"):
         try:
             report["upkeep"] = store.upkeep(name, index_cfg=cfg.index, maint=cfg.maintenance,
-                                            tag=report.get("table_tag")) if version is not None else {}
+                                            tag=report.get("table_tag"),
+                                            build_ann=builder(cfg, state.cluster)) if version is not None else {}
         except Exception as exc:
             raise StoreError(f"the commit is published ({name} v{version}), but the index upkeep after it "
                              f"failed: {type(exc).__name__}: {exc}; run the job again to bring the indexes up "

@@ -126,7 +126,9 @@ def summary(report: dict[str, Any]) -> str:
     ix, up = report["indexes"], report.get("upkeep", {})
     ann = ix.get("ann", {})
     ann_state = ("exact search" if ann.get("type") == "exact" else
-                 f"{ann.get('type')} trained ({ann.get('reason')})" if ann.get("built") else
+                 f"{ann.get('type')} trained ({ann.get('reason')}) on {ann.get('built_on')} "
+                 f"({ann.get('accelerator')}, {ann.get('build_seconds')} s, sample of "
+                 f"{ann.get('train_sample_rows', 0):,} vectors)" if ann.get("built") else
                  f"{ann.get('type')} +{ann['rows_added_to_index']:,} rows" if ann.get("rows_added_to_index") else
                  f"{ann.get('type')} up to date")
     lines += [

@@ -102,7 +102,8 @@ def ann_config(kind: str, metric: str, ann, n: int, dim: int):
     from lancedb.index import HnswPq, HnswSq, IvfFlat, IvfPq
 
     partitions = ann.num_partitions or max(1, min(4096, round(n**0.5 / 2)))
-    params: dict[str, Any] = {"metric": metric, "num_partitions": partitions}
+    params: dict[str, Any] = {"metric": metric, "num_partitions": partitions, "sample_rate": ann.sample_rate,
+                              "train_sample_rows": min(n, partitions * ann.sample_rate)}
     if kind in ("ivf_pq", "ivf_hnsw_pq"):
         sub = ann.num_sub_vectors or next(d for d in (dim // 8, dim // 16, dim // 4, 1) if d and dim % d == 0)
         if dim % sub:
@@ -111,5 +112,5 @@ def ann_config(kind: str, metric: str, ann, n: int, dim: int):
     if kind.startswith("ivf_hnsw"):
         params.update(m=ann.m, ef_construction=ann.ef_construction)
     cls = {"ivf_flat": IvfFlat, "ivf_pq": IvfPq, "ivf_hnsw_sq": HnswSq, "ivf_hnsw_pq": HnswPq}[kind]
-    args = {k: v for k, v in params.items() if k != "metric"}
+    args = {k: v for k, v in params.items() if k not in ("metric", "train_sample_rows")}
     return cls(distance_type=metric, **args), params

@@ -14,6 +14,7 @@ Reads top to bottom::
 
 from __future__ import annotations
 
+import time
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
@@ -25,16 +26,16 @@ ANN_MERGED = "batchrank.ann_rows_merged"  # table config: rows added to the ANN 
 
 
 def upkeep(store, name: str, *, maint, index_cfg=None, tag: str | None = None,
-           now: datetime | None = None) -> dict[str, Any]:
-    """After a commit: compact small files, bring indexes up to date (passages: ``index_cfg``), move the
-    run's ``tag`` to the result (the same data, indexes current: what readers get), drop expired run tags
-    and leases, clean up old versions. Returns what was done."""
+           now: datetime | None = None, build_ann=None) -> dict[str, Any]:
+    """After a commit: compact small files, bring indexes up to date (passages: ``index_cfg``; ``build_ann``: where
+    an ANN training runs, see ``ensure_indexes``), move the run's ``tag`` to the result (the same data, indexes
+    current: what readers get), drop expired run tags and leases, clean up old versions. Returns what was done."""
     table = store.open(name)
     if table is None:
         return {}
     done: dict[str, Any] = {"compaction": compact(table, maint.max_fragments)}
     if index_cfg is not None:
-        done["indexes"] = store.ensure_indexes(index_cfg)
+        done["indexes"] = store.ensure_indexes(index_cfg, build_ann=build_ann)
         table = store.open(name)  # at the version the index updates made: cleanup keeps the latest
     if tag is not None:
         store.retag(name, tag)
@@ -88,13 +89,15 @@ def optimize(store, name: str, *, cleanup_older_than: timedelta) -> None:
         table.optimize(cleanup_older_than=cleanup_older_than)
 
 
-def ensure_indexes(store, index_cfg) -> dict[str, Any]:
+def ensure_indexes(store, index_cfg, build_ann=None) -> dict[str, Any]:
     """Bring passages' indexes up to date, the cheap way when possible.
 
     ANN: built once the table reaches ``ann.min_rows``; after that, new and changed rows are added to the
     trained index (its partitions stay), until the rows added or changed since training pass
-    ``ann.retrain_fraction`` of the table: then it is trained again. Full-text and id indexes take new
-    rows incrementally. Returns what was done."""
+    ``ann.retrain_fraction`` of the table: then it is trained again, on at most num_partitions x
+    ``ann.sample_rate`` sampled vectors. A training runs in ``build_ann(config)`` when given (the index job's Ray
+    task on a worker, ``pipelines/index/ann_build.py``), else here. Full-text and id indexes take new rows
+    incrementally. Returns what was done."""
     table = store.passages()
     n = table.count_rows()
     existing = {ix.name: ix for ix in table.list_indices()}
@@ -120,9 +123,16 @@ def ensure_indexes(store, index_cfg) -> dict[str, Any]:
                       f"{changed:,} of {n:,} rows added or changed since training > ann.retrain_fraction "
                       f"{ann.retrain_fraction}")
             config, params = ann_config(kind, index_cfg.metric, ann, n, table.schema.field(S.VECTOR).type.list_size)
-            table.create_index(S.VECTOR, config=config, replace=True)
+            if build_ann is None:
+                started = time.monotonic()
+                table.create_index(S.VECTOR, config=config, replace=True)
+                where = {"built_on": "driver", "accelerator": "cpu",
+                         "build_seconds": round(time.monotonic() - started, 3)}
+            else:
+                where = build_ann(config)
+                table.checkout_latest()
             table.to_lance().update_config({ANN_MERGED: "0"})
-            done["ann"] = {"type": kind, "built": True, "reason": reason, **params}
+            done["ann"] = {"type": kind, "built": True, "reason": reason, **params, **where}
         elif stats.num_unindexed_rows:
             increments.append(vec_ix.name)
             done["ann"] = {"type": kind, "built": False, "rows_added_to_index": stats.num_unindexed_rows,
