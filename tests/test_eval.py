@@ -173,9 +173,12 @@ def test_eval_end_to_end_then_reuses_the_index(tmp_path, collection, tiny_model,
         pairs = [p for c in Oracle.calls[3 * i:3 * i + 3] for p in c]
         assert len(set(pairs)) == len(pairs) == 6 * 20
     by_name = {v["name"]: v for v in ranked["variants"]}
-    assert by_name["hybrid"]["metrics"]["mrr@10"] < 1.0 == by_name["hybrid → CE@5"]["metrics"]["mrr@10"]
-    for d in DEPTHS:
-        assert by_name[f"vector → CE@{d}"]["metrics"]["mrr@10"] >= by_name["vector"]["metrics"]["mrr@10"]
+    # the oracle puts the query's own document first wherever the first stage found it: hybrid (BM25 matches the
+    # number) always has it in its top 5; the tiny random bi-encoder alone does not (its vectors know no numbers)
+    assert by_name["vector"]["metrics"]["mrr@10"] < 1.0 == by_name["hybrid → CE@5"]["metrics"]["mrr@10"]
+    for source in RERANKED:
+        for d in DEPTHS:
+            assert by_name[f"{source} → CE@{d}"]["metrics"]["mrr@10"] >= by_name[source]["metrics"]["mrr@10"]
 
     # a changed document makes the file's fingerprint differ: the next run would index again
     docs = good_docs(30)
