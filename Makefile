@@ -24,7 +24,7 @@ demo: $(STAMP)
 	$(BIN)/python examples/demo.py --config configs/demo.yaml
 
 test: $(STAMP)
-	$(BIN)/python -m pytest tests
+	$(BIN)/python -m pytest tests -n 2 --dist loadfile
 
 clean:
 	rm -rf .batchrank .pytest_cache ~/.batchrank/demo-lancedb ~/.batchrank/bad-rows-lancedb

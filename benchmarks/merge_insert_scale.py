@@ -10,10 +10,12 @@ batchrank's own commit (``Store.commit_passages``), for each table size in a fre
 1. a synthetic ``passages`` table of N one-passage documents (random ``--dim`` vectors, ~60 characters of text),
    written through a staging table and ``commit_passages`` as a first run writes it, then the id and passage-id
    B-trees the upkeep builds (no ANN or full-text index: their upkeep is measured by ``memory_stream.py``);
-2. a night: ``--changed`` of the documents changed (new content hash, 2 passages where they had 1, so the commit
-   also inserts), 0.1% new and 0.1% deleted, staged, then ``commit_passages`` with those deletions and the changed
-   documents as ``replaced`` (the ``when_not_matched_by_source_delete`` clause the index job uses);
-3. timed, with the process's RSS sampled every 20 ms; the table is read back to check the commit's counts.
+2. ``upsert_only``: ``--changed`` of the documents changed (new content hash, still one passage), staged, then
+   ``commit_passages`` without deletions: the ``merge_insert`` alone;
+3. ``night``: another ``--changed`` of the documents changed (2 passages where they had 1, so the commit also
+   inserts), 0.1% new and 0.1% deleted, then ``commit_passages`` with those deletions and the changed documents as
+   ``replaced`` (the ``when_not_matched_by_source_delete`` clause the index job uses);
+each timed, with the process's RSS sampled every 20 ms, and the table read back to check the commit's counts.
 
 Writes ``benchmarks/results/merge_insert_scale.json`` and prints a table.
 """
@@ -115,10 +117,29 @@ def _one(n: int, dim: int, changed: float) -> dict:
 
     k = max(1, int(n * changed))
     step = n // k
-    changed_ids = ids[::step][:k]
-    new_ids = [f"n{i:09d}" for i in range(max(1, n // 1000))]
-    gone = ids[1::step][:max(1, n // 1000)]
-    staged = stage("night", [_rows(changed_ids, dim, "v2", passages=2), _rows(new_ids, dim, "v2")])
+    out["table_bytes"] = sum(f.stat().st_size for f in Path(work).rglob("*") if f.is_file())
+    # two nights on the same table: the upsert alone (the changed documents keep their passage count), then the
+    # index job's full commit (a changed document's leftover passages and the deleted documents removed in it)
+    out["upsert_only"] = _night(store, cfg, dim, proc, ids[2::step][:k], [], [], passages=1, version="v2")
+    out["night"] = _night(store, cfg, dim, proc, ids[::step][:k], [f"n{i:09d}" for i in range(max(1, n // 1000))],
+                          ids[1::step][:max(1, n // 1000)], passages=2, version="v3")
+    import shutil
+
+    shutil.rmtree(work, ignore_errors=True)
+    return out
+
+
+def _night(store, cfg, dim: int, proc, changed_ids: list[str], new_ids: list[str], gone: list[str], *,
+           passages: int, version: str) -> dict:
+    """Stage the changed documents (``passages`` each) and the new ones, commit as the index job does (``gone``
+    deleted; with any deletion the changed documents are ``replaced``, which adds the delete clause), timed with
+    the process's RSS sampled every 20 ms; the table read back."""
+    from pipelines import schema as S
+
+    staged = store.stage(cfg.storage.passages_table, version, S.passages_schema({}, dim))
+    staged.add(_rows(changed_ids, dim, version, passages=passages))
+    if new_ids:
+        staged.add(_rows(new_ids, dim, version))
     before = store.passages().count_rows()
     peak, base = [0], proc.memory_info().rss
     stop = threading.Event()
@@ -131,34 +152,31 @@ def _one(n: int, dim: int, changed: float) -> dict:
     watcher = threading.Thread(target=sample, daemon=True)
     watcher.start()
     started = time.monotonic()
-    store.commit_passages(staged, "night", deletes=gone, replaced=changed_ids)
+    store.commit_passages(staged, version, deletes=gone, replaced=changed_ids if gone else [])
     seconds = time.monotonic() - started
     stop.set()
     watcher.join()
     staged.drop()
     table = store.passages()
     after = table.count_rows()
-    expected = before + len(changed_ids) + len(new_ids) - len(gone)  # each changed document gained a passage
-    v2 = table.count_rows(f"{S.RUN_ID} = 'v2'")
-    out.update(night={"changed_documents": len(changed_ids), "new_documents": len(new_ids), "deleted": len(gone),
-                      "staged_rows": 2 * len(changed_ids) + len(new_ids), "commit_seconds": round(seconds, 2),
-                      "rss_before_mib": round(base / 2**20), "rss_peak_mib": round(peak[0] / 2**20),
-                      "rss_growth_mib": round((peak[0] - base) / 2**20), "rows_before": before, "rows_after": after,
-                      "rows_expected": expected, "rows_written_checked": v2 == 2 * len(changed_ids) + len(new_ids),
-                      "counts_right": after == expected},
-               table_bytes=sum(f.stat().st_size for f in Path(work).rglob("*") if f.is_file()))
-    import shutil
-
-    shutil.rmtree(work, ignore_errors=True)
-    return out
+    staged_rows = passages * len(changed_ids) + len(new_ids)
+    expected = before + (passages - 1) * len(changed_ids) + len(new_ids) - len(gone)
+    return {"changed_documents": len(changed_ids), "new_documents": len(new_ids), "deleted": len(gone),
+            "delete_clause": bool(gone), "staged_rows": staged_rows, "commit_seconds": round(seconds, 2),
+            "rss_before_mib": round(base / 2**20), "rss_peak_mib": round(peak[0] / 2**20),
+            "rss_growth_mib": round((peak[0] - base) / 2**20), "rows_before": before, "rows_after": after,
+            "rows_expected": expected, "counts_right": after == expected
+            and table.count_rows(f"{S.RUN_ID} = '{version}'") == staged_rows}
 
 
 def _line(r: dict) -> str:
-    n = r["night"]
-    return (f"{r['rows']:>10,} rows (built in {r['build_seconds']} s, {r['table_bytes'] / 2**20:,.0f} MiB on disk): "
-            f"night of {n['staged_rows']:,} staged rows, {n['deleted']:,} deleted -> commit {n['commit_seconds']} s, "
-            f"RSS {n['rss_before_mib']} -> peak {n['rss_peak_mib']} MiB (+{n['rss_growth_mib']}); counts right: "
-            f"{n['counts_right'] and n['rows_written_checked']}")
+    text = f"{r['rows']:>10,} rows (built in {r['build_seconds']} s, {r['table_bytes'] / 2**20:,.0f} MiB on disk)"
+    for name in ("upsert_only", "night"):
+        n = r[name]
+        text += (f"\n    {name}: {n['staged_rows']:,} staged rows, {n['deleted']:,} deleted -> commit "
+                 f"{n['commit_seconds']} s, RSS {n['rss_before_mib']} -> peak {n['rss_peak_mib']} MiB "
+                 f"(+{n['rss_growth_mib']}); counts right: {n['counts_right']}")
+    return text
 
 
 def _cpu() -> str:
