@@ -146,17 +146,7 @@ def make_config(tmp_path, tiny_model):
     return make
 
 
-# The slowest modules (local Ray, jobs run end to end, processes killed), longest first. ``make test`` runs the suite
-# on two pytest-xdist workers, a module per worker at a time (``--dist loadfile``), handing modules out in collection
-# order: starting with the longest keeps one worker from finishing alone on a long module at the end.
-SLOW_FIRST = ("test_chaos.py", "test_rerank_job.py", "test_cluster.py", "test_architecture_jobs.py",
-              "test_guarantees.py", "test_clean_output.py", "test_passages.py", "test_lease.py", "test_pair_cache.py",
-              "test_s3.py", "test_data_loss.py", "test_nightly.py", "test_eval.py", "test_incremental.py")
-
-
 def pytest_collection_modifyitems(config, items):
-    rank = {name: i for i, name in enumerate(SLOW_FIRST)}
-    items.sort(key=lambda item: rank.get(item.path.name, len(SLOW_FIRST)))  # stable: order within a module kept
     try:
         import torch
 
