@@ -65,7 +65,7 @@ def main() -> None:
             cfg = _config(work, coll, f"{name}_{setting}", chunk)
             ix = _job("index", cfg)
             ev = _job("eval", cfg)
-            section[setting] = {"index_seconds": ix["seconds"]["total"], "documents": ix["rows"]["written"],
+            section[setting] = {"index_seconds": ix["seconds"]["total"], "documents": ix["rows"]["read"],
                                 "rows": ix["table"]["rows"], "split": ix.get("passages_split"),
                                 "config": str(cfg), **_metrics(ev), "hybrid_fusion": _fusions(cfg, coll)}
     result["sections"]["scifact_long"]["per_abstract_reference"] = _reference(
