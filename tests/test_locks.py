@@ -38,6 +38,34 @@ def test_second_writer_is_refused_naming_the_first(tmp_path):
     assert (tmp_path / "db" / "_locks" / "passages.lock").is_file()  # inside the storage root
 
 
+def test_a_run_refused_while_the_holder_writes_its_record_still_names_it(tmp_path):
+    """The holder takes the flock, then writes its record: a run refused in between (seen under load in
+    test_chaos::test_two_runs_at_once) reads again rather than name "unknown", and also skips a previous run's
+    released record."""
+    import fcntl
+
+    first = RunLock(storage(tmp_path), "passages", "index-0", job="index")
+    with first:
+        pass  # leaves index-0's released record in the file
+    holder = RunLock(storage(tmp_path), "passages", "index-1", job="index")
+    fd = os.open(holder.path, os.O_RDWR)
+    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)  # held, record not yet written
+
+    def write_later():
+        time.sleep(0.3)
+        holder._fd = fd
+        holder._write_local(holder.info)
+
+    writer = threading.Thread(target=write_later)
+    writer.start()
+    try:
+        with pytest.raises(LockBusy, match="run index-1 \\(job index"):
+            RunLock(storage(tmp_path), "passages", "index-2", job="index").acquire()
+    finally:
+        writer.join()
+        os.close(fd)
+
+
 def test_waiting_writer_gets_the_lock_when_it_is_released(tmp_path):
     first = RunLock(storage(tmp_path), "passages", "index-1", job="index").acquire()
     threading.Timer(0.6, first.release).start()

@@ -215,13 +215,26 @@ class RunLock:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
             os.close(fd)
-            return self._read_local() or {"run_id": "unknown (lock file unreadable)"}
+            return self._holder_record()
         previous = self._read_local(fd)
         if previous and previous.get("state") == "held":
             self.report["took_over"] = previous
         self._fd = fd
         self._write_local(self.info)
         return None
+
+    def _holder_record(self, patience: float = 1.0) -> dict[str, Any]:
+        """The record of the run holding the flock. It writes it right after taking the lock, so a run refused in
+        between reads an empty file (or the previous run's released record): read again for up to ``patience``
+        seconds rather than name nobody."""
+        deadline = time.monotonic() + patience
+        while True:
+            holder = self._read_local()
+            if holder and holder.get("state") == "held":
+                return holder
+            if time.monotonic() >= deadline:
+                return holder or {"run_id": "unknown (lock file unreadable)"}
+            time.sleep(0.02)
 
     def _read_local(self, fd: int | None = None) -> dict[str, Any] | None:
         try:
