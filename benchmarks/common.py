@@ -25,3 +25,16 @@ def run_job(name: str, config: Path) -> dict:
     report = json.loads(Path(path).read_text())
     report["wall_seconds"] = round(time.perf_counter() - t, 1)
     return report
+
+
+def cpu_model() -> str:
+    """The CPU's model name (every figure names the machine it was measured on)."""
+    import platform
+
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor()

@@ -30,7 +30,6 @@ import argparse
 import csv
 import json
 import os
-import platform
 import sys
 from datetime import UTC, datetime
 from pathlib import Path
@@ -79,13 +78,9 @@ def main() -> None:
 
 
 def _cpu() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor()
+    from common import cpu_model  # benchmarks/common.py
+
+    return cpu_model()
 
 
 def _collection(data: Path, out: Path, n: int | None) -> Path:

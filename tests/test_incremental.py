@@ -181,3 +181,11 @@ def test_a_lease_keeps_the_version_a_run_reads(tmp_path, make_config):
     write_jsonl(tmp_path / "c.jsonl", docs)
     run(cfg)
     assert first["table"]["version"] not in [v["version"] for v in store.passages().list_versions()]
+
+
+def test_a_gpu_index_build_on_a_cluster_without_a_gpu_is_refused_before_any_work(tmp_path, make_config):
+    write_jsonl(tmp_path / "c.jsonl", good_docs(5))
+    cfg = make_config(tmp_path / "c.jsonl", index={"ann": {"type": "ivf_pq", "accelerator": "cuda"}})
+    with pytest.raises(ValueError, match="has no GPU; add a GPU node or set index.ann.accelerator: auto"):
+        run(cfg)
+    assert Store(cfg.storage).open(cfg.storage.passages_table) is None  # nothing was embedded or written

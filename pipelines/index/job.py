@@ -31,6 +31,7 @@ from pipelines import runs
 from pipelines import schema as S
 from pipelines.cluster.runtime import READ_CPUS
 from pipelines.faults import maybe_fail
+from pipelines.index.ann_build import builder
 from pipelines.index.deletions import deletions, rebuild_change, rebuild_deletions, show_id
 from pipelines.index.local import Preload, local_embedder
 from pipelines.index.resume import (
@@ -87,6 +88,7 @@ class _RunState:
         self.rebuild = False  # the model changed: every document is embedded again, then one overwrite
         self.plan_first = False  # compare with passages before embedding (or a corpus small enough to)
         self.preload: Preload | None = None  # the model loading on the driver, for a small delta
+        self.build_ann = None  # the ANN training as a Ray task on a worker (ann_build.py); None: on the driver
 
 
 def _index(cfg, state: _RunState) -> None:
@@ -134,6 +136,7 @@ def _start(cfg, state: _RunState, store):
             object_store_memory=PIPELINE_OBJECT_STORE_BYTES)
         # Ray before LanceDB loads: Ray forks processes, LanceDB's runtime dislikes forks
         cluster = state.cluster = init_ray(cfg.ray)
+        state.build_ann = builder(cfg, cluster)  # where an ANN training runs; refused here, before any work
         change = rebuild_change(cfg, store)  # another model, chunking or document prompt: every document again
         rebuild = state.rebuild = change is not None
         known = state.known = {} if rebuild else store.content_hashes()
@@ -295,7 +298,6 @@ def _commit(cfg, state: _RunState, store, staged, deletes: list[str]) -> int | N
 
 def _upkeep(cfg, state: _RunState, store, version: int | None) -> None:
     """After the commit: indexes brought up to date (ANN, full text, id), files compacted, old versions cleaned."""
-    from pipelines.index.ann_build import builder
     from pipelines.store import StoreError
 
     report, name = state.report, cfg.storage.passages_table
@@ -303,7 +305,7 @@ def _upkeep(cfg, state: _RunState, store, version: int | None) -> None:
         try:
             report["upkeep"] = store.upkeep(name, index_cfg=cfg.index, maint=cfg.maintenance,
                                             tag=report.get("table_tag"),
-                                            build_ann=builder(cfg, state.cluster)) if version is not None else {}
+                                            build_ann=state.build_ann) if version is not None else {}
         except Exception as exc:
             raise StoreError(f"the commit is published ({name} v{version}), but the index upkeep after it "
                              f"failed: {type(exc).__name__}: {exc}; run the job again to bring the indexes up "
