@@ -4,7 +4,7 @@ the job's driver never holds the training's memory; or the driver itself (``inde
 Reads top to bottom::
 
     builder(cfg, cluster)  → None (build in-process) or build(config): one Ray task, ray.get's its timing
-    _build(storage, config, accelerator) → on the worker: passages.create_index(vector, config), timed
+    _build(storage, config, accelerator) → on the worker: upkeep.train_ann(passages, config), timed
 
 Only a (re)training moves: adding new rows to a trained index, the full-text and id indexes stay in the upkeep.
 
@@ -16,11 +16,8 @@ Example::
 
 from __future__ import annotations
 
-import time
 from collections.abc import Callable
 from typing import Any
-
-from pipelines import schema as S
 
 
 def accelerator(ann, cluster_gpus: float) -> str:
@@ -58,9 +55,9 @@ def _build(storage_cfg, config, device: str) -> dict[str, Any]:
     """On the worker: train and write the vector index of passages; its node, device and seconds."""
     from pipelines.cluster.runtime import node_label
     from pipelines.store import Store
+    from pipelines.store.upkeep import train_ann
 
     if device == "cuda":
         config.accelerator = "cuda"
-    started = time.monotonic()
-    Store(storage_cfg).passages().create_index(S.VECTOR, config=config, replace=True)
-    return {"built_on": node_label(), "accelerator": device, "build_seconds": round(time.monotonic() - started, 3)}
+    seconds = train_ann(Store(storage_cfg).passages(), config)
+    return {"built_on": node_label(), "accelerator": device, "build_seconds": seconds}

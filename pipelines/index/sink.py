@@ -72,11 +72,11 @@ def stage(cfg, state, batches, store, staged=None, *, embedder=None, planned: di
 class Sink:
     """Driver-side end of the stream: splits good from bad rows, catches duplicate ids, counts."""
 
-    def __init__(self, run_id: str, model: str, passage_settings: str | None = None, quarantine=None):
+    def __init__(self, run_id: str, model: str, passage_settings: str | None = None):
         self.run_id, self.model, self.passage_settings = run_id, model, passage_settings
-        # where bad rows go once QUARANTINE_FLUSH_ROWS wait (``Store.append_quarantine``): the driver never holds a
-        # run's bad rows; None keeps them until ``quarantine_table`` (tests, no store)
-        self.quarantine = quarantine
+        # where bad rows go once QUARANTINE_FLUSH_ROWS wait (the index job sets ``Store.append_quarantine``): the
+        # driver never holds a run's bad rows; None keeps them until ``quarantine_table`` (tests, no store)
+        self.quarantine = None
         # id's 64-bit hash -> where its first good row was (source index << 41 | row): ~100 bytes per document, the
         # only per-document state of a first run; a collision (p ~ 3e-8 at 1M ids) would quarantine a good row
         self.seen: dict[int, int] = {}

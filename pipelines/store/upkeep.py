@@ -124,10 +124,7 @@ def ensure_indexes(store, index_cfg, build_ann=None) -> dict[str, Any]:
                       f"{ann.retrain_fraction}")
             config, params = ann_config(kind, index_cfg.metric, ann, n, table.schema.field(S.VECTOR).type.list_size)
             if build_ann is None:
-                started = time.monotonic()
-                table.create_index(S.VECTOR, config=config, replace=True)
-                where = {"built_on": "driver", "accelerator": "cpu",
-                         "build_seconds": round(time.monotonic() - started, 3)}
+                where = {"built_on": "driver", "accelerator": "cpu", "build_seconds": train_ann(table, config)}
             else:
                 where = build_ann(config)
                 table.checkout_latest()
@@ -169,6 +166,14 @@ def ensure_indexes(store, index_cfg, build_ann=None) -> dict[str, Any]:
         table.checkout_latest()
     done["version"] = table.version
     return done
+
+
+def train_ann(table, config) -> float:
+    """Train and write the vector index of ``table`` (replacing any); its seconds. Where it runs is the caller's
+    choice: the upkeep's own process, or a Ray task on a worker (``pipelines/index/ann_build.py``)."""
+    started = time.monotonic()
+    table.create_index(S.VECTOR, config=config, replace=True)
+    return round(time.monotonic() - started, 3)
 
 
 def same_index(stats, kind: str, metric: str) -> bool:
