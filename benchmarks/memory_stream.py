@@ -1,10 +1,12 @@
 """Streaming memory: peak resident memory of an index run, all processes together, against corpus size.
 
     HF_HUB_OFFLINE=1 OMP_WAIT_POLICY=PASSIVE RAY_AUTH_MODE=disabled \
-        .venv/bin/python benchmarks/memory_stream.py [--docs 250000 1000000] [--work DIR]
+        .venv/bin/python benchmarks/memory_stream.py [--docs 250000 1000000] [--night 0.01] [--work DIR]
 
 The issue's criterion: a synthetic corpus of 1,000,000 short documents indexed with a tiny model uses at most
 4 GiB of resident memory, all processes together, and memory does not grow between 250k and 1M documents.
+With ``--night``, also issue 20's: an incremental night on the 1M table with 1% of the documents changed keeps
+the driver's peak within 10% of the 250k full run's, and takes at most 5% of the full run's wall time.
 
 For each N (each run in a fresh process, on a fresh LanceDB folder):
 1. a synthetic corpus of N short documents (8-30 words from a fixed vocabulary, a 2-6 word title, fixed seed) is
@@ -15,7 +17,12 @@ For each N (each run in a fresh process, on a fresh LanceDB folder):
    settings (ANN ivf_hnsw_sq from 50k rows, BM25 on title and text);
 4. a thread here samples, every ``--interval`` seconds, every process of that run: the child (the driver), its
    descendants (gcs_server, raylet, agents, Ray workers and actors) and any process whose command line names the
-   run's Ray session folder. RSS is summed, and so is PSS (``psutil.memory_full_info``, from smaps_rollup).
+   run's Ray session folder. RSS is summed, and so is PSS (``psutil.memory_full_info``, from smaps_rollup);
+5. with ``--night FRACTION``, after the full run: a copy of the corpus (``corpus-N-night<FRACTION>``), streamed
+   line by line, with round(FRACTION × N) documents (drawn with a fixed seed, across all files) given a few more
+   vocabulary words and every other line byte-identical, is indexed in a fresh child against the same LanceDB
+   folder, with the same settings: an incremental run that compares content hashes and embeds only the changed
+   documents (every document is in the copy: the snapshot deletes nothing). It is sampled as in 4.
 
 Which figure the criterion uses: **PSS summed over the processes**. Ray's object store and the shared libraries
 (torch is ~0.5 GiB of shared text per process) are mapped by several processes; summed RSS counts each shared page
@@ -24,8 +31,12 @@ holds. Summed RSS is reported too, as a conservative upper bound, and the verdic
 
 Writes ``benchmarks/results/memory_stream.json`` (per N: peaks in total and per process kind, per job phase
 and per quarter of the run, a downsampled timeline, wall time, docs/s, rows from the job report, the driver's
-per-document structures; and the growth ratio largest N / smallest N) and prints a table. The full timeline of
-each run is kept as CSV in the work dir.
+per-document structures; and the growth ratio largest N / smallest N) and prints a table. With ``--night``, each
+N's entry holds ``night``: the same fields for the incremental run, plus ``changed_docs``, ``wall_ratio_to_full``
+(night wall / full wall), ``driver_peak_ratio_to_smallest_full`` (night driver peak PSS / the smallest N's full
+run's), ``rows_reconcile`` (read = written + unchanged + quarantined) and ``written_matches_changed``; a second
+table and verdict lines give them. The full timeline of each run is kept as CSV in the work dir (the night's
+under ``run-N/night``).
 """
 
 from __future__ import annotations
@@ -91,6 +102,43 @@ def write_corpus(folder: Path, n: int, files: int, seed: int = 0, words: tuple[i
         size += path.stat().st_size
     meta = {"docs": written, "files": files, "seed": seed, "words": list(words), "bytes": size,
             "seconds": round(time.perf_counter() - t0, 1)}
+    marker.write_text(json.dumps(meta))
+    return meta
+
+
+def write_night_corpus(source: Path, folder: Path, fraction: float, seed: int = 1) -> dict:
+    """A copy of the corpus in ``source`` with round(``fraction`` × N) documents changed (a few vocabulary words
+    appended to their text; which ones drawn with a fixed seed, across all files), every other line byte-identical;
+    streamed line by line, every document kept (a snapshot: nothing is deleted). Reused if complete."""
+    src = json.loads((source / "_COMPLETE.json").read_text())
+    marker = folder / "_COMPLETE.json"
+    if marker.exists():
+        meta = json.loads(marker.read_text())
+        if meta.get("source") == src and meta.get("fraction") == fraction and meta.get("seed") == seed:
+            return meta
+    shutil.rmtree(folder, ignore_errors=True)
+    folder.mkdir(parents=True)
+    rng = random.Random(seed)
+    n = src["docs"]
+    changed_at = set(rng.sample(range(n), max(1, round(fraction * n))))  # positions in the corpus: ~1% of 1M ints
+    i = changed = size = 0
+    t0 = time.perf_counter()
+    for path in sorted(source.glob("*.jsonl")):
+        with path.open(encoding="utf-8") as inp, (folder / path.name).open("w", encoding="utf-8") as out:
+            for line in inp:
+                if i in changed_at:
+                    doc = json.loads(line)
+                    doc["text"] += " " + " ".join(rng.choices(VOCAB, k=3))
+                    line = json.dumps(doc) + "\n"
+                    changed += 1
+                out.write(line)
+                i += 1
+        size += (folder / path.name).stat().st_size
+    if i != n:
+        raise SystemExit(f"{source} holds {i:,} documents, its _COMPLETE.json says {n:,}: delete the folder so "
+                         "that the corpus is written again")
+    meta = {"docs": n, "changed": changed, "fraction": fraction, "seed": seed, "source": src, "files": src["files"],
+            "words": src["words"], "bytes": size, "seconds": round(time.perf_counter() - t0, 1)}
     marker.write_text(json.dumps(meta))
     return meta
 
@@ -255,9 +303,12 @@ def _deep_size(obj) -> int:
 def _driver_structures(state) -> dict:
     sink = state.sink
     out = {}
-    for name, obj in (("sink.seen", sink.seen), ("sink.seen_ids", sink.seen_ids),
-                      ("sink.written_ids", sink.written_ids), ("sink.delete_markers", sink.delete_markers),
-                      ("state.known", state.known)):
+    # the per-document state is the id state's (pipelines/index/ids.py): in the driver for a small corpus, else
+    # Ray actors (its counts are in the report's id_state); these are the delta-sized sets the driver keeps
+    table = getattr(state.ids, "table", None)  # LocalIds: the state is in the driver
+    held = [("ids.first", table.first), ("ids.known", table.known), ("ids.seen", table.seen)] if table else []
+    for name, obj in (*held, ("sink.written_ids", sink.written_ids), ("sink.changed", sink.changed),
+                      ("sink.delete_markers", sink.delete_markers)):
         out[name] = {"items": len(obj), "mib": round(_deep_size(obj) / MIB, 1)}
     out["sink._bad (quarantine rows held)"] = {"items": sum(t.num_rows for t in sink._bad),
                                                "mib": round(sum(t.nbytes for t in sink._bad) / MIB, 1)}
@@ -434,6 +485,7 @@ class Events:
 # one measured run
 # ---------------------------------------------------------------------------------------------------------------
 def measure(n: int, args, model: Path) -> dict:
+    """The full run of N documents, on a fresh LanceDB folder."""
     work = Path(args.work)
     corpus = work / f"corpus-{n}"
     print(f"[{n:,} docs] corpus ...", flush=True)
@@ -442,10 +494,41 @@ def measure(n: int, args, model: Path) -> dict:
     run_dir = work / f"run-{n}"
     shutil.rmtree(run_dir, ignore_errors=True)
     run_dir.mkdir(parents=True)
-    cfg_path, result_path = run_dir / "config.yaml", run_dir / "result.json"
+    sampler, events, result, wall = _run_child(f"[{n:,} docs]", run_dir, make_config(run_dir, corpus, model, args),
+                                               args)
+    return summarise(n, meta, sampler, events, result, wall, run_dir)
+
+
+def measure_night(n: int, args, model: Path, full: dict) -> dict:
+    """The incremental night after the full run of N: the same settings and LanceDB folder (``run-N/db``), on a
+    copy of the corpus with ``--night`` of its documents changed; sampled as the full run is."""
+    work, run_dir = Path(args.work), Path(args.work) / f"run-{n}"
+    corpus = work / f"corpus-{n}-night{args.night:g}"
+    label = f"[{n:,} docs, night {args.night:g}]"
+    print(f"{label} corpus ...", flush=True)
+    meta = write_night_corpus(work / f"corpus-{n}", corpus, args.night)
+    print(f"{label} corpus: {meta['changed']:,} of {meta['docs']:,} documents changed", flush=True)
+    night_dir = run_dir / "night"
+    shutil.rmtree(night_dir, ignore_errors=True)
+    night_dir.mkdir(parents=True)
+    # make_config(run_dir, ...): the full run's storage and report folders; only the corpus path differs
+    sampler, events, result, wall = _run_child(label, night_dir, make_config(run_dir, corpus, model, args), args)
+    r = summarise(n, meta, sampler, events, result, wall, night_dir)
+    rows = r["rows"]
+    r["changed_docs"] = meta["changed"]
+    r["wall_ratio_to_full"] = round(wall / full["wall_seconds"], 4) if full["wall_seconds"] else None
+    r["rows_reconcile"] = rows["read"] == rows["written"] + rows["unchanged"] + rows["quarantined"]
+    r["written_matches_changed"] = rows["written"] == meta["changed"]
+    return r
+
+
+def _run_child(label: str, run_dir: Path, cfg: dict, args) -> tuple[Sampler, Events, dict, float]:
+    """One index run in a fresh child process (config.yaml, result.json, child.log, timeline.csv in ``run_dir``),
+    every process of it sampled; returns (sampler, events, the child's result, wall seconds)."""
     import yaml
 
-    cfg_path.write_text(yaml.safe_dump(make_config(run_dir, corpus, model, args)))
+    cfg_path, result_path = run_dir / "config.yaml", run_dir / "result.json"
+    cfg_path.write_text(yaml.safe_dump(cfg))
     cmd = [sys.executable, str(Path(__file__).resolve()), "_child", str(cfg_path), str(result_path)]
     env = dict(os.environ, PYTHONUNBUFFERED="1", RAY_DEDUP_LOGS="0")
     t0 = time.time()
@@ -457,7 +540,7 @@ def measure(n: int, args, model: Path) -> dict:
     try:
         rc = proc.wait(timeout=args.timeout)
     except subprocess.TimeoutExpired:
-        print(f"[{n:,} docs] timed out after {args.timeout}s: stopping the run", flush=True)
+        print(f"{label} timed out after {args.timeout}s: stopping the run", flush=True)
         os.killpg(proc.pid, signal.SIGTERM)
         rc = proc.wait()
     wall = time.time() - t0
@@ -467,11 +550,10 @@ def measure(n: int, args, model: Path) -> dict:
     _reap(sampler)
     if rc != 0 or not result_path.exists():
         tail = (run_dir / "child.log").read_text().splitlines()[-30:]
-        raise SystemExit(f"[{n:,} docs] the index run failed (exit {rc}); log {run_dir / 'child.log'}:\n"
+        raise SystemExit(f"{label} the index run failed (exit {rc}); log {run_dir / 'child.log'}:\n"
                          + "\n".join(tail))
-    result = json.loads(result_path.read_text())
     _write_csv(run_dir / "timeline.csv", sampler.samples)
-    return summarise(n, meta, sampler, events, result, wall, run_dir)
+    return sampler, events, json.loads(result_path.read_text()), wall
 
 
 def _reap(sampler: Sampler) -> None:
@@ -544,11 +626,13 @@ def summarise(n, meta, sampler, events, result, wall, run_dir) -> dict:
         "docs": n,
         "corpus": {"files": meta["files"], "mib": round(meta["bytes"] / MIB, 1), "words": meta["words"]},
         "status": rep["status"],
+        "mode": rep.get("mode"),
         "wall_seconds": round(wall, 1),
         "docs_per_second_wall": round(written / wall, 1) if wall else None,
         "docs_per_second_pipeline": rep.get("docs_per_second"),
         "job_seconds": rep.get("seconds"),
         "rows": rep["rows"],
+        "documents": rep.get("documents"),
         "plan": rep.get("plan"),
         "indexes": rep.get("indexes"),
         "peak": peak,
@@ -587,7 +671,12 @@ def main() -> None:
     ap.add_argument("--timeout", type=float, default=4 * 3600, help="seconds per run before it is stopped")
     ap.add_argument("--out", default=str(ROOT / "benchmarks/results/memory_stream.json"))
     ap.add_argument("--quiet", action="store_true", help="do not echo the runs' progress lines")
+    ap.add_argument("--night", type=float, default=0.0, metavar="FRACTION",
+                    help="after each full run, an incremental run on the same table with this share of the "
+                         "documents changed (e.g. 0.01); 0: none")
     args = ap.parse_args()
+    if not 0 <= args.night < 1:
+        ap.error(f"--night is the share of documents changed, 0 <= FRACTION < 1 (got {args.night}); e.g. 0.01")
 
     work = Path(args.work)
     work.mkdir(parents=True, exist_ok=True)
@@ -602,6 +691,12 @@ def main() -> None:
         runs.append(r)
         print(f"[{n:,} docs] {r['status']}: peak PSS {r['peak']['pss_mib']:,.0f} MiB, RSS {r['peak']['rss_mib']:,.0f} "
               f"MiB, {r['wall_seconds']:,.0f} s, {r['docs_per_second_wall']:,.0f} docs/s", flush=True)
+        if args.night:
+            night = r["night"] = measure_night(n, args, model, r)
+            print(f"[{n:,} docs, night {args.night:g}] {night['status']} ({night['mode']}): {night['changed_docs']:,} "
+                  f"changed, {night['rows']['written']:,} written; driver peak PSS "
+                  f"{night['peak_per_kind']['driver']['pss_mib']:,.0f} MiB, {night['wall_seconds']:,.0f} s "
+                  f"({night['wall_ratio_to_full']:.1%} of the full run)", flush=True)
 
     small, big = min(runs, key=lambda r: r["docs"]), max(runs, key=lambda r: r["docs"])
     growth = {
@@ -609,8 +704,8 @@ def main() -> None:
         "pss": round(big["peak"]["pss_mib"] / small["peak"]["pss_mib"], 3),
         "rss": round(big["peak"]["rss_mib"] / small["peak"]["rss_mib"], 3),
         "driver_pss": round(big["peak_per_kind"]["driver"]["pss_mib"] / small["peak_per_kind"]["driver"]["pss_mib"], 3),
-        "per_kind_pss_mib_delta": {k: round(big["peak_per_kind"][k]["pss_mib"] - small["peak_per_kind"][k]["pss_mib"], 1)
-                                   for k in KINDS},
+        "per_kind_pss_mib_delta": {k: round(big["peak_per_kind"][k]["pss_mib"]
+                                            - small["peak_per_kind"][k]["pss_mib"], 1) for k in KINDS},
     }
     verdict = {
         "criterion": f"peak resident memory, all processes together (summed PSS) <= {LIMIT_GIB} GiB at every N, "
@@ -620,6 +715,21 @@ def main() -> None:
         "no_growth_pss": growth["pss"] <= 1.10,
         "no_growth_rss": growth["rss"] <= 1.10,
     }
+    nights = [r["night"] for r in runs if "night" in r]
+    small_driver = small["peak_per_kind"]["driver"]["pss_mib"]
+    for night in nights:
+        night["driver_peak_ratio_to_smallest_full"] = round(night["peak_per_kind"]["driver"]["pss_mib"]
+                                                            / small_driver, 3)
+    if nights:
+        verdict.update({
+            "night_criterion": f"an incremental night with {args.night:g} of the documents changed: driver peak "
+                               f"PSS within 10% of the smallest full run's ({small['docs']:,} docs), wall time "
+                               "<= 5% of its own full run's; rows read = written + unchanged + quarantined, and "
+                               "written = the changed documents",
+            "night_driver_within_10pct": all(x["driver_peak_ratio_to_smallest_full"] <= 1.10 for x in nights),
+            "night_wall_within_5pct": all(x["wall_ratio_to_full"] <= 0.05 for x in nights),
+            "night_rows_reconcile": all(x["rows_reconcile"] and x["written_matches_changed"] for x in nights),
+        })
     import platform
 
     out = {
@@ -627,9 +737,10 @@ def main() -> None:
         "command": "python benchmarks/memory_stream.py " + " ".join(sys.argv[1:]),
         "machine": {"cpus": os.cpu_count(), "platform": platform.platform(), "python": platform.python_version()},
         "model": "tiny random BERT (hidden 32, 2 layers, 32-d vectors)",
-        "settings": {"ann_min_rows": args.ann_min_rows, "actors": args.actors, "batch_size": args.batch_size, "rows_per_call": args.rows_per_call,
+        "settings": {"ann_min_rows": args.ann_min_rows, "actors": args.actors, "batch_size": args.batch_size,
+                     "rows_per_call": args.rows_per_call,
                      "num_cpus": args.num_cpus, "interval_s": args.interval, "files": args.files,
-                     "words": args.words},
+                     "words": args.words, "night": args.night},
         "measure": "every process of the run (driver, its descendants, and any process naming the run's Ray "
                    "session folder) sampled every interval; PSS from smaps_rollup (shared pages split between the "
                    "processes that map them), RSS summed (shared pages counted once per process: an upper bound)",
@@ -646,12 +757,30 @@ def main() -> None:
     for r in runs:
         k = r["peak_per_kind"]
         print(f"{r['docs']:>10,} {r['peak']['pss_mib']:>13,.0f} {r['peak']['rss_mib']:>13,.0f} "
-              f"{k['driver']['pss_mib']:>11,.0f} {k['embed_actors']['pss_mib']:>13,.0f} {k['ray_workers']['pss_mib']:>12,.0f} "
+              f"{k['driver']['pss_mib']:>11,.0f} {k['embed_actors']['pss_mib']:>13,.0f} "
+              f"{k['ray_workers']['pss_mib']:>12,.0f} "
               f"{r['object_store_peak_mib']['used']:>10,.0f} "
               f"{r['wall_seconds']:>8,.0f} {r['docs_per_second_wall']:>8,.0f} {r['rows']['written']:>10,} "
               f"{r['peak']['phase_at_peak']:>14}")
     print(f"growth {small['docs']:,} -> {big['docs']:,}: PSS x{growth['pss']}, RSS x{growth['rss']}, "
           f"driver PSS x{growth['driver_pss']}")
+    if nights:
+        print()
+        print(f"{'night of':>10} {'changed':>8} {'mode':>12} {'driver PSS':>11} {'x smallest':>11} "
+              f"{'peak PSS MiB':>13} {'wall s':>8} {'x full':>7} {'read':>10} {'written':>8} {'unchanged':>10} "
+              f"{'quar.':>6} {'reconciled':>10} {'w=changed':>10}")
+        for r in runs:
+            if x := r.get("night"):
+                w = x["rows"]
+                print(f"{r['docs']:>10,} {x['changed_docs']:>8,} {x['mode']!s:>12} "
+                      f"{x['peak_per_kind']['driver']['pss_mib']:>11,.0f} "
+                      f"{x['driver_peak_ratio_to_smallest_full']:>11.3f} "
+                      f"{x['peak']['pss_mib']:>13,.0f} {x['wall_seconds']:>8,.1f} {x['wall_ratio_to_full']:>7.1%} "
+                      f"{w['read']:>10,} {w['written']:>8,} {w['unchanged']:>10,} {w['quarantined']:>6,} "
+                      f"{x['rows_reconcile']!s:>10} {x['written_matches_changed']!s:>10}")
+        print(f"night driver peak within 10% of the {small['docs']:,}-doc full run's "
+              f"({small_driver:,.0f} MiB): {verdict['night_driver_within_10pct']}")
+        print(f"night wall <= 5% of the full run's: {verdict['night_wall_within_5pct']}")
     print("verdict:", json.dumps(verdict))
     print(f"wrote {args.out}")
 

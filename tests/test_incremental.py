@@ -19,8 +19,12 @@ def _passages(cfg, version=None) -> dict[str, dict]:
     return {r["id"]: r for r in Store(cfg.storage).passages(version).to_arrow().to_pylist()}
 
 
-@pytest.mark.parametrize("embedded_on", ["driver", "actors"])
-def test_one_changed_document_is_the_only_one_embedded(tmp_path, make_config, embedded_on):
+@pytest.mark.parametrize("embedded_on,second_read", [("driver", False), ("actors", False), ("actors", True)])
+def test_one_changed_document_is_the_only_one_embedded(tmp_path, make_config, embedded_on, second_read, monkeypatch):
+    import pipelines.index.job as index_job
+
+    if second_read:  # the plan keeps no row: the embedding reads the corpus again, keeping the planned ones
+        monkeypatch.setattr(index_job, "KEEP_PLANNED_BYTES", 0)
     docs = good_docs(40)
     write_jsonl(tmp_path / "c.jsonl", docs)
     cfg = make_config(tmp_path / "c.jsonl", embed={"local_max_rows": 500 if embedded_on == "driver" else 0})
@@ -30,7 +34,8 @@ def test_one_changed_document_is_the_only_one_embedded(tmp_path, make_config, em
     write_jsonl(tmp_path / "c.jsonl", docs)
     second = run(cfg)
     assert second["mode"] == "incremental"
-    assert second["plan"] == {"embed": 1, "unchanged": 39, "delete": 0, "embedded_on": embedded_on}
+    assert second["plan"] == {"embed": 1, "unchanged": 39, "delete": 0, "embedded_on": embedded_on,
+                              "second_read": second_read}
     assert second["rows"] == {"read": 40, "written": 1, "unchanged": 39, "delete_markers": 0, "quarantined": 0,
                               "reconciled": True}
     assert second["documents"] == {"added": 0, "updated": 1, "deleted": 0}
@@ -134,19 +139,20 @@ def test_upkeep_updates_indexes_retrains_compacts_and_keeps_tagged_versions(tmp_
     write_jsonl(tmp_path / "c.jsonl", docs)
     second = run(cfg)  # 1 of 300 changed: added to the trained index, no retraining
     assert second["indexes"]["ann"] == {"type": "ivf_flat", "built": False, "rows_added_to_index": 1,
-                                        "changed_since_training": 1}
+                                        "changed_since_training": 1, "segments": 2}  # the new row's own segment
     assert second["indexes"]["fts"]["text"]["rows_added_to_index"]
     assert store.passages().index_stats("vector_idx").num_unindexed_rows == 0
 
     for i in range(2, 20):  # 18 more: 19 of 300 > 5% since training, so the ANN index is trained again
         docs[i]["text"] = f"changed {i}"
     write_jsonl(tmp_path / "c.jsonl", docs)
-    cfg.index.ann = cfg.index.ann.model_copy(update={"build_on": "driver"})
+    cfg.index.ann = cfg.index.ann.model_copy(update={"build_on": "driver"})  # in the upkeep's own process ...
+    cfg.maintenance = cfg.maintenance.model_copy(update={"table_work_on": "driver"})  # ... the driver's
     third = run(cfg)
     assert third["indexes"]["ann"]["built"] is True and "retrain_fraction" in third["indexes"]["ann"]["reason"]
     assert third["indexes"]["ann"]["built_on"] == "driver"
-    assert third["upkeep"]["compaction"]["compacted"] is True  # more than 2 data files
-    assert store.passages().stats()["fragment_stats"]["num_fragments"] <= 2
+    assert third["upkeep"]["compaction"]["compacted"] is True, third["upkeep"]  # more than 2 data files
+    assert store.passages().stats()["fragment_stats"]["num_fragments"] <= 2, (third["upkeep"], store.passages().stats())
     # version cleanup (retention 0): untagged versions go, tagged ones stay readable
     versions = [v["version"] for v in store.passages().list_versions()]
     tags = store.passages().tags.list()
@@ -189,3 +195,23 @@ def test_a_gpu_index_build_on_a_cluster_without_a_gpu_is_refused_before_any_work
     with pytest.raises(ValueError, match="has no GPU; add a GPU node or set index.ann.accelerator: auto"):
         run(cfg)
     assert Store(cfg.storage).open(cfg.storage.passages_table) is None  # nothing was embedded or written
+
+
+def test_new_rows_join_the_ann_index_as_segments_until_max_segments(tmp_path, make_config):
+    docs = good_docs(300)
+    write_jsonl(tmp_path / "c.jsonl", docs)
+    cfg = make_config(tmp_path / "c.jsonl", index={"ann": {"type": "ivf_flat", "min_rows": 0, "max_segments": 2}})
+    assert run(cfg)["indexes"]["ann"]["built"] is True
+    docs[1]["text"] = "changed once"
+    write_jsonl(tmp_path / "c.jsonl", docs)
+    second = run(cfg)["indexes"]["ann"]
+    assert second["built"] is False and second["segments"] == 2  # the new row's own segment, nothing rebuilt
+    store = Store(cfg.storage)
+    assert store.passages().index_stats("vector_idx").num_indices == 2
+    vector = _passages(cfg)["d1"]["vector"]
+    assert store.search(vector, k=1, index_cfg=cfg.index)["id"].to_pylist() == ["d1"]  # found through its segment
+    docs[2]["text"] = "changed twice"
+    write_jsonl(tmp_path / "c.jsonl", docs)
+    third = run(cfg)["indexes"]["ann"]
+    assert third["built"] is True and "max_segments" in third["reason"]
+    assert store.passages().index_stats("vector_idx").num_indices == 1

@@ -183,7 +183,7 @@ def _read_and_account(cfg, rows_in: int | None, *, changes: bool = False) -> lis
     sink = _Sink("run", "model")
     todo: dict[str, str] = {}
     for t in tables:
-        todo.update(sink.plan(t, {}))
+        todo.update(sink.plan(t))
     good = [r for r in rows if r[S.REASON_CODE] is None]
     seen: set[str] = set()
     duplicates = 0

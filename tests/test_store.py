@@ -165,7 +165,7 @@ def test_ann_training_device_and_the_refusals_that_name_the_fix(cfg):
     from pydantic import ValidationError
 
     from pipelines.cluster.runtime import Cluster
-    from pipelines.index.ann_build import accelerator, builder
+    from pipelines.index.table_work import accelerator, builder
 
     ann = cfg.index.ann.model_validate
     assert accelerator(ann({"type": "ivf_pq"}), cluster_gpus=1) == "cuda"

@@ -75,6 +75,12 @@ class CorpusConfig(_Section):
         False, description="snapshot mode: when some input rows or files could not be read (no id to be had), a "
                            "document absent from the snapshot may be one of them, so deletions are withheld (and a "
                            "model change refused); true deletes every absent id anyway")
+    id_shards: int | None = Field(
+        None, ge=0, le=64,
+        description="Ray actors holding an index run's per-document state (duplicate ids, what passages holds, what "
+                    "the input holds), each one range of id hashes, so that the driver's memory does not grow with the "
+                    "corpus; null: in the driver for a corpus of at most 16 MiB and a table of at most 100,000 rows, "
+                    "else one per 4 cluster CPUs (at least 2); 0: always in the driver")
 
     @field_validator("metadata_fields")
     @classmethod
@@ -206,13 +212,16 @@ class AnnConfig(_Section):
     retrain_fraction: float = Field(0.2, gt=0, description="retrain the ANN index once the rows added or changed "
                                                            "since its training pass this share of the table; below "
                                                            "it, new rows are added to the trained index")
+    max_segments: int = Field(8, gt=0, description="new rows join the trained ANN index as a segment of their own (the "
+                                                   "cost of the new rows, not of the table; a query searches every "
+                                                   "segment); with this many segments, the index is trained anew")
     sample_rate: int = Field(256, gt=0, description="vectors sampled per partition to train the index: training reads "
                                                     "at most num_partitions x sample_rate vectors, whatever the "
                                                     "table's size")
     build_on: Literal["worker", "driver"] = Field(
-        "worker", description="where a (re)training of the ANN index runs: worker (a Ray task, on a node with a GPU "
-                              "when accelerator asks for one; the driver stays small) or driver (in the job's own "
-                              "process)")
+        "worker", description="where a (re)training of the ANN index runs: worker (a Ray task of its own, on a node "
+                              "with a GPU when accelerator asks for one) or driver (in the upkeep's own process: the "
+                              "job's driver, or its worker with maintenance.table_work_on: worker)")
     accelerator: Literal["auto", "cpu", "cuda"] = Field(
         "auto", description="train the ANN index on a GPU: cuda (needs type ivf_pq, LanceDB's GPU build, and a GPU in "
                             "the cluster), auto (cuda for ivf_pq when the cluster has a GPU, else cpu), cpu")
@@ -241,6 +250,11 @@ class MaintenanceConfig(_Section):
     """Table upkeep after each commit: compaction, old-version cleanup, expiry of batchrank's own tags."""
 
     max_fragments: int = Field(32, gt=0, description="compact a table whose data files exceed this count")
+    table_work_on: Literal["auto", "worker", "driver"] = Field(
+        "auto", description="where the index job's commit and the upkeep after it run (compaction, full-text and id "
+                            "indexes, new rows added to the ANN index): worker (Ray tasks: the driver's memory does "
+                            "not grow with the table), driver (the job's own process), or auto (driver for a corpus "
+                            "of at most 16 MiB and a table of at most 100,000 rows, else worker)")
     version_retention_days: float = Field(7.0, ge=0, description="delete untagged versions older than this "
                                                                  "(never the latest, a tagged one, or one a run "
                                                                  "in progress reads)")

@@ -155,6 +155,17 @@ def read_local(cfg, *, max_bytes: int | None = None) -> Iterator[pa.Table] | Non
     return _read_files([f for f, _ in found], fmt, spec, cfg.corpus.rows_per_block, options)
 
 
+def corpus_size(cfg) -> int | None:
+    """Bytes of the corpus's input files (None: a Lance dataset, or a folder on an object store)."""
+    options = cfg.storage.storage_options
+    paths = expand_paths(cfg.corpus.path, options)
+    fmt = cfg.corpus.format if cfg.corpus.format != "auto" else detect_format(paths)
+    if fmt not in ("jsonl", "csv", "parquet"):
+        return None
+    found = _local_files(paths, fmt, options)
+    return None if found is None else sum(size for _, size in found)
+
+
 def _read_files(paths: list[str], fmt: str, spec: RowSpec, rows: int, options=None) -> Iterator[pa.Table]:
     for path in paths:
         with open_path(path, random_access=fmt == "parquet", options=options) as stream:

@@ -8,7 +8,8 @@ Reads top to bottom::
     show_id                an id cut for the report and messages
     rebuild_change         whether a run rebuilds passages (another model, chunking or document prompt), and why
 
-``state`` is the index run's state: its sink (the ids seen, delete markers, unreadable rows) and its report.
+``state`` is the index run's state: its id state (ids.py: what passages holds, the ids the input holds), its sink
+(delete markers, unreadable rows), the count of documents passages held, and its report.
 """
 
 from __future__ import annotations
@@ -18,16 +19,19 @@ import logging
 log = logging.getLogger("batchrank.index")
 
 
-def deletions(cfg, state, known: dict[str, str]) -> list[str]:
+def deletions(cfg, state) -> list[str]:
     """Ids to remove from passages: those a snapshot no longer holds, or those a change feed marks deleted.
     A snapshot missing more than ``corpus.max_delete_fraction`` of the table is refused (a truncated file); one
     with rows that could not be read (no id to be had: a torn line, an unreadable file) proves no absence, so its
     deletions are withheld (``corpus.delete_despite_unreadable`` allows them)."""
-    c, sink = cfg.corpus, state.sink
+    from pipelines.index.ids import id_hash
+
+    c, sink, ids = cfg.corpus, state.sink, state.ids
     if c.mode == "changes":
-        return sorted(i for i in sink.delete_markers if i in known)
-    gone = sorted(set(known) - sink.seen_ids)
-    check_delete_fraction(cfg, len(gone), len(known), "the corpus snapshot lacks")
+        marked = sorted(sink.delete_markers)
+        return [i for i, held in zip(marked, ids.known_ids([id_hash(i) for i in marked])) if held]
+    gone = ids.gone("seen")  # the known ids no input row held (the id state's: actors for a large table)
+    check_delete_fraction(cfg, len(gone), state.known, "the corpus snapshot lacks")
     if gone and sink.unidentified and not c.delete_despite_unreadable:
         state.report["deletions_withheld"] = {
             "documents": len(gone), "ids_sample": [show_id(i) for i in gone[:20]],

@@ -13,7 +13,8 @@ Reads top to bottom (``_index``)::
                      → quarantine
     _commit          one merge_insert commit to passages by passage id, a changed document's leftover passages and
                      the deleted documents' removed in it (overwrite on a rebuild), tagged with the run id
-    _upkeep          ANN + full-text indexes brought up to date, compaction, old versions cleaned
+    _upkeep          ANN + full-text indexes brought up to date, compaction, old versions cleaned (a Ray task on a
+                     worker, table_work.py)
     → report: documents read = written + unchanged + quarantined; passage rows written (summary.py)
 
 Example::
@@ -24,6 +25,7 @@ Example::
 
 from __future__ import annotations
 
+import contextlib
 import logging
 from typing import Any
 
@@ -31,8 +33,9 @@ from pipelines import runs
 from pipelines import schema as S
 from pipelines.cluster.runtime import READ_CPUS
 from pipelines.faults import maybe_fail
-from pipelines.index.ann_build import builder
+from pipelines.index.table_work import builder, committer, upkeeper
 from pipelines.index.deletions import deletions, rebuild_change, rebuild_deletions, show_id
+from pipelines.index.ids import id_state, small_run
 from pipelines.index.local import Preload, local_embedder
 from pipelines.index.resume import (
     drop_stale_resumed,
@@ -51,6 +54,9 @@ __all__ = ["FLUSH_ROWS", "FLUSH_SECONDS", "run", "summary"]  # the flush sizes s
 log = logging.getLogger("batchrank.index")
 LOCAL_READ_BYTES = 256 << 20  # an incremental run reads a corpus up to this size in-process (no read tasks)
 FIRST_PLAN_BYTES = 1 << 20  # a first run plans (and may embed on the driver) only a corpus this small
+# The plan keeps the new and changed rows it finds up to this size (the delta's, not the corpus's), so that their
+# embedding needs no second read of the corpus (at 1M short documents, reading and checking them took ~25 s)
+KEEP_PLANNED_BYTES = 64 << 20
 # Small blocks (Ray Data's default is 128 MiB) keep every embedding actor fed, progress live and
 # driver memory flat; a block of 64 rows with 384-d vectors is about 100 KiB.
 BLOCK_BYTES = 256 * 1024
@@ -83,12 +89,16 @@ class _RunState:
         self.run = run if run is not None else runs.Run("index", run_id, save=False, report={})
         self.run_id, self.report, self.timer = run_id, self.run.report, self.run.timer
         self.sink = Sink(run_id, model, passage_settings)
-        self.known: dict[str, str] = {}  # {id: content hash} in passages when the run started
+        self.ids = self.sink.ids  # the per-document state (ids.py): in the driver, or Ray actors for a large corpus
+        self.known = 0  # documents passages held when the run started
+        self.updated = 0  # documents of passages written again (changed, or re-embedded by a rebuild)
         self.cluster = None
         self.rebuild = False  # the model changed: every document is embedded again, then one overwrite
         self.plan_first = False  # compare with passages before embedding (or a corpus small enough to)
         self.preload: Preload | None = None  # the model loading on the driver, for a small delta
-        self.build_ann = None  # the ANN training as a Ray task on a worker (ann_build.py); None: on the driver
+        self.build_ann = None  # the ANN training as a Ray task on a worker (table_work.py); None: in the upkeep's
+        self.commit = None  # the commit as a Ray task on a worker (table_work.py); None: on the driver
+        self.upkeep = None  # the upkeep as a Ray task on a worker (table_work.py); None: on the driver
 
 
 def _index(cfg, state: _RunState) -> None:
@@ -110,6 +120,9 @@ def _index(cfg, state: _RunState) -> None:
         # A failed run keeps its staging table: the next run (holding the lock) resumes from it.
         if state.preload is not None:
             state.preload.discard()
+        with contextlib.suppress(Exception):  # a lost shard: the run's own error is the one to raise
+            state.report.setdefault("id_state", {}).update(documents=state.ids.counts())
+        state.ids.close()
 
 
 def _start(cfg, state: _RunState, store):
@@ -139,19 +152,32 @@ def _start(cfg, state: _RunState, store):
         state.build_ann = builder(cfg, cluster)  # where an ANN training runs; refused here, before any work
         change = rebuild_change(cfg, store)  # another model, chunking or document prompt: every document again
         rebuild = state.rebuild = change is not None
-        known = state.known = {} if rebuild else store.content_hashes()
+        # what passages holds, by id hash, in the id state (actors for a large corpus): never all in the driver
+        small = small_run(cfg, store)  # the state and table work stay in the driver: nothing to spare there
+        state.ids = state.sink.ids = id_state(cfg, cluster, small=small, track_written=rebuild)
+        state.sink.compare = not rebuild
+        state.known = state.ids.load_known(store)
+        known = state.known and not rebuild
+        # Ray tasks for the table work of a large run. An incremental commit stays here: it writes the delta and
+        # reads only the fragments holding a changed id (staging.delete_and_append), so its memory follows the night
+        state.commit = committer(cfg, cluster, small or bool(known))
+        state.upkeep = upkeeper(cfg, cluster, small)
         report["mode"] = "rebuild" if rebuild else "incremental" if known else "full"
+        report["id_state"] = {"in": state.ids.where, "shards": state.ids.shards}
+        report["table_work_on"] = {"commit": "worker" if state.commit is not None else "driver",
+                                   "upkeep": "worker" if state.upkeep is not None else "driver"}
         report.update(change or {})
         report["cluster"] = {"address": cluster.address, "nodes": cluster.nodes, "cpus": cluster.cpus,
                              "gpus": cluster.gpus}
-        # A small delta is embedded right here: the model loads while the corpus is compared.
-        state.preload = Preload(cfg) if known and e.local_max_rows else None
+        # A small delta is embedded right here: for a small run the model loads while the corpus is compared; a
+        # large one loads it once the plan says the delta is small (its driver stays without a model otherwise)
+        state.preload = Preload(cfg) if known and e.local_max_rows and small else None
         # Plan first (compare, then embed only what the plan says) when there is something to compare with, or
         # when the corpus is tiny: the plan costs little and a tiny corpus then needs no actor pool. A first run
         # (or a rebuild) of anything larger streams in one pass, holding nothing per document but its id's hash.
         state.plan_first = bool(known) or read_local(cfg, max_bytes=FIRST_PLAN_BYTES) is not None
         staged = resume(cfg, state, store)
-        state.sink.track_ids = state.plan_first or rebuild or bool(state.sink.done)
+        state.sink.keep_written = state.plan_first
     log.info("run %s: indexing %s into %s/%s (%s)", state.run_id, redact_uri(str(cfg.corpus.path)),
              redact_uri(cfg.storage.uri), name, report["mode"])
     return staged
@@ -164,14 +190,15 @@ def _plan_and_embed(cfg, state: _RunState, store, staged):
 
     sink, report = state.sink, state.report
     with state.timer("plan"), Progress("compare", unit="docs") as progress:
-        todo = _plan(cfg, sink, state.known, progress)
+        todo, kept = _plan(cfg, sink, progress)
     resume_planned(state, staged, todo)
-    deletes = deletions(cfg, state, state.known) if state.known else []
+    deletes = deletions(cfg, state) if state.known and not state.rebuild else []
     report["plan"] = {"embed": len(todo), "unchanged": sink.rows_unchanged, "delete": len(deletes)}
     if todo:
         local = len(todo) <= cfg.embed.local_max_rows
         report["plan"]["embedded_on"] = "driver" if local else "actors"
-        batches = _planned_batches(cfg, state, todo, local)
+        report["plan"]["second_read"] = kept is None  # the planned rows did not fit KEEP_PLANNED_BYTES
+        batches = _planned_batches(cfg, state, todo, local, kept)
         embedder = local_embedder(cfg, state.preload) if local else None
         staged = stage(cfg, state, batches, store, staged, embedder=embedder, planned=todo)
         missing = set(todo) - sink.written_ids - sink.empty_ids
@@ -182,27 +209,51 @@ def _plan_and_embed(cfg, state: _RunState, store, staged):
     return staged, deletes
 
 
-def _plan(cfg, sink: Sink, known: dict[str, str], progress) -> dict[str, str]:
+def _plan(cfg, sink: Sink, progress) -> tuple[dict[str, str], list | None]:
     """First pass: compare every corpus row with ``passages`` by id and content hash, embedding nothing; count and
-    quarantine; return {id: content hash} of the new and changed documents. A corpus of at most
+    quarantine. Returns ({id: content hash} of the new and changed documents, their rows while they fit in
+    ``KEEP_PLANNED_BYTES``, else None: the embedding then reads the corpus a second time). A corpus of at most
     ``LOCAL_READ_BYTES`` is read right here (read tasks would cost more than the reading), a larger one by Ray."""
     from pipelines.index.corpus import read_local
 
     batches = read_local(cfg, max_bytes=LOCAL_READ_BYTES)
     if batches is None:
-        batches = _read(cfg).drop_columns([S.EMBED_INPUT]).iter_batches(batch_format="pyarrow", batch_size=None,
-                                                                       prefetch_batches=1)
+        batches = _read(cfg).iter_batches(batch_format="pyarrow", batch_size=None, prefetch_batches=1)
     todo: dict[str, str] = {}
+    kept: list | None = []
+    size = 0
     for batch in batches:
-        todo.update(sink.plan(batch, known))
+        planned = sink.plan(batch)
+        todo.update(planned)
+        if planned and kept is not None:
+            rows = keep_planned(batch, planned)
+            size += rows.nbytes
+            if size <= KEEP_PLANNED_BYTES:
+                kept.append(rows)
+            else:
+                kept = None
         progress.update(batch.num_rows)
-    return todo
+    return todo, kept
 
 
-def _planned_batches(cfg, state: _RunState, todo: dict[str, str], local: bool):
-    """Second pass: the corpus again, only the planned rows; embedded by the actor pool unless ``local``."""
+def _planned_batches(cfg, state: _RunState, todo: dict[str, str], local: bool, kept: list | None):
+    """The planned rows, as the plan kept them or read again from the corpus; embedded by the actor pool unless
+    ``local``."""
+    import pyarrow as pa
+
     from pipelines.index.corpus import read_local
 
+    if kept is not None:  # what the plan kept (resume_planned may have taken some since), in blocks of one call
+        rows = pa.concat_tables(kept) if kept else None
+        rows = keep_planned(rows, todo) if rows is not None else None
+        step = cfg.embed.rows_per_call
+        blocks = [rows.slice(i, step) for i in range(0, rows.num_rows, step)] if rows is not None else []
+        if local or not blocks:
+            return iter(blocks)
+        import ray.data
+
+        return _embed_with_actors(cfg, ray.data.from_arrow(blocks), state).iter_batches(
+            batch_format="pyarrow", batch_size=None, prefetch_batches=1)
     batches = read_local(cfg, max_bytes=LOCAL_READ_BYTES) if local else None
     if batches is not None:  # a small delta of a small corpus: no Ray at all
         return (keep_planned(b, todo) for b in batches)
@@ -266,8 +317,7 @@ def _commit(cfg, state: _RunState, store, staged, deletes: list[str]) -> int | N
 
     sink, report, timer, name = state.sink, state.report, state.timer, cfg.storage.passages_table
     if state.rebuild:  # the overwrite drops what the new model's set lacks: guarded like any deletion
-        have = store.content_hashes()
-        deletes = rebuild_deletions(cfg, state, sorted(set(have) - sink.written_ids), len(have))
+        deletes = rebuild_deletions(cfg, state, state.ids.gone("written"), state.known)
     if staged is not None and sink.done:
         keep_one_row_per_id(state, staged)
     report["deleted_ids_sample"] = [show_id(i) for i in deletes[:20]]
@@ -281,13 +331,16 @@ def _commit(cfg, state: _RunState, store, staged, deletes: list[str]) -> int | N
         if staged is not None or (deletes and not state.rebuild):
             if state.run.lock is not None:
                 state.run.lock.ensure_held()  # a run whose lease another run took must not commit (LockLost)
-            # a changed document's passages are all replaced: those its new version no longer has are deleted
-            replaced = [] if state.rebuild else sorted(i for i in sink.written_ids if i in state.known)
-            version = store.commit_passages(staged, state.run_id, deletes=[] if state.rebuild else deletes,
-                                            replace=state.rebuild, replaced=replaced)
+            # a changed document's passages are all replaced (its old ones removed in the same commit)
+            gone = [] if state.rebuild else deletes
+            if state.commit is not None:  # a Ray task on a worker: the table's memory is never the driver's
+                version = state.commit(staged, state.run_id, gone, state.rebuild)
+            else:
+                version = store.commit_passages(staged, state.run_id, deletes=gone, replace=state.rebuild)
             report["table_tag"] = state.run_id
         else:  # nothing new, changed or deleted: no new version
             version = before.version if before is not None else None
+    state.updated = state.ids.counts()["written_known"] if state.rebuild else len(sink.changed & sink.written_ids)
     if staged is not None:  # published: the next run has nothing to resume
         staged.drop()
     sink.rows_deleted = len(deletes)
@@ -303,9 +356,13 @@ def _upkeep(cfg, state: _RunState, store, version: int | None) -> None:
     report, name = state.report, cfg.storage.passages_table
     with state.timer("upkeep"):
         try:
-            report["upkeep"] = store.upkeep(name, index_cfg=cfg.index, maint=cfg.maintenance,
-                                            tag=report.get("table_tag"),
-                                            build_ann=state.build_ann) if version is not None else {}
+            if version is None:
+                report["upkeep"] = {}
+            elif state.upkeep is not None:  # a Ray task on a worker: the table's memory is never the driver's
+                report["upkeep"] = state.upkeep(report.get("table_tag"), state.build_ann)
+            else:
+                report["upkeep"] = store.upkeep(name, index_cfg=cfg.index, maint=cfg.maintenance,
+                                                tag=report.get("table_tag"), build_ann=state.build_ann)
         except Exception as exc:
             raise StoreError(f"the commit is published ({name} v{version}), but the index upkeep after it "
                              f"failed: {type(exc).__name__}: {exc}; run the job again to bring the indexes up "

@@ -29,6 +29,7 @@ import pyarrow.compute as pc
 from pipelines import schema as S
 from pipelines.cluster.runtime import count_nodes
 from pipelines.faults import maybe_fail
+from pipelines.index.ids import CHANGED, UNCHANGED, LocalIds, id_hash
 from pipelines.report import Progress, utcnow
 
 FLUSH_ROWS = 4096  # rows buffered on the driver before a staging append ...
@@ -70,22 +71,23 @@ def stage(cfg, state, batches, store, staged=None, *, embedder=None, planned: di
 
 
 class Sink:
-    """Driver-side end of the stream: splits good from bad rows, catches duplicate ids, counts."""
+    """Driver-side end of the stream: splits good from bad rows, catches duplicate ids, counts. The per-document
+    state (first place of each id, what passages holds, what the input holds) is ``ids``'s (ids.py): Ray actors
+    for a large corpus, so that nothing here grows with the corpus; the sink keeps what the run changes."""
 
     def __init__(self, run_id: str, model: str, passage_settings: str | None = None):
         self.run_id, self.model, self.passage_settings = run_id, model, passage_settings
         # where bad rows go once QUARANTINE_FLUSH_ROWS wait (the index job sets ``Store.append_quarantine``): the
         # driver never holds a run's bad rows; None keeps them until ``quarantine_table`` (tests, no store)
         self.quarantine = None
-        # id's 64-bit hash -> where its first good row was (source index << 41 | row): ~100 bytes per document, the
-        # only per-document state of a first run; a collision (p ~ 3e-8 at 1M ids) would quarantine a good row
-        self.seen: dict[int, int] = {}
-        self.sources: list[str] = []
+        self.ids = LocalIds()  # the per-document state (the index job sets the run's: id_state)
+        self.compare = True  # plan: compare with what passages holds (a rebuild embeds every document again)
+        self.sources: list[str] = []  # input files, by index (a row's place is source index << 41 | row)
         self._source_index: dict[str, int] = {}
-        self.track_ids = True  # keep seen_ids and written_ids (incremental runs and rebuilds need them)
-        self.seen_ids: set[str] = set()  # every id the input holds, good or bad (a snapshot keeps them)
-        self.delete_markers: set[str] = set()
+        self.keep_written = True  # keep written_ids (an incremental run's planned documents: the delta's size)
+        self.delete_markers: set[str] = set()  # a change feed's deleted ids (the delta's size)
         self.written_ids: set[str] = set()
+        self.changed: set[str] = set()  # planned documents that passages holds with other content
         self.rows_read = self.rows_written = self.rows_unchanged = self.rows_quarantined = 0
         self.rows_delete_markers = self.rows_deleted = 0
         self.passages_written = 0  # passage rows staged by this run (a document is one or more passages)
@@ -110,15 +112,13 @@ class Sink:
         self.rows_resumed += len(ids)
         self.rows_written += len(ids)
         self.resumed.update(zip(ids, hashes))
-        if self.track_ids:
-            self.written_ids.update(ids)
+        self._written(ids)
 
-    def _take_in(self, batch: pa.Table) -> tuple[pa.Table, pa.Table, pa.Table]:
-        """Count a batch of input rows; return (good rows, delete markers, bad rows), bad ones quarantined."""
+    def _take_in(self, batch: pa.Table, compare: bool = False) -> tuple[pa.Table, pa.Table, pa.Table, list]:
+        """Count a batch of input rows; return (good rows, delete markers, bad rows, each good row's NEW / CHANGED /
+        UNCHANGED against passages when ``compare``), bad ones quarantined."""
         self.rows_read += batch.num_rows
-        batch = self._mark_duplicates(batch)
-        if self.track_ids:
-            self.seen_ids.update(i for i in batch[S.ID].to_pylist() if i is not None)
+        batch, status = self._check_ids(batch, compare)
         is_bad = pc.is_valid(batch[S.REASON_CODE])
         marker = pc.and_(pc.invert(is_bad), pc.fill_null(batch[S.DELETED], False))
         markers = batch.filter(marker)
@@ -134,24 +134,30 @@ class Sink:
                 if doc_id is None:
                     self.unidentified += 1
                     self.unidentified_reasons[code] = self.unidentified_reasons.get(code, 0) + 1
-        good = batch.filter(pc.and_(pc.invert(is_bad), pc.invert(marker)))
-        return good, markers, bad
+        is_good = pc.and_(pc.invert(is_bad), pc.invert(marker))
+        good = batch.filter(is_good)
+        if compare:
+            status = [x for x, g in zip(status, is_good.to_pylist()) if g]
+        return good, markers, bad, status
 
-    def plan(self, batch: pa.Table, known: dict[str, str]) -> dict[str, str]:
-        """First pass: {id: content hash} of the good rows that are new or changed; the rest is counted."""
-        good, _, _ = self._take_in(batch)
+    def plan(self, batch: pa.Table) -> dict[str, str]:
+        """First pass: {id: content hash} of the good rows that are new or changed (all of them when not
+        ``compare``: a rebuild); the rest is counted."""
+        good, _, _, status = self._take_in(batch, compare=self.compare)
         todo = {}
-        for i, h in zip(good[S.ID].to_pylist(), good[S.CONTENT_HASH].to_pylist()):
-            if known.get(i) == h:
+        for i, h, x in zip(good[S.ID].to_pylist(), good[S.CONTENT_HASH].to_pylist(), status):
+            if x == UNCHANGED and self.compare:
                 self.rows_unchanged += 1
             else:
                 todo[i] = h
+                if x == CHANGED and self.compare:
+                    self.changed.add(i)
         return todo
 
     def split(self, batch: pa.Table) -> tuple[pa.Table, pa.Table]:
         """Single pass (a new table, or a rebuild): every good row was embedded."""
         self._count_embedded(batch)
-        good, _, bad = self._take_in(batch)
+        good, _, bad, _ = self._take_in(batch)
         if self.done:
             mine = [(i, h) in self.done and i not in self.resumed
                     for i, h in zip(good[S.ID].to_pylist(), good[S.CONTENT_HASH].to_pylist())]
@@ -204,38 +210,54 @@ class Sink:
             self.pending_rows += n
             self.passages_written += n
             self.rows_written += good.num_rows
-            if self.track_ids:
-                self.written_ids.update(good[S.ID].to_pylist())
+            self._written(good[S.ID].to_pylist())
         return good
 
-    def _mark_duplicates(self, batch: pa.Table) -> pa.Table:
+    def _written(self, ids: list[str]) -> None:
+        if self.keep_written:
+            self.written_ids.update(ids)
+        if self.ids.track_written:
+            self.ids.mark_written([id_hash(i) for i in ids])
+
+    def _check_ids(self, batch: pa.Table, compare: bool) -> tuple[pa.Table, list]:
+        """Mark the batch's duplicate ids (a later row of an id already seen) and, when ``compare``, each row's
+        NEW / CHANGED / UNCHANGED against passages: one call on the id state."""
         ids = batch[S.ID].to_pylist()
         codes = batch[S.REASON_CODE].to_pylist()
         reasons = batch[S.REASON].to_pylist()
         raws = batch[S.RAW].to_pylist()
         sources, rows = batch[S.SOURCE].to_pylist(), batch[S.ROW].to_pylist()
-        changed = False
+        deleted = batch[S.DELETED].to_pylist()
+        contents = batch[S.CONTENT_HASH].to_pylist()
         start = self.rows_read - batch.num_rows  # position of the batch's first row in the input (already counted)
+        hashes = [None if i is None else id_hash(i) for i in ids]
+        wheres: list[int | None] = []
+        compared: list[int | None] = []
         for i, doc_id in enumerate(ids):
-            if codes[i] is not None:
+            if codes[i] is not None or doc_id is None:
+                wheres.append(None)
+                compared.append(None)
                 continue
             src = self._source_index.get(sources[i])
             if src is None:
                 src = self._source_index[sources[i]] = len(self.sources)
                 self.sources.append(sources[i])
             # a row without a number (Parquet) gets a unique stand-in: flag bit 40, its position in the input
-            where = src << 41 | (int(rows[i]) if rows[i] is not None else 1 << 40 | start + i)
-            first = self.seen.setdefault(_id_hash(doc_id), where)
-            if first != where:
+            wheres.append(src << 41 | (int(rows[i]) if rows[i] is not None else 1 << 40 | start + i))
+            compared.append(id_hash(contents[i] or "") if compare and not deleted[i] else None)
+        firsts, status = self.ids.take(hashes, wheres, compared)
+        changed = False
+        for i, doc_id in enumerate(ids):
+            first, where = firsts[i], wheres[i]
+            if where is not None and first != where:
                 at = self.sources[first >> 41] + ("" if first >> 40 & 1 else f":{first & ((1 << 40) - 1)}")
                 codes[i], reasons[i] = "duplicate_id", f"duplicate id '{doc_id}' (first seen at {at})"
                 raws[i] = _row_json(batch, i)
                 changed = True
-        if not changed:
-            return batch
-        for name, values in ((S.REASON_CODE, codes), (S.REASON, reasons), (S.RAW, raws)):
-            batch = batch.set_column(batch.schema.get_field_index(name), name, pa.array(values, pa.string()))
-        return batch
+        if changed:
+            for name, values in ((S.REASON_CODE, codes), (S.REASON, reasons), (S.RAW, raws)):
+                batch = batch.set_column(batch.schema.get_field_index(name), name, pa.array(values, pa.string()))
+        return batch, status
 
     def take_pending(self) -> pa.Table:
         out = pa.concat_tables(self._pending)
@@ -280,12 +302,6 @@ def to_passages(docs: pa.Table) -> pa.Table:
                          (S.PASSAGE_ID, pa.array([f"{i}#{n}" for i, n in zip(ids, numbers)], pa.string()))):
         rows = rows.add_column(at, name, values)
     return rows.append_column(S.VECTOR, pc.list_flatten(vectors))
-
-
-def _id_hash(doc_id: str) -> int:
-    import hashlib
-
-    return int.from_bytes(hashlib.blake2b(doc_id.encode("utf-8", "surrogatepass"), digest_size=8).digest(), "little")
 
 
 def _row_json(batch: pa.Table, i: int) -> str:

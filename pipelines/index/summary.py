@@ -47,7 +47,7 @@ def finish_report(cfg, state) -> dict[str, Any]:
     pipeline_s = timer.seconds.get("pipeline")
     succeeded = report["status"] == "succeeded"
     published = succeeded or report.get("committed_version") is not None  # upkeep can fail after the commit
-    updated = sum(1 for i in sink.written_ids if i in state.known) if published else 0
+    updated = state.updated if published else 0
     embedded = sink.rows_written - sink.rows_resumed
     report.update({
         "finished_at": utcnow().isoformat(),
