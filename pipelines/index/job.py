@@ -30,10 +30,8 @@ import logging
 from typing import Any
 
 from pipelines import runs
-from pipelines import schema as S
 from pipelines.cluster.runtime import READ_CPUS
 from pipelines.faults import maybe_fail
-from pipelines.index.table_work import builder, committer, upkeeper
 from pipelines.index.deletions import deletions, rebuild_change, rebuild_deletions, show_id
 from pipelines.index.ids import id_state, small_run
 from pipelines.index.local import Preload, local_embedder
@@ -47,6 +45,7 @@ from pipelines.index.resume import (
 )
 from pipelines.index.sink import FLUSH_ROWS, FLUSH_SECONDS, Sink, stage
 from pipelines.index.summary import finish_report, summary
+from pipelines.index.table_work import builder, committer, upkeeper
 from pipelines.report import Progress, redact_uri
 
 __all__ = ["FLUSH_ROWS", "FLUSH_SECONDS", "run", "summary"]  # the flush sizes stay importable here
