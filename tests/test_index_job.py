@@ -66,6 +66,7 @@ def test_bad_rows_are_quarantined_and_counts_reconcile(tmp_path, make_config, mo
     embedding actors, as a corpus too large to plan in-process is."""
     monkeypatch.setattr("pipelines.index.job.LOCAL_READ_BYTES", 0)
     monkeypatch.setattr("pipelines.index.sink.QUARANTINE_FLUSH_ROWS", 3)  # bad rows leave the driver as they come
+    monkeypatch.setattr("pipelines.index.sink.CHECK_ROWS", 8)  # the sink takes the stream 8 rows at a time
     shipped = ROOT / "examples/bad-rows/corpus.jsonl"
     docs = _bad_corpus(tmp_path / "corpus.jsonl")
     assert (tmp_path / "corpus.jsonl").read_bytes() == shipped.read_bytes()

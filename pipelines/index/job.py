@@ -3,7 +3,8 @@
 Reads top to bottom (``_index``)::
 
     _start           the passage split checked (chunk.py); Ray up; what passages holds decides the run: full,
-                     incremental, or a rebuild (another model, or other chunk / document prompt settings);
+                     incremental, or a rebuild (another model, or other chunk / document prompt settings), and is
+                     loaded into the id state (ids.py: Ray actors by id hash, or the driver for a small run);
                      a killed run's staging table is taken over (resume.py)
     _plan_and_embed  compare every row with passages, no model (deletions: deletions.py); embed only the new
                      and changed rows: on the driver when few (local.py), else on the actor pool
@@ -11,8 +12,8 @@ Reads top to bottom (``_index``)::
                      (the Embedder splits each document into passages and embeds each with the document prompt)
     stage            the sink on the driver (sink.py): good documents → their passage rows → staging table, bad rows
                      → quarantine
-    _commit          one merge_insert commit to passages by passage id, a changed document's leftover passages and
-                     the deleted documents' removed in it (overwrite on a rebuild), tagged with the run id
+    _commit          one commit to passages: the staged passages added, every passage of the documents written
+                     again and of the deleted ones removed in it (overwrite on a rebuild), tagged with the run id
     _upkeep          ANN + full-text indexes brought up to date, compaction, old versions cleaned (a Ray task on a
                      worker, table_work.py)
     → report: documents read = written + unchanged + quarantined; passage rows written (summary.py)
@@ -43,7 +44,7 @@ from pipelines.index.resume import (
     resume_planned,
     skip_resumed,
 )
-from pipelines.index.sink import FLUSH_ROWS, FLUSH_SECONDS, Sink, stage
+from pipelines.index.sink import FLUSH_ROWS, FLUSH_SECONDS, Sink, coalesce, stage
 from pipelines.index.summary import finish_report, summary
 from pipelines.index.table_work import builder, committer, upkeeper
 from pipelines.report import Progress, redact_uri
@@ -157,10 +158,9 @@ def _start(cfg, state: _RunState, store):
         state.sink.compare = not rebuild
         state.known = state.ids.load_known(store)
         known = state.known and not rebuild
-        # Ray tasks for the table work of a large run. An incremental commit stays here: it writes the delta and
-        # reads only the fragments holding a changed id (staging.delete_and_append), so its memory follows the night
-        state.commit = committer(cfg, cluster, small or bool(known))
-        state.upkeep = upkeeper(cfg, cluster, small)
+        # Ray tasks for the table work of a large run (even a night's commit: finding the changed ids through the
+        # id index took ~70 MiB in the process that does it, on a 1M-row table)
+        state.commit, state.upkeep = committer(cfg, cluster, small), upkeeper(cfg, cluster, small)
         report["mode"] = "rebuild" if rebuild else "incremental" if known else "full"
         report["id_state"] = {"in": state.ids.where, "shards": state.ids.shards}
         report["table_work_on"] = {"commit": "worker" if state.commit is not None else "driver",
@@ -221,7 +221,7 @@ def _plan(cfg, sink: Sink, progress) -> tuple[dict[str, str], list | None]:
     todo: dict[str, str] = {}
     kept: list | None = []
     size = 0
-    for batch in batches:
+    for batch in coalesce(batches):
         planned = sink.plan(batch)
         todo.update(planned)
         if planned and kept is not None:

@@ -71,9 +71,8 @@ def on_workers(cfg, cluster, small: bool) -> bool:
 
 
 def committer(cfg, cluster, small: bool = False) -> Callable[..., int] | None:
-    """The commit to passages (``Store.commit_passages``) as a Ray task on a worker (None: in the driver; the index
-    job passes ``small`` for an incremental run, whose commit writes only its delta). Not retried: a commit is
-    atomic, so a lost worker leaves the previous version, and the rerun resumes the staging."""
+    """The commit to passages (``Store.commit_passages``) as a Ray task on a worker (None: in the driver). Not
+    retried: a commit is atomic, so a lost worker leaves the previous version, and the rerun resumes the staging."""
     if not on_workers(cfg, cluster, small):
         return None
 
