@@ -45,6 +45,7 @@ import argparse
 import csv
 import json
 import os
+import platform
 import random
 import re
 import shutil
@@ -499,16 +500,18 @@ def measure(n: int, args, model: Path) -> dict:
     return summarise(n, meta, sampler, events, result, wall, run_dir)
 
 
-def measure_night(n: int, args, model: Path, full: dict) -> dict:
+def measure_night(n: int, args, model: Path, full: dict, seed: int = 1) -> dict:
     """The incremental night after the full run of N: the same settings and LanceDB folder (``run-N/db``), on a
     copy of the corpus with ``--night`` of its documents changed; sampled as the full run is."""
     work, run_dir = Path(args.work), Path(args.work) / f"run-{n}"
-    corpus = work / f"corpus-{n}-night{args.night:g}"
+    corpus = work / (f"corpus-{n}-night{args.night:g}" + (f"-seed{seed}" if seed != 1 else ""))
     label = f"[{n:,} docs, night {args.night:g}]"
     print(f"{label} corpus ...", flush=True)
-    meta = write_night_corpus(work / f"corpus-{n}", corpus, args.night)
+    # a later night (another seed) starts from the first night's corpus: what the table holds after it
+    source = work / (f"corpus-{n}" if seed == 1 else f"corpus-{n}-night{args.night:g}")
+    meta = write_night_corpus(source, corpus, args.night, seed=seed)
     print(f"{label} corpus: {meta['changed']:,} of {meta['docs']:,} documents changed", flush=True)
-    night_dir = run_dir / "night"
+    night_dir = run_dir / ("night" if seed == 1 else f"night-seed{seed}")
     shutil.rmtree(night_dir, ignore_errors=True)
     night_dir.mkdir(parents=True)
     # make_config(run_dir, ...): the full run's storage and report folders; only the corpus path differs
@@ -674,7 +677,21 @@ def main() -> None:
     ap.add_argument("--night", type=float, default=0.0, metavar="FRACTION",
                     help="after each full run, an incremental run on the same table with this share of the "
                          "documents changed (e.g. 0.01); 0: none")
+    ap.add_argument("--night-only", type=int, metavar="N",
+                    help="only a night (another --night-seed) on run-N's table, which an earlier run built; its "
+                         "wall time is compared with --full-wall")
+    ap.add_argument("--night-seed", type=int, default=2)
+    ap.add_argument("--full-wall", type=float, default=None, help="the full run's wall seconds (with --night-only)")
     args = ap.parse_args()
+    if args.night_only:
+        model = Path(args.work) / "model" / "tiny-bi-encoder"
+        night = measure_night(args.night_only, args, model, {"wall_seconds": args.full_wall}, seed=args.night_seed)
+        Path(args.out).write_text(json.dumps({"benchmark": "memory_stream --night-only", "command": " ".join(sys.argv),
+                                              "machine": {"cpus": os.cpu_count(), "platform": platform.platform()},
+                                              "night": night}, indent=2, default=str))
+        print(f"night on run-{args.night_only}: driver peak PSS {night['peak_per_kind']['driver']['pss_mib']:,.0f} MiB, "
+              f"{night['wall_seconds']:,.0f} s ({night['wall_ratio_to_full']})")
+        return
     if not 0 <= args.night < 1:
         ap.error(f"--night is the share of documents changed, 0 <= FRACTION < 1 (got {args.night}); e.g. 0.01")
 
@@ -730,7 +747,6 @@ def main() -> None:
             "night_wall_within_5pct": all(x["wall_ratio_to_full"] <= 0.05 for x in nights),
             "night_rows_reconcile": all(x["rows_reconcile"] and x["written_matches_changed"] for x in nights),
         })
-    import platform
 
     out = {
         "benchmark": "memory_stream",

@@ -91,6 +91,7 @@ class _RunState:
         self.sink = Sink(run_id, model, passage_settings)
         self.ids = self.sink.ids  # the per-document state (ids.py): in the driver, or Ray actors for a large corpus
         self.known = 0  # documents passages held when the run started
+        self.small = True  # a small corpus and table (ids.small_run): its state and table work stay in the driver
         self.updated = 0  # documents of passages written again (changed, or re-embedded by a rebuild)
         self.cluster = None
         self.rebuild = False  # the model changed: every document is embedded again, then one overwrite
@@ -153,7 +154,7 @@ def _start(cfg, state: _RunState, store):
         change = rebuild_change(cfg, store)  # another model, chunking or document prompt: every document again
         rebuild = state.rebuild = change is not None
         # what passages holds, by id hash, in the id state (actors for a large corpus): never all in the driver
-        small = small_run(cfg, store)  # the state and table work stay in the driver: nothing to spare there
+        small = state.small = small_run(cfg, store)  # state, reading and table work stay in the driver
         state.ids = state.sink.ids = id_state(cfg, cluster, small=small, track_written=rebuild)
         state.sink.compare = not rebuild
         state.known = state.ids.load_known(store)
@@ -189,7 +190,7 @@ def _plan_and_embed(cfg, state: _RunState, store, staged):
 
     sink, report = state.sink, state.report
     with state.timer("plan"), Progress("compare", unit="docs") as progress:
-        todo, kept = _plan(cfg, sink, progress)
+        todo, kept = _plan(cfg, sink, progress, state.small)
     resume_planned(state, staged, todo)
     deletes = deletions(cfg, state) if state.known and not state.rebuild else []
     report["plan"] = {"embed": len(todo), "unchanged": sink.rows_unchanged, "delete": len(deletes)}
@@ -208,14 +209,17 @@ def _plan_and_embed(cfg, state: _RunState, store, staged):
     return staged, deletes
 
 
-def _plan(cfg, sink: Sink, progress) -> tuple[dict[str, str], list | None]:
+def _plan(cfg, sink: Sink, progress, small: bool) -> tuple[dict[str, str], list | None]:
     """First pass: compare every corpus row with ``passages`` by id and content hash, embedding nothing; count and
     quarantine. Returns ({id: content hash} of the new and changed documents, their rows while they fit in
-    ``KEEP_PLANNED_BYTES``, else None: the embedding then reads the corpus a second time). A corpus of at most
-    ``LOCAL_READ_BYTES`` is read right here (read tasks would cost more than the reading), a larger one by Ray."""
+    ``KEEP_PLANNED_BYTES``, else None: the embedding then reads the corpus a second time). A ``small`` run's corpus
+    (of at most ``LOCAL_READ_BYTES``) is read right here (read tasks would cost more than the reading), a larger one
+    by Ray."""
     from pipelines.index.corpus import read_local
 
-    batches = read_local(cfg, max_bytes=LOCAL_READ_BYTES)
+    # a small run reads here; a large one in Ray read tasks (its parsing and checking off the driver: read here, a
+    # 1M-document night's driver grew ~70 MiB more)
+    batches = read_local(cfg, max_bytes=LOCAL_READ_BYTES) if small else None
     if batches is None:
         batches = _read(cfg).iter_batches(batch_format="pyarrow", batch_size=None, prefetch_batches=1)
     todo: dict[str, str] = {}
