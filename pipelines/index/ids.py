@@ -281,10 +281,6 @@ def _known_batches(store) -> Iterable[tuple[list[int], list[int], list[str]]]:
     """passages' (id hash, content hash's hash, id) in batches, streamed: the driver never holds the column."""
     from pipelines import schema as S
 
-    table = store.open(store.cfg.passages_table)
-    if table is None:
-        return
-    scanner = table.to_lance().scanner(columns=[S.ID, S.CONTENT_HASH], batch_size=KNOWN_SCAN_ROWS)
-    for batch in scanner.to_batches():
+    for batch in store.scan_batches(store.cfg.passages_table, [S.ID, S.CONTENT_HASH], batch_rows=KNOWN_SCAN_ROWS):
         ids, contents = batch.column(0).to_pylist(), batch.column(1).to_pylist()
         yield [id_hash(i) for i in ids], [id_hash(c or "") for c in contents], ids

@@ -109,6 +109,14 @@ class Store:
             query = query.select(columns)
         return query.limit(limit).to_arrow()
 
+    def scan_batches(self, table, columns: list[str], *, batch_rows: int = 8192):
+        """``columns`` of ``table`` (opened, or a name) in record batches of ``batch_rows``, streamed: the whole
+        column is never in memory. Nothing when a named table is missing."""
+        table = self._table(table)
+        if table is None:
+            return
+        yield from table.to_lance().scanner(columns=columns, batch_size=batch_rows).to_batches()
+
     def rows_by_id(self, table, ids, columns: list[str], *, key: str = S.ID, chunk: int = 500) -> pa.Table:
         """Rows of ``table`` whose ``key`` is in ``ids`` (any order; absent ids are simply not there)."""
         ids = sorted(set(ids))
