@@ -178,14 +178,6 @@ class Store:
             return None
         return self.scan(table, [S.PASSAGE_SETTINGS], limit=1)[S.PASSAGE_SETTINGS][0].as_py()
 
-    def content_hashes(self) -> dict[str, str]:
-        """{document id: content hash} of every passage's document (empty when there is no table): what a rerun need
-        not embed."""
-        rows = self.scan(self.cfg.passages_table, [S.ID, S.CONTENT_HASH])
-        if rows is None:
-            return {}
-        return dict(zip(rows[S.ID].to_pylist(), rows[S.CONTENT_HASH].to_pylist()))
-
     # -- writing --------------------------------------------------------------------------
     def upsert(self, name: str, rows: pa.Table, key: str, *, schema: pa.Schema, update: bool = True,
                index: bool = False) -> Upserted:
