@@ -4,7 +4,7 @@ Reads top to bottom::
 
     connection    db, table_names
     reading       open (a table or None), passages, rankings, scan, rows_by_id, count, tags, versions,
-                  passages_model, content_hashes, content_fingerprint, passages_for_queries
+                  passages_model, content_fingerprint, passages_for_queries, scan_batches
     writing       upsert (merge by key), delete_where, append_quarantine / quarantine
     leases, tags  retag, lease, release
     delegated     stage, commit_* (staging.py); upkeep, ensure_indexes (upkeep.py); search* (search.py)
