@@ -2,7 +2,7 @@
 a worker (the training with a GPU when LanceDB's GPU build can use one), so that the job's driver never holds their
 memory, which grows with the table (writing a 4M-row table, its id B-trees and full-text indexes in one process
 grew it 452 → 815 MiB from 250k rows; in a process of their own the driver stayed at 182 MiB: the probe in
-docs/capacity.md). Each task's worker process exits after it (``max_calls=1``): glibc keeps a finished step's
+docs/benchmarks.md, Memory). Each task's worker process exits after it (``max_calls=1``): glibc keeps a finished step's
 freed heap, 160-410 MiB at 250k-4M rows, in a process that lives on. Or all of it in the driver itself
 (``maintenance.table_work_on: driver``, or auto and a small run; ``index.ann.build_on: driver`` for the
 training alone; or no Ray).
