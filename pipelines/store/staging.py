@@ -41,7 +41,8 @@ class StagedTable:
             return
         table = table.select(self.schema.names).cast(self.schema)
         if self._table is None:
-            self._table = self.store.db.create_table(self.name, data=table, schema=self.schema, mode="overwrite")
+            self._table = self.store.staging_db.create_table(self.name, data=table, schema=self.schema,
+                                                             mode="overwrite")
         else:
             self._table.add(table)
         self.rows += table.num_rows
@@ -51,7 +52,7 @@ class StagedTable:
         True when there was one to resume."""
         if self.name not in self.store.table_names():
             return False
-        table = self.store.db.open_table(self.name)
+        table = self.store.staging_db.open_table(self.name)
         if table.schema != self.schema:
             log.warning("dropping %s: staged by a run with another schema (model, dimension or metadata)",
                         self.name)
