@@ -52,7 +52,7 @@ from pipelines.report import Progress, redact_uri
 __all__ = ["FLUSH_ROWS", "FLUSH_SECONDS", "run", "summary"]  # the flush sizes stay importable here
 
 log = logging.getLogger("batchrank.index")
-LOCAL_READ_BYTES = 256 << 20  # an incremental run reads a corpus up to this size in-process (no read tasks)
+LOCAL_READ_BYTES = 256 << 20  # a small run's plan, or a small delta's second read, reads up to this in-process
 FIRST_PLAN_BYTES = 1 << 20  # a first run plans (and may embed on the driver) only a corpus this small
 # The plan keeps the new and changed rows it finds up to this size (the delta's, not the corpus's), so that their
 # embedding needs no second read of the corpus (at 1M short documents, reading and checking them took ~25 s)
