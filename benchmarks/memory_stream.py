@@ -395,6 +395,7 @@ class Sampler(threading.Thread):
         ps = self.psutil
         rss = dict.fromkeys(KINDS, 0)
         pss = dict.fromkeys(KINDS, 0)
+        uss_kind = dict.fromkeys(KINDS, 0)  # pages no other process maps: growth without PSS's shared-page share
         uss = 0
         n = 0
         for p in self.processes():
@@ -418,10 +419,11 @@ class Sampler(threading.Thread):
             top["rss"] = max(top["rss"], m.rss)
             top["pss"] = max(top["pss"], getattr(m, "pss", m.rss))
             uss += getattr(m, "uss", m.rss)
+            uss_kind[kind] += getattr(m, "uss", m.rss)
             n += 1
         phase, docs, plasma = self.events.now()
         return {"t": round(time.time() - self.t0, 2), "procs": n, "rss": sum(rss.values()), "pss": sum(pss.values()),
-                "uss": uss, "rss_kind": rss, "pss_kind": pss, "phase": phase, "docs": docs, "plasma": plasma}
+                "uss": uss, "rss_kind": rss, "pss_kind": pss, "uss_kind": uss_kind, "phase": phase, "docs": docs, "plasma": plasma}
 
     def run(self) -> None:
         while not self._stop_evt.is_set():
@@ -606,12 +608,14 @@ def summarise(n, meta, sampler, events, result, wall, run_dir) -> dict:
     rep, samples = result["report"], sampler.samples
     peak = _peaks(samples)
     per_kind = {k: {"rss_mib": _mib(max(s["rss_kind"][k] for s in samples)),
-                    "pss_mib": _mib(max(s["pss_kind"][k] for s in samples))} for k in KINDS}
+                    "pss_mib": _mib(max(s["pss_kind"][k] for s in samples)),
+                    "uss_mib": _mib(max(s["uss_kind"][k] for s in samples))} for k in KINDS}
     phases: dict[str, dict] = {}
     for s in samples:
         phases.setdefault(s["phase"], []).append(s)
     by_phase = {ph: {**_peaks(ss), "seconds": round(ss[-1]["t"] - ss[0]["t"], 1),
-                     "driver_pss_mib": _mib(max(x["pss_kind"]["driver"] for x in ss))} for ph, ss in phases.items()}
+                     "driver_pss_mib": _mib(max(x["pss_kind"]["driver"] for x in ss)),
+                     "driver_uss_mib": _mib(max(x["uss_kind"]["driver"] for x in ss))} for ph, ss in phases.items()}
     end = samples[-1]["t"] if samples else 0
     quarters = []
     for q in range(4):
@@ -621,6 +625,7 @@ def summarise(n, meta, sampler, events, result, wall, run_dir) -> dict:
     step = max(1, len(samples) // 300)
     timeline = [{"t": s["t"], "phase": s["phase"], "docs": s["docs"], "rss_mib": _mib(s["rss"]),
                  "pss_mib": _mib(s["pss"]), "driver_pss_mib": _mib(s["pss_kind"]["driver"]),
+                 "driver_uss_mib": _mib(s["uss_kind"]["driver"]),
                  "embed_actors_pss_mib": _mib(s["pss_kind"]["embed_actors"]),
                  "ray_workers_pss_mib": _mib(s["pss_kind"]["ray_workers"]), "object_store_mib": _mib(s["plasma"]),
                  "procs": s["procs"]} for s in samples[::step]]

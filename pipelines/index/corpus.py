@@ -60,14 +60,16 @@ def blocks(records: Iterator[tuple[int, Any]], spec: RowSpec, source: str, rows:
         yield validate_records(chunk, spec, source=source, coerce=coerce)
 
 
-def read_corpus(corpus_cfg, spec: RowSpec, *, read_cpus: float = 0.1, storage_options: dict[str, str] | None = None):
-    """Ray Dataset of validated rows (see ``schema.validated_schema``) for the configured corpus; an object store
-    is reached with ``storage_options`` (``storage.storage_options``), in every read task."""
+def read_corpus(corpus_cfg, spec: RowSpec, *, read_cpus: float = 0.1, storage_options: dict[str, str] | None = None,
+                rows: int | None = None):
+    """Ray Dataset of validated rows (see ``schema.validated_schema``) for the configured corpus, in blocks of
+    ``rows`` rows (default ``corpus.rows_per_block``); an object store is reached with ``storage_options``
+    (``storage.storage_options``), in every read task."""
     import ray.data
 
     paths = expand_paths(corpus_cfg.path, storage_options)
     fmt = corpus_cfg.format if corpus_cfg.format != "auto" else detect_format(paths)
-    rows = corpus_cfg.rows_per_block
+    rows = rows or corpus_cfg.rows_per_block
     if fmt == "lance":
         return _read_lance(paths, spec, rows, read_cpus, storage_options)
     datasource_cls = _datasources().get(fmt)

@@ -44,7 +44,7 @@ from pipelines.index.resume import (
     resume_planned,
     skip_resumed,
 )
-from pipelines.index.sink import FLUSH_ROWS, FLUSH_SECONDS, Sink, coalesce, stage
+from pipelines.index.sink import CHECK_ROWS, FLUSH_ROWS, FLUSH_SECONDS, Sink, coalesce, stage
 from pipelines.index.summary import finish_report, summary
 from pipelines.index.table_work import builder, committer, upkeeper
 from pipelines.report import Progress, redact_uri
@@ -64,6 +64,10 @@ BLOCK_BYTES = 256 * 1024
 # than embedding, and without a cap the backlog grew with the corpus (108 MiB of object store at 250k short
 # documents, 394 MiB at 1M; benchmarks/memory_stream.py).
 PIPELINE_OBJECT_STORE_BYTES = 128 << 20
+PLAN_BLOCK_BYTES = 16 << 20  # the plan's blocks (CHECK_ROWS rows each): no actor to feed evenly
+# The plan's read tasks each take a whole CPU: nothing else runs beside them, and with 0.1 CPU each every file was
+# parsed at once, the first (which the ordered stream waits for) at a tenth of a core
+PLAN_READ_CPUS = 1.0
 
 
 
@@ -221,7 +225,7 @@ def _plan(cfg, sink: Sink, progress, small: bool) -> tuple[dict[str, str], list 
     # 1M-document night's driver grew ~70 MiB more)
     batches = read_local(cfg, max_bytes=LOCAL_READ_BYTES) if small else None
     if batches is None:
-        batches = _read(cfg).iter_batches(batch_format="pyarrow", batch_size=None, prefetch_batches=1)
+        batches = _read(cfg, plan=True).iter_batches(batch_format="pyarrow", batch_size=None, prefetch_batches=1)
     todo: dict[str, str] = {}
     kept: list | None = []
     size = 0
@@ -279,12 +283,18 @@ def _stream_all(cfg, state: _RunState, store, staged):
     return staged
 
 
-def _read(cfg):
+def _read(cfg, plan: bool = False):
+    """The corpus as a Ray Dataset of validated rows. ``plan``: for the plan (no model), in blocks of CHECK_ROWS
+    rows: the small blocks that keep embedding actors fed cost the plan ~4x its time in per-block overhead."""
     from pipelines.index.corpus import read_corpus
     from pipelines.index.validate import RowSpec
 
-    return read_corpus(cfg.corpus, RowSpec.from_config(cfg), read_cpus=READ_CPUS,
-                       storage_options=cfg.storage.storage_options)
+    rows = max(cfg.corpus.rows_per_block, CHECK_ROWS) if plan else None
+    ds = read_corpus(cfg.corpus, RowSpec.from_config(cfg), read_cpus=PLAN_READ_CPUS if plan else READ_CPUS,
+                     storage_options=cfg.storage.storage_options, rows=rows)
+    if plan:
+        ds.context.target_max_block_size = PLAN_BLOCK_BYTES
+    return ds
 
 
 def _embed_with_actors(cfg, ds, state: _RunState):
@@ -329,19 +339,20 @@ def _commit(cfg, state: _RunState, store, staged, deletes: list[str]) -> int | N
         store.append_quarantine(sink.quarantine_table())
     maybe_fail("before_commit")
     with timer("commit"):
-        before = store.open(name)
-        report["passages_before"] = before.count_rows() if before is not None else 0
         if staged is not None or (deletes and not state.rebuild):
             if state.run.lock is not None:
                 state.run.lock.ensure_held()  # a run whose lease another run took must not commit (LockLost)
             # a changed document's passages are all replaced (its old ones removed in the same commit)
             gone = [] if state.rebuild else deletes
-            if state.commit is not None:  # a Ray task on a worker: the table's memory is never the driver's
-                version = state.commit(staged, state.run_id, gone, state.rebuild)
+            if state.commit is not None:  # a Ray task on a worker: the table is never opened in the driver
+                version, report["passages_before"] = state.commit(staged, state.run_id, gone, state.rebuild)
             else:
+                report["passages_before"] = store.count(name)
                 version = store.commit_passages(staged, state.run_id, deletes=gone, replace=state.rebuild)
             report["table_tag"] = state.run_id
         else:  # nothing new, changed or deleted: no new version
+            before = store.open(name)
+            report["passages_before"] = before.count_rows() if before is not None else 0
             version = before.version if before is not None else None
     state.updated = state.ids.counts()["written_known"] if state.rebuild else len(sink.changed & sink.written_ids)
     if staged is not None:  # published: the next run has nothing to resume

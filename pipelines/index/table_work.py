@@ -9,7 +9,8 @@ training alone; or no Ray).
 
 Reads top to bottom::
 
-    committer(cfg, cluster) → None (commit in the driver) or commit(staged, run_id, deletes, replace): one task
+    committer(cfg, cluster) → None (commit in the driver) or commit(staged, run_id, deletes, replace): one task,
+                              returning (version, rows before)
     upkeeper(cfg, cluster)  → None (upkeep in the driver) or run(tag, build_ann): the whole upkeep as one task
     builder(cfg, cluster)   → None (train in the upkeep's process) or build(config): one task, its timing
     _commit / _upkeep / _build: what runs on the worker
@@ -76,7 +77,7 @@ def committer(cfg, cluster, small: bool = False) -> Callable[..., int] | None:
     if not on_workers(cfg, cluster, small):
         return None
 
-    def commit(staged, run_id: str, deletes: list[str], replace: bool) -> int:
+    def commit(staged, run_id: str, deletes: list[str], replace: bool) -> tuple[int, int]:
         import ray
 
         task = _task(_commit, num_cpus=1, max_retries=0)
@@ -86,7 +87,8 @@ def committer(cfg, cluster, small: bool = False) -> Callable[..., int] | None:
     return commit
 
 
-def _commit(storage_cfg, staged_name, schema, run_id: str, deletes: list[str], replace: bool) -> int:
+def _commit(storage_cfg, staged_name, schema, run_id: str, deletes: list[str], replace: bool) -> tuple[int, int]:
+    """On the worker: the commit; (the new version, the rows passages held before it)."""
     from pipelines.store import Store
     from pipelines.store.staging import StagedTable
 
@@ -96,7 +98,8 @@ def _commit(storage_cfg, staged_name, schema, run_id: str, deletes: list[str], r
         staged = StagedTable(store, staged_name, schema)
         if not staged.resume():
             raise RuntimeError(f"the staging table {staged_name} is gone: nothing was committed; run the job again")
-    return store.commit_passages(staged, run_id, deletes=deletes, replace=replace)
+    before = store.count(storage_cfg.passages_table)
+    return store.commit_passages(staged, run_id, deletes=deletes, replace=replace), before
 
 
 def upkeeper(cfg, cluster, small: bool = False) -> Callable[..., dict[str, Any]] | None:
