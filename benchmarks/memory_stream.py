@@ -416,6 +416,11 @@ class Sampler(threading.Thread):
                     cmd = "?"
                 top = self.per_process[p.pid] = {"pid": p.pid, "kind": kind, "cmd": cmd, "rss": top and top["rss"] or 0,
                                                  "pss": top and top["pss"] or 0}
+            try:  # CPU seconds (user + system) the process has used so far; its last sample is its total
+                t = p.cpu_times()
+                top["cpu_s"] = t.user + t.system
+            except ps.Error:
+                pass
             top["rss"] = max(top["rss"], m.rss)
             top["pss"] = max(top["pss"], getattr(m, "pss", m.rss))
             uss += getattr(m, "uss", m.rss)
@@ -604,6 +609,13 @@ def _peaks(samples: list[dict]) -> dict:
             "at_s": top_pss["t"], "phase_at_peak": top_pss["phase"]}
 
 
+def _cpu_by_kind(per_process: dict[int, dict]) -> dict[str, float]:
+    out: dict[str, float] = {}
+    for p in per_process.values():
+        out[p["kind"]] = out.get(p["kind"], 0.0) + p.get("cpu_s", 0.0)
+    return {"total": round(sum(out.values()), 1), **{k: round(v, 1) for k, v in sorted(out.items())}}
+
+
 def summarise(n, meta, sampler, events, result, wall, run_dir) -> dict:
     rep, samples = result["report"], sampler.samples
     peak = _peaks(samples)
@@ -650,6 +662,9 @@ def summarise(n, meta, sampler, events, result, wall, run_dir) -> dict:
         "max_processes": max((s["procs"] for s in samples), default=0),
         "processes_seen": len(sampler.per_process),
         "ray_session_dir": sampler.session_dir,
+        # CPU seconds per kind (every process sampled at least once; a process's use after its last sample, and
+        # processes living under one sampling interval, are missed): the floor on wall time is their sum / cores
+        "cpu_seconds": _cpu_by_kind(sampler.per_process),
         "peak_per_process_top": [{**p, "rss_mib": _mib(p.pop("rss")), "pss_mib": _mib(p.pop("pss"))} for p in
                                  sorted(sampler.per_process.values(), key=lambda p: -p["pss"])[:12]],
         "object_store_peak_mib": {k: _mib(v) for k, v in events.plasma_peak.items()},

@@ -131,7 +131,7 @@ def test_cross_encoder_actor_killed_mid_run(tmp_path, make_config, tiny_cross_en
     cfg = make_config(tmp_path / "docs.jsonl", query_log={"path": str(tmp_path / "log.jsonl")},
                       retrieve={"k": 8, "queries_per_call": 2},
                       rerank={"model": tiny_cross_encoder, "top_n": 5, "actors": 2, "cpus_per_actor": 0.5,
-                              "queries_per_call": 2, "carry_over": False, "cache": False})
+                              "queries_per_call": 2, "carry_over": False, "cache": False, "local_max_pairs": 0})
     index.run(cfg)
     log = tmp_path / "work.log"
     monkeypatch.setenv("BATCHRANK_WORK_LOG", str(log))

@@ -124,7 +124,8 @@ def project(tmp_path_factory, tiny_model, cross_encoder):
         "query_log": {"path": "../data/logs/log.jsonl"},
         "retrieve": {"k": 8, "actors": 1, "cpus_per_actor": 1, "queries_per_call": 4},
         "rerank": {"model": cross_encoder, "top_n": 5, "actors": 2, "cpus_per_actor": 1, "batch_size": 16,
-                   "queries_per_call": 4, "carry_over": False, "cache": False},
+                   "queries_per_call": 4, "carry_over": False, "cache": False,
+                   "local_max_pairs": 0},  # the actor pools, on both nodes
         "ray": {"num_cpus": 2},
     }
     (root / "configs").mkdir()

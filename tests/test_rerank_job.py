@@ -115,6 +115,24 @@ def test_rerank_publishes_rankings_that_lookups_read(tmp_path, setup):
     assert json.loads(as_json.stdout.splitlines()[0])["found"] is True
 
 
+def test_the_driver_and_the_actor_pools_rank_alike(tmp_path, setup):
+    """A run small enough (``rerank.local_max_pairs``) retrieves and scores on the driver, with no actor pool to
+    start; the same queries through the two actor pools get the same rankings and scores."""
+    log = query_log(tmp_path / "log.jsonl")
+    local = rerank.run(setup(log, rerank={"cache": False}))  # every pair scored by both
+    store = Store(setup(log).storage)
+    on_driver = {r["query_id"]: r for r in store.rankings().to_arrow().to_pylist()}
+    pools = rerank.run(setup(log, rerank={"cache": False, "local_max_pairs": 0, "actors": 2}))
+    by_actors = {r["query_id"]: r for r in store.rankings().to_arrow().to_pylist()}
+    assert (local["ranked_on"], pools["ranked_on"]) == ("driver", "actors")
+    assert "actors" not in local and pools["actors"]["score"]["restarts"] == 0
+    assert local["pairs"]["scored"] == pools["pairs"]["scored"] == 6 * 8
+    assert on_driver.keys() == by_actors.keys() and len(on_driver) == 6
+    for qid, row in on_driver.items():
+        assert row["doc_ids"] == by_actors[qid]["doc_ids"]
+        assert row["scores"] == pytest.approx(by_actors[qid]["scores"], abs=1e-5)
+
+
 def test_failure_mid_run_leaves_the_previous_rankings_readable(tmp_path, setup, monkeypatch):
     first_cfg = setup(query_log(tmp_path / "v1.jsonl", QUERIES[:3], bad=False))
     first = rerank.run(first_cfg)

@@ -106,6 +106,11 @@ class RerankConfig(ModelStage):
                              "device's default, 4096 on CPU and 65536 on GPU; null: batches of batch_size rows)")
     max_length: int | None = Field(None, gt=0, description="tokens per (query, document) pair; default: the model's")
     queries_per_call: int = Field(4, gt=0, description="queries whose candidates are scored in one call")
+    local_max_pairs: int = Field(1000, ge=0, description="a run with at most this many (query, candidate) pairs to "
+                                                         "rank (queries after carry-over × retrieve.k) retrieves and "
+                                                         "scores them on the driver: starting the two actor pools "
+                                                         "would cost more (~20 s on 2 cores); never when either "
+                                                         "pool is given GPUs; 0: always the actors")
     carry_over: bool = Field(True, description="a query ranked by the previous run on the same passages version "
                                                "with the same settings keeps that ranking (no retrieval, no "
                                                "scoring); its count and last_seen are updated")

@@ -221,17 +221,28 @@ def _retrieve_and_score(cfg, state: _RunState, store, staged, selected: pa.Table
     """The two actor pools over the queries still to rank; rows go to ``staged``, new pair scores to the cache."""
     from pipelines.cluster.runtime import actor_restarts
 
-    ds = _stream(cfg, state, selected, fusion_weight)
-    log.info("run %s: reranking %d queries (k=%d, top_n=%d) with %s into %s/%s", state.run.run_id,
-             selected.num_rows, cfg.retrieve.k, cfg.rerank.top_n, cfg.rerank.model, redact_uri(cfg.storage.uri),
-             cfg.storage.rankings_table)
-    state.sink.drain(ds, staged, store, state.run.timer)
-    state.run.report["actors"] = {"retrieve": actor_restarts("Retriever"), "score": actor_restarts("Scorer")}
+    local = _local(cfg, state, selected.num_rows)
+    state.run.report["ranked_on"] = "driver" if local else "actors"
+    batches = _stream(cfg, state, selected, fusion_weight, local=local)
+    log.info("run %s: reranking %d queries (k=%d, top_n=%d) with %s on the %s into %s/%s", state.run.run_id,
+             selected.num_rows, cfg.retrieve.k, cfg.rerank.top_n, cfg.rerank.model, "driver" if local else "actors",
+             redact_uri(cfg.storage.uri), cfg.storage.rankings_table)
+    state.sink.drain(batches, staged, store, state.run.timer)
+    if not local:
+        state.run.report["actors"] = {"retrieve": actor_restarts("Retriever"), "score": actor_restarts("Scorer")}
 
 
-def _stream(cfg, state: _RunState, selected: pa.Table, fusion_weight):
-    """``from_arrow`` → ``Retriever`` pool → ``Scorer`` pool: each stage built from its config section, its
-    actors sized from ``state.resources``."""
+def _local(cfg, state: _RunState, queries: int) -> bool:
+    """Rank on the driver: at most ``rerank.local_max_pairs`` pairs, and no pool given a GPU (the driver may have
+    none)."""
+    pairs = queries * cfg.retrieve.k
+    gpus = any(g for _, g in state.resources.values())
+    return not gpus and pairs <= cfg.rerank.local_max_pairs
+
+
+def _stream(cfg, state: _RunState, selected: pa.Table, fusion_weight, *, local: bool = False):
+    """The scored batches: ``from_arrow`` → ``Retriever`` pool → ``Scorer`` pool, each stage built from its config
+    section, its actors sized from ``state.resources``; or, ``local``, the same two stages called here."""
     import ray.data
 
     from pipelines.cluster.runtime import actor_device, actor_options
@@ -251,6 +262,9 @@ def _stream(cfg, state: _RunState, selected: pa.Table, fusion_weight):
     # pair cache the work per query varies from nothing (all cached) to every candidate (a new query).
     rows = max(1, min(rt.queries_per_call, math.ceil(selected.num_rows / (16 * rr.actors))))
     blocks = [selected.slice(i, rows) for i in range(0, selected.num_rows, rows)]
+    if local:
+        retrieve, score = Retriever(**retriever), Scorer(**{**scorer, "preload": False})
+        return (score(retrieve(b)) for b in blocks)
     options = actor_options()
     return (
         ray.data.from_arrow(blocks)
@@ -261,7 +275,7 @@ def _stream(cfg, state: _RunState, selected: pa.Table, fusion_weight):
                      compute=ray.data.ActorPoolStrategy(size=rr.actors, max_tasks_in_flight_per_actor=2),
                      num_cpus=s_cpus, num_gpus=s_gpus, batch_size=rr.queries_per_call, batch_format="pyarrow",
                      **options)
-    )
+    ).iter_batches(batch_format="pyarrow", batch_size=None, prefetch_batches=2)
 
 
 def _publish(cfg, store, staged, qlog, state: _RunState) -> None:

@@ -16,7 +16,7 @@ by the job as it learns it, before the first row arrives.
 Example::
 
     sink = Sink(run_id, cfg)
-    sink.drain(scored_dataset, staged, store, timer)   # or sink.add(batch) ... sink.flush(staged, store, timer)
+    sink.drain(scored_batches, staged, store, timer)   # or sink.add(batch) ... sink.flush(staged, store, timer)
 """
 
 from __future__ import annotations
@@ -103,13 +103,13 @@ class Sink:
         with timer("cache_writes"):
             self.write_pairs(store)
 
-    def drain(self, ds, staged, store, timer) -> None:
-        """Every scored batch of the stream ``ds``, flushed to ``staged`` and the pair cache: the first rows at
-        once, then in bulk or every ``FLUSH_SECONDS`` (the scores a killed run loses stay few), and once more at
-        the end."""
+    def drain(self, batches, staged, store, timer) -> None:
+        """Every scored batch (an iterable of Arrow tables), flushed to ``staged`` and the pair cache: the first
+        rows at once, then in bulk or every ``FLUSH_SECONDS`` (the scores a killed run loses stay few), and once
+        more at the end."""
         flushed = time.monotonic()
         with timer("pipeline"), Progress("rerank", unit="queries") as progress:
-            for batch in ds.iter_batches(batch_format="pyarrow", batch_size=None, prefetch_batches=2):
+            for batch in batches:
                 self.add(batch)
                 if (self.pending_rows >= FLUSH_ROWS or staged.rows == 0
                         or time.monotonic() - flushed >= FLUSH_SECONDS):
