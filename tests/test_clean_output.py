@@ -32,8 +32,8 @@ def test_successful_runs_print_nothing_alarming_and_a_failed_one_one_line(tmp_pa
     write_jsonl(tmp_path / "log.jsonl", [{"query": q, "timestamp": "2026-11-28T10:00:00Z"}
                                          for q in ("cell protein", "cancer risk", "brain data")])
     cfg = make_config(tmp_path / "docs.jsonl", query_log={"path": str(tmp_path / "log.jsonl")}, retrieve={"k": 5},
-                      rerank={"model": tiny_cross_encoder, "top_n": 5, "actors": 1},
-                      embed={"local_max_rows": 0})  # the actor pool: the path of a real corpus
+                      rerank={"model": tiny_cross_encoder, "top_n": 5, "actors": 1, "local_max_pairs": 0},
+                      embed={"local_max_rows": 0})  # the actor pools: the path of a real corpus and query log
     config = tmp_path / "job.json"
     config.write_text(json.dumps(cfg.model_dump(mode="json")))
 
