@@ -149,3 +149,15 @@ def test_output_inside_a_ray_job_package_is_refused():
         check_not_in_job_package(pkg, "storage.uri")
     check_not_in_job_package("/data/lancedb", "storage.uri")
     check_not_in_job_package("s3://bucket/db", "storage.uri")
+
+
+@pytest.mark.parametrize("section", ["embed", "rerank"])
+def test_cuda_without_a_gpu_per_actor_is_refused(section):
+    """device: cuda with gpus_per_actor: 0 used to run on CPU without a word (Ray gives an actor no GPU it did not
+    reserve): refused, naming both fixes; with a GPU reserved, or device auto, it loads."""
+    extra = {"model": "ce"} if section == "rerank" else {}
+    msg = _err({**BASE, section: {**extra, "device": "cuda"}})
+    assert section in msg and "gpus_per_actor: 1" in msg and "device: auto" in msg
+    assert getattr(parse_config({**BASE, section: {**extra, "device": "cuda", "gpus_per_actor": 0.5}}),
+                   section).gpus_per_actor == 0.5
+    assert getattr(parse_config({**BASE, section: {**extra, "gpus_per_actor": 0}}), section).device == "auto"

@@ -93,3 +93,20 @@ def test_actors_without_a_gpu_reservation_stay_on_cpu():
     assert _actor_device("auto", 0) == "cpu" and _actor_device("cuda", 0) == "cpu"
     assert _actor_device("auto", 1) == "cuda" and _actor_device("auto", 0.5) == "cuda"
     assert _actor_device("mps", 0) == "mps"
+
+
+def test_more_gpu_actors_than_gpus_are_refused_locally_and_said_on_a_cluster(caplog):
+    """Actors asking for GPUs the cluster lacks used to wait without a word: on a local machine (no autoscaler)
+    the run is refused naming the fix; on a cluster a warning says they wait for GPU nodes."""
+    import logging
+
+    from pipelines.cluster.runtime import Cluster, pool_resources
+
+    pools = {"retrieve": (1, 1.0, 0.5), "rerank": (2, 1.0, 1.0)}  # 2.5 GPUs
+    local = Cluster("local", True, 16, 2, 1)
+    with pytest.raises(ValueError, match=r"ask for 2.5 GPUs .*has 2: .*gpus_per_actor"):
+        pool_resources(local, pools)
+    assert pool_resources(Cluster("local", True, 16, 3, 1), pools) == {"retrieve": (1.0, 0.5), "rerank": (1.0, 1.0)}
+    with caplog.at_level(logging.WARNING, logger="batchrank"):
+        assert pool_resources(Cluster("ray://head:10001", False, 16, 2, 2), pools)["rerank"] == (1.0, 1.0)
+    assert "wait until the autoscaler adds GPU nodes" in caplog.text

@@ -232,3 +232,31 @@ def test_rerank_runs_reuse_cached_pairs_and_rank_alike(tmp_path, make_config, ti
     assert with_d3 >= 2 and changed["pairs"]["scored"] == with_d3  # the changed document's pairs, nothing else
     fresh = store.open("pair_scores").search().where(f"{S.RUN_ID} = '{changed['run_id']}'").to_arrow()
     assert fresh[P.DOC_ID].to_pylist() == ["d3"] * with_d3
+
+
+def test_pairs_are_keyed_by_the_precision_the_scorer_runs_at(tmp_path, tiny_cross_encoder, caplog):
+    """The driver keys the cache by the precision it takes the actors to run at; an actor on a GPU the driver lacks
+    (bf16 or fp16), a CPU with other bf16 support or an ONNX backend falling back to torch runs another. The
+    scorer keys its lookups and its new pairs by what it runs (and says so); when the driver was right it keeps the
+    driver's id as given (no second hash of the weights)."""
+    import logging
+
+    from pipelines.models import pick_device
+    from pipelines.rerank.carry_over import precision_of
+
+    cfg = StorageConfig(uri=str(tmp_path / "db"))
+    here = precision_of("torch", "auto", pick_device("cpu"))  # what runs in this process
+    given = P.cross_encoder_id(tiny_cross_encoder, None, precision="cuda/bfloat16")  # a GPU the driver guessed
+    batch = retrieved([("red apple pie", [("d1", "red apple"), ("d2", "pie")])])
+    with caplog.at_level(logging.WARNING, logger="batchrank.rerank"):
+        stage = Scorer(tiny_cross_encoder, top_n=2, device="cpu", cache_storage=cfg, cache_version=None,
+                       cross_encoder_id=given, precision="cuda/bfloat16")
+    actual = P.cross_encoder_id(tiny_cross_encoder, None, precision=here)
+    assert stage.cross_encoder_id == actual != given and f"runs here as {here}" in caplog.text
+    out = stage(batch)
+    rows = P.new_pairs(out, given, "run-1", utcnow())  # the sink's id is the driver's: the batch's wins
+    assert set(rows[S.CROSS_ENCODER].to_pylist()) == {actual} and rows.num_rows == 2
+    assert set(rows[P.PAIR_KEY].to_pylist()) == {P.pair_key(actual, "red apple pie", t) for t in ("red apple", "pie")}
+    right = Scorer(tiny_cross_encoder, top_n=2, device="cpu", cache_storage=cfg, cache_version=None,
+                   cross_encoder_id="driver-id@0", precision=here)
+    assert right.cross_encoder_id == "driver-id@0"

@@ -350,9 +350,10 @@ def prompted_model(tmp_path_factory, tiny_model) -> str:
     return str(out)
 
 
-def test_prompts_give_encode_document_and_encode_query_vectors(tmp_path, make_config, prompted_model):
+def test_prompts_give_encode_document_and_encode_query_vectors(tmp_path, make_config, prompted_model, monkeypatch):
     from sentence_transformers import SentenceTransformer
 
+    from pipelines.rerank import exact_search
     from pipelines.rerank.retrieve import Retriever
 
     cfg = make_config(corpus(tmp_path, {"L1": long_text(200, seed=3)}), embed={"model": prompted_model})
@@ -365,7 +366,11 @@ def test_prompts_give_encode_document_and_encode_query_vectors(tmp_path, make_co
     assert np.abs(np.array([r["vector"] for r in rows]) - want).max() < 1e-4
     assert report["passages_split"]["window_tokens"] < 60  # the prompt's tokens come out of the window
 
+    asked: list[str] = []
+    real = exact_search._torch_cuda
+    monkeypatch.setattr(exact_search, "_torch_cuda", lambda device: asked.append(device) or real(device))
     retriever = Retriever.from_config(cfg, passages_version=report["table"]["version"], device="cpu")
+    assert asked == ["cpu"]  # the actor's device (no GPU reserved): its exact-search matrix stays off the GPUs
     out = retriever(pa.table({"query": ["cell protein"]}))
     q = plain.encode_query(["cell protein"], normalize_embeddings=True)[0]
     best = rows[[r["passage_id"] for r in rows].index(out["_cand_passages"][0][0].as_py())]

@@ -96,3 +96,33 @@ def test_fusion_blends_standardised_cross_encoder_and_retrieval_scores():
     assert half[S.SCORES] == pytest.approx(want[order].tolist(), abs=1e-6)
     alone = Scorer(OverlapScorer(), top_n=3)(batch).to_pylist()[0]
     assert alone[S.FUSION_WEIGHT] is None and alone[S.SCORES] == alone[S.CROSS_ENCODER_SCORES]
+
+
+def test_a_bf16_cross_encoder_scores_in_float32(tiny_cross_encoder):
+    """Cast to bf16 whole, a cross-encoder's logits carry 8 bits of mantissa: distinct pairs tie and top-10s
+    reorder. The loader keeps the scoring head in float32 (``fp32_head``): the scores come out float32, and tie no
+    more often than the float32 model's (bf16 weights on CPU here: the same casts as on a GPU)."""
+    import torch
+    from sentence_transformers import CrossEncoder
+
+    from pipelines.models import fp32_head
+
+    words = "cell protein gene cancer risk brain data model vitamin study sleep heart".split()
+    rng = np.random.default_rng(0)
+    pairs = [(" ".join(rng.choice(words, 3)), " ".join(rng.choice(words, 12))) for _ in range(300)]
+
+    def logits(model):
+        features = model.preprocess(pairs)
+        with torch.inference_mode():
+            return model(features)["scores"].reshape(-1)
+
+    reference = logits(CrossEncoder(tiny_cross_encoder, device="cpu"))
+    whole = logits(CrossEncoder(tiny_cross_encoder, device="cpu").to(torch.bfloat16))
+    kept = CrossEncoder(tiny_cross_encoder, device="cpu").to(torch.bfloat16)
+    assert fp32_head(kept, 1)
+    headed = logits(kept)
+    assert whole.dtype == torch.bfloat16 and headed.dtype == torch.float32
+    assert next(kept.parameters()).dtype == torch.bfloat16  # the encoder stays in bf16
+    distinct = len(set(reference.tolist()))
+    assert len(set(whole.float().tolist())) < 0.9 * distinct  # the rounding this guards against
+    assert len(set(headed.tolist())) >= distinct  # no tie the float32 model does not have

@@ -248,6 +248,7 @@ def pool_resources(cluster: Cluster, pools: dict[str, tuple[int, float, float]])
             else:
                 log.warning("no GPU in the cluster yet: %s actors wait for the autoscaler to add GPU nodes", name)
         out[name] = (cpus, gpus)
+    check_gpus(cluster, {name: (actors, 0.0, out[name][1]) for name, (actors, _, _) in pools.items()})
     headroom = READ_CPUS * 2
     wanted = sum(actors * cpus for actors, cpus, _ in pools.values())
     if cluster.cpus and wanted > cluster.cpus - headroom:
@@ -256,6 +257,25 @@ def pool_resources(cluster: Cluster, pools: dict[str, tuple[int, float, float]])
         log.info("actors get %s CPUs each so that reader tasks keep %.1f CPU",
                  ", ".join(f"{name} {cpus:.2f}" for name, (cpus, _) in out.items()), headroom)
     return out
+
+
+def check_gpus(cluster: Cluster, pools: dict[str, tuple[int, float, float]]) -> None:
+    """More GPUs asked for (``{pool: (actors, cpus, gpus per actor)}``) than the cluster has: on a local machine the
+    extra actors would wait forever (refused); on a cluster they wait for the autoscaler (said). Without any GPU,
+    ``pool_resources`` says what happens (a local machine runs them on CPU)."""
+    if not cluster.gpus:
+        return
+    wanted = sum(actors * gpus for actors, _, gpus in pools.values())
+    if not wanted or wanted <= cluster.gpus:
+        return
+    asked = ", ".join(f"{name}: {actors} actors x {gpus:g} GPU" for name, (actors, _, gpus) in pools.items() if gpus)
+    fix = ("lower the actors or gpus_per_actor (a fraction, e.g. 0.5, puts two actors on one GPU) so that they "
+           f"fit {cluster.gpus:g} GPU(s)")
+    if cluster.local:
+        raise ValueError(f"the actor pools ask for {wanted:g} GPUs ({asked}) but this machine has "
+                         f"{cluster.gpus:g}: the rest would wait forever; {fix}")
+    log.warning("the actor pools ask for %g GPUs (%s) and the cluster has %g now: the rest wait until the autoscaler "
+                "adds GPU nodes (or forever, without one); else %s", wanted, asked, cluster.gpus, fix)
 
 
 def actor_device(requested: str, gpus: float) -> str:

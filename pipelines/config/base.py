@@ -15,7 +15,7 @@ from __future__ import annotations
 import difflib
 from typing import Annotated, Any, Literal, NamedTuple
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator, model_validator
 
 
 class ConfigError(ValueError):
@@ -88,6 +88,14 @@ class ModelStage(PooledStage, _Section):
     dtype: Dtype = "auto"
     backend: Backend = "torch"
     trust_remote_code: bool = False
+
+    @model_validator(mode="after")
+    def _cuda_needs_a_gpu(self):
+        if self.device == "cuda" and not self.gpus_per_actor:
+            raise ValueError("device: cuda with gpus_per_actor: 0 would run on CPU (Ray gives an actor a GPU only "
+                             "when it reserves one); set gpus_per_actor: 1 (or a fraction, to share a GPU), or "
+                             "device: auto")
+        return self
 
 
 # Fixes for the commonest mistakes, keyed by dotted path; the generic message names the key anyway.

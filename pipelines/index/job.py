@@ -135,7 +135,7 @@ def _start(cfg, state: _RunState, store):
     incremental one or a model change. Returns the staging table a killed run left (None when there is none)."""
     import ray.data
 
-    from pipelines.cluster.runtime import check_not_in_job_package, init_ray
+    from pipelines.cluster.runtime import check_gpus, check_not_in_job_package, init_ray
     from pipelines.index.corpus import expand_paths, read_local
     from pipelines.models.prompts import check_passages
 
@@ -155,6 +155,7 @@ def _start(cfg, state: _RunState, store):
         # Ray before LanceDB loads: Ray forks processes, LanceDB's runtime dislikes forks
         cluster = state.cluster = init_ray(cfg.ray)
         state.build_ann = builder(cfg, cluster)  # where an ANN training runs; refused here, before any work
+        check_gpus(cluster, {"embed": e.pool})  # GPUs this machine lacks: refused here too
         change = rebuild_change(cfg, store)  # another model, chunking or document prompt: every document again
         rebuild = state.rebuild = change is not None
         # what passages holds, by id hash, in the id state (actors for a large corpus): never all in the driver

@@ -34,18 +34,30 @@ def pick_device(requested: str = "auto") -> str:
 
 
 def pick_dtype(requested: str, device: str):
-    """The weights' dtype. ``auto``: bf16 on GPUs that support it, else fp16 on GPU; fp32 on CPU, where reduced
-    precision runs as bf16 autocast instead (``autocast_dtype``)."""
+    """The weights' dtype. ``auto``: bf16 on GPUs that run it natively, else fp16 on GPU; fp32 on CPU, where
+    reduced precision runs as bf16 autocast instead (``autocast_dtype``). ``bfloat16`` asked of a GPU without it
+    (before Ampere: torch would emulate it, slowly) runs fp16."""
     import torch
 
+    if device == "cuda" and requested in ("auto", "bfloat16"):
+        if cuda_bf16():
+            return torch.bfloat16
+        if requested == "bfloat16":
+            log.warning("bfloat16 requested but this GPU does not run it natively (emulated: slow); using float16")
+        return torch.float16
     if requested == "auto" or device == "cpu":
-        if device == "cuda":
-            return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
         if device == "cpu" and requested == "float16":
             log.warning("float16 on CPU is slow and lossy; using float32 (bfloat16 runs as autocast on CPUs with "
                         "AMX or AVX-512 BF16)")
         return torch.float32
     return {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}[requested]
+
+
+def cuda_bf16() -> bool:
+    """Whether this GPU runs bf16 natively (Ampere and later); ``is_bf16_supported()`` alone counts emulation."""
+    import torch
+
+    return torch.cuda.is_available() and torch.cuda.is_bf16_supported(including_emulation=False)
 
 
 def autocast_dtype(requested: str, device: str):
@@ -148,10 +160,36 @@ def load_cross_encoder(name: str, *, device: str = "auto", dtype: str = "auto", 
     torch_dtype = pick_dtype(dtype, dev)
     if torch_dtype != next(model.parameters()).dtype:
         model = model.to(torch_dtype)
+        fp32_head(model, model.num_labels)
     model.eval()
     if budget is None:
         return model
     return TokenBatchedCrossEncoder(model, token_budget=budget, autocast=autocast_dtype(dtype, dev))
+
+
+def fp32_head(model, num_labels: int) -> bool:
+    """Keep a reduced-precision cross-encoder's scoring head (its last ``Linear`` to ``num_labels``) in float32,
+    autocast off, so that its scores are float32: bf16 logits carry 8 bits of mantissa, and that rounding alone tied
+    or reordered top-10s. The encoder below it stays in bf16/fp16. False when no such layer is found."""
+    import torch
+
+    head = None
+    for module in model.modules():
+        if isinstance(module, torch.nn.Linear) and module.out_features == num_labels:
+            head = module
+    if head is None:
+        log.warning("no scoring head (a Linear to %d outputs) found: its scores stay in %s", num_labels,
+                    next(model.parameters()).dtype)
+        return False
+    head.float()
+    forward = head.forward
+
+    def fp32_forward(x):
+        with torch.autocast(device_type=x.device.type, enabled=False):
+            return forward(x.float())
+
+    head.forward = fp32_forward
+    return True
 
 
 class _TokenBatched:

@@ -19,11 +19,12 @@ EVERY_S = 15.0  # seconds between progress lines when stderr is not a terminal
 def trainer_args(args_cls, t, scratch: str, device: str, rows: int, metric: str | None, **extra):
     """Training arguments for either trainer. With ``metric`` (the evaluator's key): evaluate each epoch (every
     ceil(max_steps / 4) steps when max_steps is set), checkpoint into ``scratch``, load the best at the end."""
-    import torch
     from transformers import TrainingArguments
 
+    from pipelines.models import cuda_bf16
+
     total = t.max_steps or -(-int(rows * t.epochs) // t.batch_size)
-    bf16 = device == "cuda" and torch.cuda.is_bf16_supported()
+    bf16 = device == "cuda" and cuda_bf16()  # not emulated bf16 (before Ampere): slow
     # transformers 5 dropped warmup_ratio (sentence-transformers still accepts it, with a warning): a float < 1
     # in warmup_steps is the ratio there.
     old_api = "warmup_ratio" in TrainingArguments.__dataclass_fields__

@@ -24,11 +24,17 @@ from pipelines import schema as S
 
 def precision(rr, device: str) -> str:
     """What runs the cross-encoder, for the pair cache's key: scores from another precision are not reused."""
+    return precision_of(rr.backend, rr.dtype, device)
+
+
+def precision_of(backend: str, dtype: str, device: str) -> str:
+    """``precision`` from its parts: an ONNX backend runs on CPU only (on a GPU the torch backend runs, and is
+    recorded as such); torch's label says its device and dtype, as resolved where this runs."""
     from pipelines.models import precision_label
 
-    if rr.backend != "torch" and device == "cpu":
-        return f"cpu/{rr.backend}"
-    return precision_label(rr.dtype, device)
+    if backend != "torch" and device == "cpu":
+        return f"cpu/{backend}"
+    return precision_label(dtype, device)
 
 
 def cross_encoder_key(rr, device: str) -> str:

@@ -117,7 +117,7 @@ def method_for_report(cfg, passages_version: int | None) -> dict:
 
 def _torch_cuda(device: str):
     """The torch module when the matrix product should run on CUDA, else None (numpy on CPU)."""
-    if device == "cpu":
+    if device not in ("auto", "cuda"):  # cpu, or mps: numpy
         return None
     if device == "auto" and "torch" not in sys.modules and not os.path.exists("/proc/driver/nvidia"):
         return None  # no GPU driver visible: do not import torch just to find out

@@ -43,7 +43,7 @@ from pipelines import schema as S
 from pipelines.faults import maybe_fail
 from pipelines.report import Progress, redact_uri
 from pipelines.rerank import pair_cache as P
-from pipelines.rerank.carry_over import cross_encoder_key, settings_key, unchanged_rankings
+from pipelines.rerank.carry_over import cross_encoder_key, precision, settings_key, unchanged_rankings
 from pipelines.rerank.fusion import resolve_weight
 from pipelines.rerank.sink import Sink
 from pipelines.rerank.summary import finish_report, summary
@@ -256,7 +256,7 @@ def _stream(cfg, state: _RunState, selected: pa.Table, fusion_weight, *, local: 
     scorer = Scorer.config_kwargs(rr, device=actor_device(rr.device, s_gpus), num_threads=rr.cpus_per_actor,
                                   fusion_weight=fusion_weight, cache_storage=cfg.storage if rr.cache else None,
                                   cache_version=state.cache_version, cross_encoder_id=sink.cross_encoder_id,
-                                  preload=True)
+                                  precision=precision(rr, actor_device(rr.device, s_gpus)), preload=True)
     # Several blocks, built without tasks: one block feeds one actor, and a task-built split would need CPUs that
     # the actor pools hold. Small blocks balance the scoring actors: one task scores a whole block, and with the
     # pair cache the work per query varies from nothing (all cached) to every candidate (a new query).

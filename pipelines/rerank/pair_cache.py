@@ -42,6 +42,7 @@ NEW_KEYS = "_new_pair_keys"
 NEW_DOC_IDS = "_new_doc_ids"
 NEW_DOC_HASHES = "_new_doc_hashes"
 NEW_SCORES = "_new_scores"
+SCORED_AS = "_scored_as"  # the cross-encoder id the scorer keyed its pairs with (its precision, where it ran)
 PAIRS_SCORED = "_pairs_scored"  # pairs of the query that the model scored in this call
 PAIRS_CACHED = "_pairs_cached"  # the others: from the cache, or shared with an identical pair of the same call
 
@@ -148,13 +149,17 @@ def current_version(store) -> int | None:
 
 
 def new_pairs(batch: pa.Table, ce_id: str, run_id: str, scored_at: datetime) -> pa.Table:
-    """The pairs a Scorer call scored with the model, as cache rows (one per pair, with its query's text)."""
+    """The pairs a Scorer call scored with the model, as cache rows (one per pair, with its query's text), under
+    the id the scorer keyed them with (``ce_id`` for a batch that does not say)."""
     keys = batch[NEW_KEYS].combine_chunks()
     flat_keys = pc.list_flatten(keys)
     n = len(flat_keys)
-    queries = batch[S.QUERY].combine_chunks().take(pc.list_parent_indices(keys))
+    parents = pc.list_parent_indices(keys)
+    queries = batch[S.QUERY].combine_chunks().take(parents)
+    ids = batch[SCORED_AS].combine_chunks().take(parents) if SCORED_AS in batch.column_names else \
+        pa.array([ce_id] * n, pa.string())
     return pa.table({
-        PAIR_KEY: flat_keys, S.CROSS_ENCODER: pa.array([ce_id] * n, pa.string()), S.QUERY: queries,
+        PAIR_KEY: flat_keys, S.CROSS_ENCODER: ids, S.QUERY: queries,
         DOC_ID: pc.list_flatten(batch[NEW_DOC_IDS].combine_chunks()),
         DOC_HASH: pc.list_flatten(batch[NEW_DOC_HASHES].combine_chunks()),
         SCORE: pc.list_flatten(batch[NEW_SCORES].combine_chunks()).cast(pa.float32()),

@@ -258,7 +258,8 @@ class Retriever:
                                       fusion=fusion, vector_weight=vector_weight, rrf_k=rrf_k, exact=exact,
                                       exact_max_rows=exact_max_rows,
                                       exact_max_bytes=exact_max_bytes, columns=columns, threads=threads,
-                                      level=level, passage_hits=passage_hits)
+                                      level=level, passage_hits=passage_hits,
+                                      exact_device=device)  # an actor given no GPU keeps its matrix off them
 
     @staticmethod
     def config_kwargs(cfg, *, passages_version: int, **overrides: Any) -> dict[str, Any]:

@@ -21,6 +21,7 @@ Example (no Ray needed)::
 
 from __future__ import annotations
 
+import logging
 import threading
 import time
 from typing import Any
@@ -32,6 +33,8 @@ from pipelines import schema as S
 from pipelines.faults import maybe_fail, record
 from pipelines.rerank import pair_cache as P
 from pipelines.rerank.fusion import blend
+
+log = logging.getLogger("batchrank.rerank")
 
 
 class Scorer:
@@ -46,7 +49,7 @@ class Scorer:
                  device: str = "auto", dtype: str = "auto", trust_remote_code: bool = False,
                  num_threads: float | None = None, fusion_weight: float | None = None, cache_storage=None,
                  cache_version: int | None = None, cross_encoder_id: str | None = None, preload: bool = False,
-                 backend: str = "torch", batch_tokens: int | None = 0):
+                 backend: str = "torch", batch_tokens: int | None = 0, precision: str | None = None):
         from pipelines.cluster.runtime import node_label
         from pipelines.models import configure_threads
 
@@ -65,10 +68,29 @@ class Scorer:
                 raise ValueError("the pair cache needs cross_encoder_id (pipelines.rerank.pair_cache.cross_encoder_id of "
                                  "the model), or pass cache_storage=None to score every pair")
             self.cache = P.PairCache.open(cache_storage, cache_version)
+            if precision is not None and not hasattr(model, "predict"):
+                self.cross_encoder_id = self._scored_as(cross_encoder_id, model, max_length, precision, backend,
+                                                        dtype, device)
             if preload and self._model is None:  # load while the first candidates are being retrieved
                 threading.Thread(target=self.load, name="batchrank-load-cross-encoder", daemon=True).start()
         else:
             self.load()  # every pair needs the model: load it with the actor, not inside the first call
+
+    @staticmethod
+    def _scored_as(given: str, model: str, max_length: int | None, expected: str, backend: str, dtype: str,
+                   device: str) -> str:
+        """The pair cache's key for the precision this process runs the model at: ``given`` when that is
+        ``expected`` (what the driver took it to be, and keyed ``given`` with). They differ where the driver cannot tell: a GPU the
+        driver lacks (bf16 or fp16), another CPU's bf16 support, an ONNX backend falling back to torch on a GPU."""
+        from pipelines.models import pick_device
+        from pipelines.rerank.carry_over import precision_of
+
+        actual = precision_of(backend, dtype, pick_device(device))
+        if actual == expected:
+            return given
+        log.warning("the cross-encoder runs here as %s, not %s as the driver took it: its cached pairs are keyed "
+                    "as %s", actual, expected, actual)
+        return P.cross_encoder_id(model, max_length, precision=actual)
 
     @staticmethod
     def config_kwargs(rr, **run_settings: Any) -> dict[str, Any]:
@@ -167,6 +189,7 @@ class Scorer:
             P.NEW_DOC_IDS: pa.array([[f[1] for f in row] for row in fresh], strings),
             P.NEW_DOC_HASHES: pa.array([[f[2] for f in row] for row in fresh], strings),
             P.NEW_SCORES: pa.array([[f[3] for f in row] for row in fresh], pa.list_(pa.float32())),
+            P.SCORED_AS: pa.array([self.cross_encoder_id] * len(batch), pa.string()),
         }
         for name, values in columns.items():
             out = out.append_column(name, values)
