@@ -161,3 +161,13 @@ def test_cuda_without_a_gpu_per_actor_is_refused(section):
     assert getattr(parse_config({**BASE, section: {**extra, "device": "cuda", "gpus_per_actor": 0.5}}),
                    section).gpus_per_actor == 0.5
     assert getattr(parse_config({**BASE, section: {**extra, "gpus_per_actor": 0}}), section).device == "auto"
+
+
+@pytest.mark.parametrize("section", ["embed", "rerank"])
+def test_an_onnx_backend_on_a_gpu_is_refused(section):
+    """ONNX backends run on CPU; on a GPU the torch backend used to run while passages recorded the ONNX one."""
+    extra = {"model": "ce"} if section == "rerank" else {}
+    for gpu in ({"gpus_per_actor": 1}, {"device": "cuda", "gpus_per_actor": 1}):
+        msg = _err({**BASE, section: {**extra, "backend": "onnx-int8", **gpu}})
+        assert "runs on CPU only" in msg and "backend: torch" in msg and "gpus_per_actor: 0" in msg
+    assert getattr(parse_config({**BASE, section: {**extra, "backend": "onnx-int8"}}), section).backend == "onnx-int8"

@@ -95,6 +95,10 @@ class ModelStage(PooledStage, _Section):
             raise ValueError("device: cuda with gpus_per_actor: 0 would run on CPU (Ray gives an actor a GPU only "
                              "when it reserves one); set gpus_per_actor: 1 (or a fraction, to share a GPU), or "
                              "device: auto")
+        if self.backend != "torch" and (self.device == "cuda" or self.gpus_per_actor):
+            raise ValueError(f"backend: {self.backend} runs on CPU only (on a GPU the torch backend would run while "
+                             "the table records this one); for a GPU use backend: torch (dtype: auto runs bf16 or "
+                             "fp16), or keep this backend with gpus_per_actor: 0 and device: auto or cpu")
         return self
 
 

@@ -94,6 +94,12 @@ def configure_threads(num_cpus: float | None) -> None:
         torch.set_num_threads(max(1, round(num_cpus)))
 
 
+def _device_for(backend: str, device: str) -> str:
+    """``device`` resolved for ``backend``: an ONNX backend runs on CPU, so ``auto`` is the CPU there (a GPU it
+    happens to see would make it fall back to torch)."""
+    return "cpu" if backend != "torch" and device == "auto" else pick_device(device)
+
+
 def _onnx_or_torch(backend: str, dev: str, key: str) -> str:
     if backend != "torch" and dev != "cpu":
         log.warning("%s %s runs on CPU only; on %s the torch backend runs (with bf16/fp16 via dtype)", key, backend,
@@ -111,7 +117,7 @@ def load_bi_encoder(name: str, *, device: str = "auto", dtype: str = "auto", max
     ``TokenBatchedBiEncoder`` (torch) or ``OnnxBiEncoder`` (``backend`` ``onnx``/``onnx-int8``, CPU) that batches
     by padded tokens (``batch_tokens``; 0 picks the device's default) with tokenisation one batch ahead.
     """
-    dev = pick_device(device)
+    dev = _device_for(backend, device)
     budget = (batch_tokens or default_budget(dev)) if batch_tokens is not None else None
     if _onnx_or_torch(backend, dev, "embed.backend") != "torch":
         from pipelines.models import onnx as onnx_backend
@@ -139,7 +145,7 @@ def load_cross_encoder(name: str, *, device: str = "auto", dtype: str = "auto", 
     """A cross-encoder with ``predict`` on the chosen device and dtype: the sentence-transformers ``CrossEncoder``
     (``batch_tokens`` None), else a ``TokenBatchedCrossEncoder`` (torch) or ``OnnxCrossEncoder`` (``backend``
     ``onnx``/``onnx-int8``, CPU) batching by padded tokens (0: the device's default budget)."""
-    dev = pick_device(device)
+    dev = _device_for(backend, device)
     budget = (batch_tokens or default_budget(dev)) if batch_tokens is not None else None
     if _onnx_or_torch(backend, dev, "rerank.backend") != "torch":
         from pipelines.models import onnx as onnx_backend
