@@ -171,3 +171,13 @@ def test_an_onnx_backend_on_a_gpu_is_refused(section):
         msg = _err({**BASE, section: {**extra, "backend": "onnx-int8", **gpu}})
         assert "runs on CPU only" in msg and "backend: torch" in msg and "gpus_per_actor: 0" in msg
     assert getattr(parse_config({**BASE, section: {**extra, "backend": "onnx-int8"}}), section).backend == "onnx-int8"
+
+
+def test_calls_default_to_the_device_size():
+    """Calls sized for a CPU (256 documents, 4 queries' candidates) fill one GPU batch each, so tokenising never
+    overlaps the forward pass there: unset, an actor with a GPU gets 4,096 documents / 64 queries per call."""
+    cfg = parse_config({**BASE, "rerank": {"model": "ce"}})
+    assert (cfg.embed.call_rows(), cfg.embed.call_rows(1), cfg.embed.call_rows(0.5)) == (256, 4096, 4096)
+    assert (cfg.rerank.call_queries(), cfg.rerank.call_queries(1)) == (4, 64)
+    set_ = parse_config({**BASE, "embed": {"rows_per_call": 512}, "rerank": {"model": "ce", "queries_per_call": 8}})
+    assert (set_.embed.call_rows(), set_.embed.call_rows(1), set_.rerank.call_queries(1)) == (512, 512, 8)

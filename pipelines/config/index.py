@@ -103,7 +103,10 @@ class EmbedConfig(ModelStage):
     batch_tokens: int | None = Field(
         0, ge=0, description="padded tokens per model batch, texts sorted by length across each call (0: the "
                              "device's default, 4096 on CPU and 65536 on GPU; null: batches of batch_size rows)")
-    rows_per_call: int = Field(256, gt=0, description="documents per embedding call; sorted by length together")
+    rows_per_call: int | None = Field(
+        None, gt=0, description="documents per embedding call, sorted by length together; null: 256 on CPU, 4,096 "
+                                "for an actor with a GPU (where 256 short documents fill one model batch, and the "
+                                "next batch's tokenising cannot overlap the forward pass)")
     local_max_rows: int = Field(500, ge=0, description="an incremental run with at most this many new or changed "
                                                        "documents embeds them on the driver (starting the actor "
                                                        "pool would cost more); 0: always the actors")
@@ -133,9 +136,13 @@ class EmbedConfig(ModelStage):
             raise ValueError(f"only 'title' and 'text' can feed the embedding (got {bad})")
         return v
 
+    def call_rows(self, gpus: float = 0) -> int:
+        """``rows_per_call`` as set, else the default for an actor with ``gpus`` GPUs."""
+        return self.rows_per_call or (4096 if gpus else 256)
+
     @model_validator(mode="after")
     def _batches(self) -> EmbedConfig:
-        if self.rows_per_call < self.batch_size:
+        if self.rows_per_call is not None and self.rows_per_call < self.batch_size:
             raise ValueError(
                 f"rows_per_call ({self.rows_per_call}) must be >= batch_size ({self.batch_size}); "
                 "raise rows_per_call or lower batch_size"

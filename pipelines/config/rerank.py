@@ -105,7 +105,13 @@ class RerankConfig(ModelStage):
         0, ge=0, description="padded tokens per model batch, texts sorted by length across each call (0: the "
                              "device's default, 4096 on CPU and 65536 on GPU; null: batches of batch_size rows)")
     max_length: int | None = Field(None, gt=0, description="tokens per (query, document) pair; default: the model's")
-    queries_per_call: int = Field(4, gt=0, description="queries whose candidates are scored in one call")
+    queries_per_call: int | None = Field(
+        None, gt=0, description="queries whose candidates are scored in one call; null: 4 on CPU, 64 for an actor "
+                                "with a GPU (4 queries' candidates fill one GPU batch: no tokenising overlaps it)")
+    def call_queries(self, gpus: float = 0) -> int:
+        """``queries_per_call`` as set, else the default for an actor with ``gpus`` GPUs."""
+        return self.queries_per_call or (64 if gpus else 4)
+
     local_max_pairs: int = Field(1000, ge=0, description="a run with at most this many (query, candidate) pairs to "
                                                          "rank (queries after carry-over × retrieve.k) retrieves and "
                                                          "scores them on the driver: starting the two actor pools "

@@ -254,7 +254,7 @@ def _planned_batches(cfg, state: _RunState, todo: dict[str, str], local: bool, k
     if kept is not None:  # what the plan kept (resume_planned may have taken some since), in blocks of one call
         rows = pa.concat_tables(kept) if kept else None
         rows = keep_planned(rows, todo) if rows is not None else None
-        step = cfg.embed.rows_per_call
+        step = cfg.embed.call_rows()  # blocks; the actor pool gathers them into its calls (call_rows(gpus))
         blocks = [rows.slice(i, step) for i in range(0, rows.num_rows, step)] if rows is not None else []
         if local or not blocks:
             return iter(blocks)
@@ -317,7 +317,7 @@ def _embed_with_actors(cfg, ds, state: _RunState):
         compute=ray.data.ActorPoolStrategy(size=e.actors, max_tasks_in_flight_per_actor=1),
         num_cpus=cpus,
         num_gpus=gpus,
-        batch_size=e.rows_per_call,
+        batch_size=e.call_rows(gpus),
         batch_format="pyarrow",
         **actor_options(),
     )

@@ -260,7 +260,8 @@ def _stream(cfg, state: _RunState, selected: pa.Table, fusion_weight, *, local: 
     # Several blocks, built without tasks: one block feeds one actor, and a task-built split would need CPUs that
     # the actor pools hold. Small blocks balance the scoring actors: one task scores a whole block, and with the
     # pair cache the work per query varies from nothing (all cached) to every candidate (a new query).
-    rows = max(1, min(rt.queries_per_call, math.ceil(selected.num_rows / (16 * rr.actors))))
+    per_call = rr.call_queries(s_gpus)
+    rows = max(1, min(rt.queries_per_call, per_call, math.ceil(selected.num_rows / (16 * rr.actors))))
     blocks = [selected.slice(i, rows) for i in range(0, selected.num_rows, rows)]
     if local:
         retrieve, score = Retriever(**retriever), Scorer(**{**scorer, "preload": False})
@@ -273,7 +274,7 @@ def _stream(cfg, state: _RunState, selected: pa.Table, fusion_weight, *, local: 
                      num_cpus=r_cpus, num_gpus=r_gpus, batch_size=rows, batch_format="pyarrow", **options)
         .map_batches(Scorer, fn_constructor_kwargs=scorer,
                      compute=ray.data.ActorPoolStrategy(size=rr.actors, max_tasks_in_flight_per_actor=2),
-                     num_cpus=s_cpus, num_gpus=s_gpus, batch_size=rr.queries_per_call, batch_format="pyarrow",
+                     num_cpus=s_cpus, num_gpus=s_gpus, batch_size=per_call, batch_format="pyarrow",
                      **options)
     ).iter_batches(batch_format="pyarrow", batch_size=None, prefetch_batches=2)
 
