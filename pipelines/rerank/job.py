@@ -10,6 +10,7 @@ Reads top to bottom (``run``: ``runs.start``, then ``runs.guarded`` holding the 
                          → map_batches(Retriever, actor pool): top-k candidates from the pinned passages
                          → map_batches(Scorer, actor pool): cached pairs looked up, the rest scored, top-n kept
                          → sink on the driver: rows → staging table (durable, invisible); new pairs → pair cache
+                         (a run of at most rerank.local_max_pairs pairs calls the two stages on the driver: no pools)
     _publish             check: queries ranked = queries selected → one overwrite commit of rankings (tagged)
     release_leases       however the run ended
     _upkeep              after a published run: old cached scores evicted, tables compacted, old versions cleaned
