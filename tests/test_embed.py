@@ -110,3 +110,24 @@ def test_more_gpu_actors_than_gpus_are_refused_locally_and_said_on_a_cluster(cap
     with caplog.at_level(logging.WARNING, logger="batchrank"):
         assert pool_resources(Cluster("ray://head:10001", False, 16, 2, 2), pools)["rerank"] == (1.0, 1.0)
     assert "wait until the autoscaler adds GPU nodes" in caplog.text
+
+
+def test_bf16_only_where_the_gpu_runs_it_natively(monkeypatch, caplog):
+    """``torch.cuda.is_bf16_supported()`` counts emulation: a card before Ampere got slow emulated bf16. Now auto
+    picks bf16 only where it is native, fp16 elsewhere; bfloat16 asked of such a card runs fp16, said."""
+    import logging
+
+    import torch
+
+    from pipelines.models import pick_dtype
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    native = {"v": False}
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported",
+                        lambda including_emulation=True: native["v"] or including_emulation)
+    with caplog.at_level(logging.WARNING, logger="pipelines.models"):
+        assert pick_dtype("auto", "cuda") is torch.float16
+        assert pick_dtype("bfloat16", "cuda") is torch.float16 and "emulated" in caplog.text
+    native["v"] = True
+    assert pick_dtype("auto", "cuda") is torch.bfloat16 and pick_dtype("bfloat16", "cuda") is torch.bfloat16
+    assert pick_dtype("float32", "cuda") is torch.float32 and pick_dtype("auto", "cpu") is torch.float32
