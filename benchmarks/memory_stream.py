@@ -428,7 +428,8 @@ class Sampler(threading.Thread):
             n += 1
         phase, docs, plasma = self.events.now()
         return {"t": round(time.time() - self.t0, 2), "procs": n, "rss": sum(rss.values()), "pss": sum(pss.values()),
-                "uss": uss, "rss_kind": rss, "pss_kind": pss, "uss_kind": uss_kind, "phase": phase, "docs": docs, "plasma": plasma}
+                "uss": uss, "rss_kind": rss, "pss_kind": pss, "uss_kind": uss_kind, "phase": phase, "docs": docs,
+                "plasma": plasma}
 
     def run(self) -> None:
         while not self._stop_evt.is_set():

@@ -80,8 +80,8 @@ class Scorer:
     def _scored_as(given: str, model: str, max_length: int | None, expected: str, backend: str, dtype: str,
                    device: str) -> str:
         """The pair cache's key for the precision this process runs the model at: ``given`` when that is
-        ``expected`` (what the driver took it to be, and keyed ``given`` with). They differ where the driver cannot tell: a GPU the
-        driver lacks (bf16 or fp16), another CPU's bf16 support, an ONNX backend falling back to torch on a GPU."""
+        ``expected`` (what the driver took it to be, and keyed ``given`` with). They differ where the driver cannot
+        tell: a GPU the driver lacks (bf16 or fp16), another CPU's bf16 support."""
         from pipelines.models import pick_device
         from pipelines.rerank.carry_over import precision_of
 
