@@ -106,6 +106,17 @@ def nodes_line(nodes: dict[str, dict[str, int]], unit: str) -> str | None:
     return "  nodes: " + "; ".join(parts) if parts else None
 
 
+def firsts_line(report: dict[str, Any]) -> str | None:
+    """The run's first events (``Run.mark``) in seconds since the process started, in order: the fixed cost a
+    user waits through before the first row comes out."""
+    first = {k: v["since_process_start_s"] for k, v in (report.get("first") or {}).items()
+             if v.get("since_process_start_s") is not None}
+    if not first:
+        return None
+    ordered = sorted(first.items(), key=lambda kv: kv[1])
+    return "  since process start: " + ", ".join(f"{k.replace('_', ' ')} {v:.1f}s" for k, v in ordered)
+
+
 def redact_uri(uri: str) -> str:
     """Drop credentials from a URI before it is printed or stored (``s3://KEY:SECRET@bucket`` → ``s3://***@bucket``)."""
     from pipelines.store.objstore import redact

@@ -48,6 +48,24 @@ class Run:
     def elapsed(self) -> float:
         return round(time.perf_counter() - self.t0, 3)
 
+    def mark(self, event: str) -> None:
+        """The first time ``event`` happens in this run (``ray_up``, ``first_embedded_row``, ``first_scored_pair``):
+        seconds since the process started (what a user waits for, Python's and the imports' start-up included) and
+        since the run started, in the report's ``first``. Later calls keep the first."""
+        first = self.report.setdefault("first", {})
+        if event not in first:
+            first[event] = {"since_process_start_s": since_process_start(), "since_run_start_s": self.elapsed()}
+
+
+def since_process_start() -> float | None:
+    """Seconds since this process started (None where the OS does not say)."""
+    try:
+        import psutil
+
+        return round(time.time() - psutil.Process().create_time(), 2)
+    except Exception:  # noqa: BLE001 - a figure for the report, never a failure
+        return None
+
 
 def start(cfg, job: str, *, sections: tuple[str, ...], command: str, run_id: str | None = None, save: bool = True,
           tables: tuple[str, ...] = (), **fields: Any) -> Run:

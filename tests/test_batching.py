@@ -88,3 +88,29 @@ def test_identical_pairs_are_scored_once(tiny_cross_encoder):
     scores = stage.predict(pairs)
     assert calls == [[("q", "same text"), ("q", "other"), ("r", "same text")]]
     assert scores.tolist() == [10.0, 6.0, 10.0, 10.0] and stage.duplicates == 1
+
+
+def test_sentence_transformers_loads_without_sklearn_until_a_function_needs_it(tiny_model):
+    """scikit-learn (~1 s of every model actor's start) stays unloaded while a model loads and embeds; the one
+    sentence-transformers function that uses it (sparse Manhattan similarity) still works, with the real one."""
+    import subprocess
+    import sys
+
+    code = f"""
+import sys
+from pipelines.models import load_bi_encoder
+model = load_bi_encoder({tiny_model!r}, device="cpu", dtype="float32", batch_tokens=0)
+vectors = model.encode(["a short text", "another one"], batch_size=2)
+assert vectors.shape[0] == 2, vectors.shape
+assert "sklearn" not in sys.modules, "scikit-learn was imported on the model's start-up path"
+import torch
+from sentence_transformers import util
+dense = torch.tensor([[1.0, 0.0], [0.0, 2.0]])
+got = util.manhattan_sim(dense.to_sparse(), dense.to_sparse())
+assert torch.allclose(got, util.manhattan_sim(dense, dense)), got
+assert "sklearn.metrics" in sys.modules and hasattr(sys.modules["sklearn.metrics"], "roc_auc_score")
+from sklearn.metrics import ndcg_score  # a later import gets the real module
+print("ok")
+"""
+    out = subprocess.run([sys.executable, "-c", code], check=False, capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0 and "ok" in out.stdout, out.stderr[-3000:]

@@ -92,6 +92,11 @@ def test_bad_rows_are_quarantined_and_counts_reconcile(tmp_path, make_config, mo
     assert "first seen at" in dup["reason"] and "second copy" in dup["raw"]
     saved = json.loads(open(report["report_path"]).read())
     assert saved["rows"]["reconciled"] and saved["table"]["tag"] == report["run_id"]
+    # the fixed cost, from the process's start: Ray up, then the stream, then the first embedded row
+    first = {k: v["since_process_start_s"] for k, v in saved["first"].items()}
+    assert 0 < first["ray_up"] <= first["pipeline_started"] <= first["first_embedded_row"], first
+    assert saved["first"]["first_embedded_row"]["since_run_start_s"] <= saved["seconds"]["total"]
+    assert "first embedded row" in summary(report)
 
 
 def test_rerun_is_idempotent(tmp_path, make_config):

@@ -127,6 +127,9 @@ def test_the_driver_and_the_actor_pools_rank_alike(tmp_path, setup):
     assert (local["ranked_on"], pools["ranked_on"]) == ("driver", "actors")
     assert "actors" not in local and pools["actors"]["score"]["restarts"] == 0
     assert local["pairs"]["scored"] == pools["pairs"]["scored"] == 6 * 8
+    for report in (local, pools):  # the fixed cost before the first scored pair, on either path
+        first = {k: v["since_process_start_s"] for k, v in report["first"].items()}
+        assert 0 < first["ray_up"] <= first["pipeline_started"] <= first["first_scored_pair"], first
     assert on_driver.keys() == by_actors.keys() and len(on_driver) == 6
     for qid, row in on_driver.items():
         assert row["doc_ids"] == by_actors[qid]["doc_ids"]

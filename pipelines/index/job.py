@@ -26,6 +26,7 @@ Example::
 
 from __future__ import annotations
 
+import concurrent.futures
 import contextlib
 import logging
 from typing import Any
@@ -143,9 +144,11 @@ def _start(cfg, state: _RunState, store):
     with state.timer("startup"):
         expand_paths(cfg.corpus.path, cfg.storage.storage_options)  # fail fast on a missing corpus, before Ray starts
         check_not_in_job_package(cfg.storage.uri, "storage.uri")
-        # the prompts and the passage window, refused here (naming the setting) rather than in every actor
-        report["passages_split"] = check_passages(cfg) or {"checked": "by the embedding actors (model files not "
-                                                                      "readable on the driver)"}
+        # the prompts and the passage window, refused here (naming the setting) rather than in every actor; checked
+        # while Ray starts (loading the tokenizer imports transformers and torch: ~2 s on 2 cores)
+        checker = concurrent.futures.ThreadPoolExecutor(1, "batchrank-check-passages")
+        passages_split = checker.submit(check_passages, cfg)
+        checker.shutdown(wait=False)
         ctx = ray.data.DataContext.get_current()
         ctx.execution_options.preserve_order = True  # deterministic: the first row of a duplicated id wins
         ctx.enable_progress_bars = False  # our own progress line below, readable in job logs too
@@ -154,6 +157,9 @@ def _start(cfg, state: _RunState, store):
             object_store_memory=PIPELINE_OBJECT_STORE_BYTES)
         # Ray before LanceDB loads: Ray forks processes, LanceDB's runtime dislikes forks
         cluster = state.cluster = init_ray(cfg.ray)
+        state.run.mark("ray_up")
+        report["passages_split"] = passages_split.result() or {
+            "checked": "by the embedding actors (model files not readable on the driver)"}
         state.build_ann = builder(cfg, cluster)  # where an ANN training runs; refused here, before any work
         check_gpus(cluster, {"embed": e.pool})  # GPUs this machine lacks: refused here too
         change = rebuild_change(cfg, store)  # another model, chunking or document prompt: every document again

@@ -64,11 +64,14 @@ def stage(cfg, state, batches, store, staged=None, *, embedder=None, planned: di
     ``FLUSH_SECONDS``, so a killed driver loses little."""
     sink, timer = state.sink, state.timer
     flushed = time.monotonic()
+    state.run.mark("pipeline_started")
     with timer("pipeline"), Progress("index", unit="docs") as progress:
-        for batch in (coalesce(batches) if embedder is None else batches):  # embedded here: progress per block
+        # embedded here: progress per block
+        for batch in (coalesce(_arrivals(batches, state.run)) if embedder is None else batches):
             if embedder is not None:
                 with timer("embed_on_driver"):
                     batch = embedder(batch)
+                state.run.mark("first_embedded_row")
             if planned is None:
                 good, bad = sink.split(batch)
             else:
@@ -88,6 +91,15 @@ def stage(cfg, state, batches, store, staged=None, *, embedder=None, planned: di
                 staged.add(sink.take_pending())
         maybe_fail("after_staging")  # a run killed with its rows staged, before it settles what it resumed
     return staged
+
+
+def _arrivals(batches, run):
+    """The embedded stream, its first batch's arrival marked (``first_embedded_row``), before the sink gathers
+    blocks."""
+    for batch in batches:
+        if batch.num_rows:
+            run.mark("first_embedded_row")
+        yield batch
 
 
 class Sink:

@@ -14,7 +14,7 @@ from __future__ import annotations
 from typing import Any
 
 from pipelines.index.sink import Sink
-from pipelines.report import nodes_line, redact_uri, utcnow
+from pipelines.report import firsts_line, nodes_line, redact_uri, utcnow
 
 
 def row_counts(sink: Sink, *, failed: bool) -> dict[str, Any]:
@@ -133,6 +133,7 @@ def summary(report: dict[str, Any]) -> str:
                  f"{ann.get('type')} up to date")
     lines += [
         "  time: " + ", ".join(f"{k} {v:.1f}s" for k, v in s.items()),
+        *filter(None, [firsts_line(report)]),
         f"  table: {report['table']['name']} v{report['table']['version']}, {report['table']['rows']:,} passages"
         + (f" (tag {report['table']['tag']})" if report["table"].get("tag") else " (no change: no new version)")
         if report["table"]["version"] is not None else f"  table: {report['table']['name']} not created (no good rows)",

@@ -125,9 +125,9 @@ def load_bi_encoder(name: str, *, device: str = "auto", dtype: str = "auto", max
         return onnx_backend.load(name, "bi-encoder", backend, threads=round(threads) if threads else None,
                                  trust_remote_code=trust_remote_code, length=max_seq_length,
                                  batch_tokens=budget or default_budget(dev))
-    from sentence_transformers import SentenceTransformer
+    from pipelines.models.st_import import sentence_transformers
 
-    model = SentenceTransformer(resolve_model(name), device=dev, trust_remote_code=trust_remote_code)
+    model = sentence_transformers().SentenceTransformer(resolve_model(name), device=dev, trust_remote_code=trust_remote_code)
     torch_dtype = pick_dtype(dtype, dev)
     if torch_dtype != next(model.parameters()).dtype:
         model = model.to(torch_dtype)
@@ -156,9 +156,9 @@ def load_cross_encoder(name: str, *, device: str = "auto", dtype: str = "auto", 
         if model.num_labels != 1:
             raise ValueError(f"cross-encoder '{name}' has {model.num_labels} labels; reranking needs one")
         return model
-    from sentence_transformers import CrossEncoder
+    from pipelines.models.st_import import sentence_transformers
 
-    model = CrossEncoder(resolve_model(name), device=dev, max_length=max_length, trust_remote_code=trust_remote_code)
+    model = sentence_transformers().CrossEncoder(resolve_model(name), device=dev, max_length=max_length, trust_remote_code=trust_remote_code)
     if model.num_labels != 1:
         raise ValueError(f"cross-encoder '{name}' has {model.num_labels} labels; reranking needs one relevance "
                          "score per pair (num_labels=1): use a reranker model, or train one with "

@@ -219,9 +219,9 @@ def _export_checked(model, tok, sample: tuple, check: tuple, work: Path, output:
 
 
 def _export_bi_encoder(resolved: str, work: Path, trust_remote_code: bool, refuse) -> dict[str, Any]:
-    from sentence_transformers import SentenceTransformer
+    from pipelines.models.st_import import sentence_transformers
 
-    st = SentenceTransformer(resolved, device="cpu", trust_remote_code=trust_remote_code)
+    st = sentence_transformers().SentenceTransformer(resolved, device="cpu", trust_remote_code=trust_remote_code)
     modules = list(st)
     kinds = [type(m).__name__ for m in modules]
     if kinds[:2] != ["Transformer", "Pooling"] or any(k != "Normalize" for k in kinds[2:]):
@@ -241,9 +241,9 @@ def _export_bi_encoder(resolved: str, work: Path, trust_remote_code: bool, refus
 
 
 def _export_cross_encoder(resolved: str, work: Path, trust_remote_code: bool, refuse) -> dict[str, Any]:
-    from sentence_transformers import CrossEncoder
+    from pipelines.models.st_import import sentence_transformers
 
-    ce = CrossEncoder(resolved, device="cpu", trust_remote_code=trust_remote_code)
+    ce = sentence_transformers().CrossEncoder(resolved, device="cpu", trust_remote_code=trust_remote_code)
     if ce.num_labels != 1:  # before the export: the torch backend refuses it too
         raise ValueError(f"cross-encoder '{resolved}' has {ce.num_labels} labels; reranking needs one relevance "
                          "score per pair (num_labels=1): use a reranker model, or train one with "

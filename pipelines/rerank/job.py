@@ -132,6 +132,7 @@ def _start(cfg, state: _RunState, store) -> tuple[Any, float | None]:
         _check_model_path(rr.model)
         _configure_ray_data(ray.data.DataContext.get_current())
         cluster = init_ray(cfg.ray)  # before LanceDB loads (fork safety)
+        state.run.mark("ray_up")
         passages_version = store.passages_for_queries(cfg.embed.identity).version
         state.lease(store, cfg.storage.passages_table, passages_version)
         if rt.source != "vector" and not store.has_fts_index(cfg.index.fts.columns, passages_version):
@@ -228,7 +229,8 @@ def _retrieve_and_score(cfg, state: _RunState, store, staged, selected: pa.Table
     log.info("run %s: reranking %d queries (k=%d, top_n=%d) with %s on the %s into %s/%s", state.run.run_id,
              selected.num_rows, cfg.retrieve.k, cfg.rerank.top_n, cfg.rerank.model, "driver" if local else "actors",
              redact_uri(cfg.storage.uri), cfg.storage.rankings_table)
-    state.sink.drain(batches, staged, store, state.run.timer)
+    state.run.mark("pipeline_started")
+    state.sink.drain(batches, staged, store, state.run.timer, mark=state.run.mark)
     if not local:
         state.run.report["actors"] = {"retrieve": actor_restarts("Retriever"), "score": actor_restarts("Scorer")}
 

@@ -103,14 +103,16 @@ class Sink:
         with timer("cache_writes"):
             self.write_pairs(store)
 
-    def drain(self, batches, staged, store, timer) -> None:
+    def drain(self, batches, staged, store, timer, mark=None) -> None:
         """Every scored batch (an iterable of Arrow tables), flushed to ``staged`` and the pair cache: the first
         rows at once, then in bulk or every ``FLUSH_SECONDS`` (the scores a killed run loses stay few), and once
-        more at the end."""
+        more at the end. ``mark``: called with ``first_scored_pair`` when the first scored pair arrives (``Run.mark``)."""
         flushed = time.monotonic()
         with timer("pipeline"), Progress("rerank", unit="queries") as progress:
             for batch in batches:
                 self.add(batch)
+                if mark is not None and batch.num_rows and pc.sum(batch[P.PAIRS_SCORED]).as_py():
+                    mark("first_scored_pair")
                 if (self.pending_rows >= FLUSH_ROWS or staged.rows == 0
                         or time.monotonic() - flushed >= FLUSH_SECONDS):
                     self.flush(staged, store, timer)

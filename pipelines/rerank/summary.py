@@ -17,7 +17,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from pipelines.report import nodes_line, redact_uri, utcnow
+from pipelines.report import firsts_line, nodes_line, redact_uri, utcnow
 
 
 def finish_report(cfg, run, sink, qlog, cache_version: int | None) -> dict[str, Any]:
@@ -101,6 +101,8 @@ def summary(report: dict[str, Any]) -> str:
 
         lines.append(f"  lock: took over from {describe(took)}, which ended without releasing it")
     lines.append("  time: " + ", ".join(f"{k} {v:.1f}s" for k, v in s.items()))
+    if line := firsts_line(report):
+        lines.append(line)
     r = report["tables"]["rankings"]
     if report["status"] == "succeeded":
         lines.append(f"  table: {r['name']} v{r['published_version']} (tag {r['tag']}), {r['current']['rows']:,} "
