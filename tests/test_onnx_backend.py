@@ -1,4 +1,5 @@
-"""The ONNX Runtime backends (``embed.backend`` / ``rerank.backend``: onnx, onnx-int8) on the tiny random BERTs:
+"""The ONNX backends (``embed.backend`` / ``rerank.backend``: onnx, onnx-int8 on ONNX Runtime; openvino,
+openvino-int8 on OpenVINO) on the tiny random BERTs:
 exported through the real sentence-transformers models, cached, equal to torch in fp32 and close in int8;
 the index job records the backend with the model, so vectors of two backends never mix."""
 
@@ -72,6 +73,43 @@ def test_cross_encoder_fp32_equals_torch_and_int8_is_close(spread_cross_encoder)
     assert (np.sign(int8[:, None] - int8[None, :]) == np.sign(ref[:, None] - ref[None, :]))[apart].all(), (ref, int8)
 
 
+def test_openvino_bi_encoder_fp32_equals_torch_and_int8_is_close(tiny_model):
+    """OpenVINO compiles the same ONNX graph: f32 gives torch's vectors; its NNCF int8 (calibrated on general
+    text, cached as IR in the export) stays close; bf16 (on CPUs that run it natively) closer still."""
+    pytest.importorskip("openvino")
+    pytest.importorskip("nncf")
+    ref = load_bi_encoder(tiny_model, device="cpu").encode(TEXTS, batch_size=2, normalize_embeddings=True)
+    f32 = load_bi_encoder(tiny_model, device="cpu", dtype="float32", backend="openvino", threads=1)
+    assert f32._s.session.precision == "f32"
+    assert np.allclose(f32.encode(TEXTS, normalize_embeddings=True), ref, atol=1e-5)
+    int8 = load_bi_encoder(tiny_model, device="cpu", dtype="float32", backend="openvino-int8", threads=1)
+    folder = onnx_backend.export(tiny_model, "bi-encoder", variant="ov-int8")
+    meta = __import__("json").loads((folder / "meta.json").read_text())
+    assert meta["openvino_model"] == "model.ov-int8.xml" and (folder / "model.ov-int8.bin").is_file()
+    cos = (int8.encode(TEXTS, normalize_embeddings=True) * ref).sum(axis=1)
+    assert cos.min() > 0.95, cos
+    assert cos.min() < 1 - 1e-6  # it is really the quantised model that ran
+    auto = load_bi_encoder(tiny_model, device="cpu", dtype="auto", backend="openvino", threads=1)
+    from pipelines.models.batching import cpu_supports_bf16
+
+    assert auto._s.session.precision == ("bf16" if cpu_supports_bf16() else "f32")
+    assert ((auto.encode(TEXTS, normalize_embeddings=True) * ref).sum(axis=1)).min() > 0.999
+
+
+def test_openvino_cross_encoder_scores_agree_with_torch(spread_cross_encoder):
+    pytest.importorskip("openvino")
+    pytest.importorskip("nncf")
+    pairs = [(q, d) for q in ("cell protein", "brain data") for d in TEXTS]
+    ref = load_cross_encoder(spread_cross_encoder, device="cpu").predict(pairs, batch_size=3, convert_to_numpy=True)
+    spread = float(ref.max() - ref.min())
+    f32 = load_cross_encoder(spread_cross_encoder, device="cpu", dtype="float32", backend="openvino", threads=1)
+    assert np.abs(f32.predict(pairs) - ref).max() < 1e-4 * spread
+    int8 = load_cross_encoder(spread_cross_encoder, device="cpu", dtype="float32", backend="openvino-int8",
+                              threads=1).predict(pairs)
+    assert np.abs(int8 - ref).max() < 0.1 * spread, (int8 - ref) / spread
+    assert np.corrcoef(int8, ref)[0, 1] > 0.98
+
+
 def test_exports_are_cached_and_follow_the_model_files(tiny_model, tmp_path, monkeypatch, caplog):
     monkeypatch.setenv("BATCHRANK_CACHE", str(tmp_path))
     with caplog.at_level(logging.WARNING):
@@ -87,6 +125,7 @@ def test_exports_are_cached_and_follow_the_model_files(tiny_model, tmp_path, mon
 def test_onnx_backends_run_on_cpu_only():
     assert _onnx_or_torch("onnx-int8", "cpu", "embed.backend") == "onnx-int8"
     assert _onnx_or_torch("onnx-int8", "cuda", "embed.backend") == "torch"  # GPUs run torch with bf16/fp16
+    assert _onnx_or_torch("openvino-int8", "cuda", "rerank.backend") == "torch"
 
 
 @pytest.mark.usefixtures("ray_per_module")

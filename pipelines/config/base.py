@@ -55,9 +55,10 @@ GpusPerActor = Annotated[float, Field(ge=0, description="GPUs each actor is give
                                                         "one GPU per actor")]
 Device = Literal["auto", "cpu", "cuda", "mps"]
 Dtype = Literal["auto", "float32", "float16", "bfloat16"]
-Backend = Annotated[Literal["torch", "onnx", "onnx-int8"], Field(
-    description="torch; or on CPU an ONNX Runtime export of the model (onnx), dynamically quantised to int8 "
-                "(onnx-int8: about 2x faster, slightly different scores; measure with the eval job)")]
+Backend = Annotated[Literal["torch", "onnx", "onnx-int8", "openvino", "openvino-int8"], Field(
+    description="torch; or on CPU an ONNX export of the model run by ONNX Runtime (onnx; onnx-int8: dynamically "
+                "quantised) or by OpenVINO (openvino: bf16 where the CPU runs it natively and dtype allows, else "
+                "f32; openvino-int8: NNCF static int8). int8 scores differ slightly: measure with the eval job")]
 
 
 class ActorPool(NamedTuple):

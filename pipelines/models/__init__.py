@@ -124,7 +124,7 @@ def load_bi_encoder(name: str, *, device: str = "auto", dtype: str = "auto", max
 
         return onnx_backend.load(name, "bi-encoder", backend, threads=round(threads) if threads else None,
                                  trust_remote_code=trust_remote_code, length=max_seq_length,
-                                 batch_tokens=budget or default_budget(dev))
+                                 batch_tokens=budget or default_budget(dev), dtype=dtype)
     from pipelines.models.st_import import sentence_transformers
 
     model = sentence_transformers().SentenceTransformer(resolve_model(name), device=dev, trust_remote_code=trust_remote_code)
@@ -152,7 +152,7 @@ def load_cross_encoder(name: str, *, device: str = "auto", dtype: str = "auto", 
 
         model = onnx_backend.load(name, "cross-encoder", backend, threads=round(threads) if threads else None,
                                   trust_remote_code=trust_remote_code, length=max_length,
-                                  batch_tokens=budget or default_budget(dev))
+                                  batch_tokens=budget or default_budget(dev), dtype=dtype)
         if model.num_labels != 1:
             raise ValueError(f"cross-encoder '{name}' has {model.num_labels} labels; reranking needs one")
         return model

@@ -10,6 +10,10 @@ this stack runs transformers 5. So batchrank exports the model itself, once per 
   quantise well: 1.04x against 1.91x here);
 * ``onnx-int8``: ONNX Runtime's dynamic quantisation (int8 weights per channel, uint8 activations: the
   settings of sentence-transformers' ``export_dynamic_quantized_onnx_model`` for AVX-512 VNNI);
+* ``openvino``: the same fp32 graph, compiled by OpenVINO's CPU plugin (bf16 inference where the CPU runs it
+  natively and ``dtype`` allows it, else f32); ``openvino-int8``: NNCF's static int8 quantisation of that graph
+  (``model_type=TRANSFORMER``: SmoothQuant, the attention's softmax kept in float), calibrated on
+  ``CALIBRATION_TEXTS`` (general English of every length the model reads), saved as OpenVINO IR in the export;
 * pooling (mean, CLS or max, from the model's Pooling module), normalisation and the cross-encoder's
   activation (sigmoid for one label, as ``CrossEncoder.predict``) stay in numpy, exactly as configured.
 
@@ -51,7 +55,9 @@ import numpy as np
 from pipelines.models.onnx_runtime import OnnxBiEncoder, OnnxCrossEncoder, ort_session  # the runtime side
 
 log = logging.getLogger(__name__)
-BACKENDS = ("torch", "onnx", "onnx-int8")
+BACKENDS = ("torch", "onnx", "onnx-int8", "openvino", "openvino-int8")
+# each backend's export: the fp32 graph, ONNX Runtime's dynamic int8, NNCF's static int8 for OpenVINO
+VARIANTS = {"onnx": "fp32", "onnx-int8": "int8", "openvino": "fp32", "openvino-int8": "ov-int8"}
 OPSET = 17
 FORMAT = 3  # the export's files and meta; bump on any change so that older cached exports are made again
 MODEL_INPUTS = ("input_ids", "attention_mask", "token_type_ids")
@@ -66,11 +72,15 @@ def cache_root() -> Path:
     return Path(os.environ.get("BATCHRANK_CACHE", "~/.cache/batchrank")).expanduser() / "onnx"
 
 
-def _fingerprint(name: str, kind: str, quantize: bool) -> str:
+def _fingerprint(name: str, kind: str, variant: str) -> str:
     from importlib.metadata import version  # not imports: an actor with a cached export never loads torch
 
-    h = hashlib.sha256(json.dumps([name, kind, quantize, OPSET, FORMAT, version("onnxruntime"), version("torch"),
-                                   version("transformers")]).encode())
+    parts = [name, kind, variant, OPSET, FORMAT, version("onnxruntime"), version("torch"), version("transformers")]
+    if variant == "ov-int8":
+        from pipelines.models.openvino_int8 import CALIBRATION_VERSION
+
+        parts += [version("openvino"), version("nncf"), CALIBRATION_VERSION]
+    h = hashlib.sha256(json.dumps(parts).encode())
     root = Path(name)
     if root.exists():
         for p in sorted(root.rglob("*")):
@@ -80,43 +90,52 @@ def _fingerprint(name: str, kind: str, quantize: bool) -> str:
     return h.hexdigest()[:24]
 
 
-def export(name: str, kind: str, *, quantize: bool, trust_remote_code: bool = False) -> Path:
-    """The cached export folder of model ``name`` (``kind``: ``bi-encoder`` or ``cross-encoder``), made if needed
-    (int8: the fp32 export, quantised). ``BackendError`` when the model cannot run on the ONNX backend."""
+def export(name: str, kind: str, *, quantize: bool = False, trust_remote_code: bool = False,
+           variant: str | None = None) -> Path:
+    """The cached export folder of model ``name`` (``kind``: ``bi-encoder`` or ``cross-encoder``), made if needed.
+    ``variant``: ``fp32``; ``int8`` (ONNX Runtime's dynamic int8; also ``quantize=True``); ``ov-int8`` (NNCF's
+    static int8, for OpenVINO). Each int8 export is the cached fp32 export, quantised. ``BackendError`` when the
+    model cannot run on these backends."""
     from pipelines.models.names import resolve_model
 
+    variant = variant or ("int8" if quantize else "fp32")
     resolved = resolve_model(name)
-    refuse = _refusal(name, kind, "onnx-int8" if quantize else "onnx")
+    refuse = _refusal(name, kind, {"fp32": "onnx", "int8": "onnx-int8", "ov-int8": "openvino-int8"}[variant])
     exporter = _export_bi_encoder if kind == "bi-encoder" else _export_cross_encoder
 
     def fp32(work: Path) -> dict[str, Any]:
         return exporter(resolved, work, trust_remote_code, refuse)
 
     def int8(work: Path) -> dict[str, Any]:
-        shutil.copytree(_cached(name, kind, resolved, False, fp32), work, dirs_exist_ok=True)
-        _quantize(work / "model.onnx")
-        return json.loads((work / "meta.json").read_text())
+        shutil.copytree(_cached(name, kind, resolved, "fp32", fp32), work, dirs_exist_ok=True)
+        meta = json.loads((work / "meta.json").read_text())
+        if variant == "ov-int8":
+            from pipelines.models.openvino_int8 import quantize_openvino
 
-    return _cached(name, kind, resolved, quantize, int8 if quantize else fp32)
+            meta.update(quantize_openvino(work, meta, kind, refuse))
+        else:
+            _quantize(work / "model.onnx")
+        return meta
+
+    return _cached(name, kind, resolved, variant, fp32 if variant == "fp32" else int8)
 
 
-def _cached(name: str, kind: str, resolved: str, quantize: bool, make) -> Path:
+def _cached(name: str, kind: str, resolved: str, variant: str, make) -> Path:
     """The cache folder of one export, made by ``make(work_folder) -> meta`` when missing, atomically."""
-    target = cache_root() / f"{Path(str(name)).name}-{kind}-{'int8' if quantize else 'fp32'}-" \
-                            f"{_fingerprint(resolved, kind, quantize)}"
+    target = cache_root() / f"{Path(str(name)).name}-{kind}-{variant}-{_fingerprint(resolved, kind, variant)}"
     if (target / "meta.json").is_file():
         return target
     target.parent.mkdir(parents=True, exist_ok=True)
     work = Path(tempfile.mkdtemp(prefix=".export-", dir=target.parent))
     try:
         meta = make(work)
-        meta.update(quantized=quantize, source=str(name))
+        meta.update(quantized=variant != "fp32", variant=variant, source=str(name))
         (work / "meta.json").write_text(json.dumps(meta, indent=2))
         try:
             os.replace(work, target)  # atomic: another process may have won; its export is as good
         except OSError:
             pass
-        log.info("exported %s (%s%s) to %s", name, kind, ", int8" if quantize else "", target)
+        log.info("exported %s (%s, %s) to %s", name, kind, variant, target)
     finally:
         shutil.rmtree(work, ignore_errors=True)
     return target
@@ -284,14 +303,26 @@ class _DropMessage(logging.Filter):
 
 
 def load(name: str, kind: str, backend: str, *, threads: int | None = None, trust_remote_code: bool = False,
-         length: int | None = None, batch_tokens: int = 4096):
-    """An ``OnnxBiEncoder`` or ``OnnxCrossEncoder`` for ``backend`` ``onnx`` or ``onnx-int8``."""
+         length: int | None = None, batch_tokens: int = 4096, dtype: str = "auto"):
+    """An ``OnnxBiEncoder`` or ``OnnxCrossEncoder`` for ``backend`` ``onnx``, ``onnx-int8``, ``openvino`` or
+    ``openvino-int8`` (``dtype``: OpenVINO's inference precision, ``openvino_precision``)."""
     try:
         import onnxruntime  # noqa: F401
     except ImportError:
         raise BackendError(f"backend {backend} needs onnxruntime and onnx: pip install 'batchrank[onnx]' (or use "
                            "backend: torch)") from None
-    folder = export(name, kind, quantize=backend == "onnx-int8", trust_remote_code=trust_remote_code)
+    runtime = "openvino" if backend.startswith("openvino") else "onnxruntime"
+    if runtime == "openvino":
+        try:
+            import openvino  # noqa: F401
+            if backend == "openvino-int8":
+                import nncf  # noqa: F401
+        except ImportError:
+            raise BackendError(f"backend {backend} needs openvino (and nncf for int8): pip install "
+                               "'batchrank[openvino]' (or use backend: torch)") from None
+    folder = export(name, kind, variant=VARIANTS[backend], trust_remote_code=trust_remote_code)
     if kind == "bi-encoder":
-        return OnnxBiEncoder(folder, threads=threads, max_seq_length=length, batch_tokens=batch_tokens)
-    return OnnxCrossEncoder(folder, threads=threads, max_length=length, batch_tokens=batch_tokens)
+        return OnnxBiEncoder(folder, threads=threads, max_seq_length=length, batch_tokens=batch_tokens,
+                             runtime=runtime, dtype=dtype)
+    return OnnxCrossEncoder(folder, threads=threads, max_length=length, batch_tokens=batch_tokens, runtime=runtime,
+                            dtype=dtype)

@@ -1,5 +1,7 @@
-"""ONNX Runtime sessions for exported models (``pipelines/models/onnx.py`` exports them): ``OnnxBiEncoder.encode``
-and ``OnnxCrossEncoder.predict``, batched by padded tokens like the torch backend.
+"""Sessions for exported models (``pipelines/models/onnx.py`` exports them): ``OnnxBiEncoder.encode`` and
+``OnnxCrossEncoder.predict``, batched by padded tokens like the torch backend, run by ONNX Runtime (backends ``onnx``,
+``onnx-int8``) or OpenVINO (``openvino``, ``openvino-int8``: the same ONNX graph compiled by OpenVINO's CPU plugin,
+or its NNCF int8 model; ``OvSession``).
 
 Example::
 
@@ -30,16 +32,48 @@ def ort_session(path: Path, threads: int | None):
     return ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
 
 
-class _Session:
-    """An ONNX Runtime session, its tokenizer and metadata."""
+def openvino_precision(dtype: str) -> str:
+    """OpenVINO's inference precision for ``dtype``: ``bf16`` where the CPU runs it natively (AMX, AVX-512 BF16)
+    and ``dtype`` allows it (``auto``, ``bfloat16``), else ``f32`` (``float32``, and every CPU without it)."""
+    from pipelines.models.batching import cpu_supports_bf16
 
-    def __init__(self, folder: Path, threads: int | None):
+    return "bf16" if dtype in ("auto", "bfloat16") and cpu_supports_bf16() else "f32"
+
+
+class OvSession:
+    """An OpenVINO model compiled for this CPU, run as ONNX Runtime's ``session.run(None, feeds)``: one stream, one
+    inference at a time (the batch runner tokenises the next batch meanwhile), ``threads`` threads."""
+
+    def __init__(self, path: Path, threads: int | None, precision: str = "f32"):
+        import openvino as ov
+
+        core = ov.Core()
+        config = {"INFERENCE_NUM_THREADS": max(1, int(threads or os.cpu_count() or 1)), "NUM_STREAMS": 1,
+                  "PERFORMANCE_HINT": "LATENCY", "INFERENCE_PRECISION_HINT": precision}
+        self.compiled = core.compile_model(core.read_model(str(path)), "CPU", config)
+        self.request = self.compiled.create_infer_request()
+        self.output = self.compiled.output(0)
+        self.precision = precision
+
+    def run(self, _outputs, feeds: dict[str, np.ndarray]) -> list[np.ndarray]:
+        # the request reuses its output buffer: the caller gets a copy
+        return [np.array(self.request.infer(feeds)[self.output], dtype=np.float32)]
+
+
+class _Session:
+    """A session (ONNX Runtime, or OpenVINO for ``runtime`` ``openvino``), its tokenizer and metadata."""
+
+    def __init__(self, folder: Path, threads: int | None, runtime: str = "onnxruntime", dtype: str = "auto"):
         from transformers import AutoTokenizer
 
         self.meta = json.loads((folder / "meta.json").read_text())
         self.inputs: list[str] = list(self.meta["inputs"])
         self.tokenizer = AutoTokenizer.from_pretrained(str(folder))
-        self.session = ort_session(folder / "model.onnx", threads)
+        if runtime == "openvino":  # an int8 export holds its NNCF model; OpenVINO reads the ONNX graph otherwise
+            self.session = OvSession(folder / self.meta.get("openvino_model", "model.onnx"), threads,
+                                     openvino_precision(dtype))
+        else:
+            self.session = ort_session(folder / "model.onnx", threads)
 
     def runner(self, length: int, token_budget: int, prepare, finish, pairs: bool):
         from pipelines.models.batching import BatchRunner, token_counter
@@ -64,8 +98,8 @@ class OnnxBiEncoder:
     device = "cpu"
 
     def __init__(self, folder: Path, *, threads: int | None = None, max_seq_length: int | None = None,
-                 batch_tokens: int = 4096):
-        self._s = _Session(folder, threads)
+                 batch_tokens: int = 4096, runtime: str = "onnxruntime", dtype: str = "auto"):
+        self._s = _Session(folder, threads, runtime, dtype)
         self.max_seq_length = max_seq_length or self._s.meta["max_seq_length"]
         self.normalize = bool(self._s.meta["normalize"])
         self.prompts: dict[str, str] = dict(self._s.meta.get("prompts") or {})
@@ -117,8 +151,8 @@ class OnnxCrossEncoder:
     device = "cpu"
 
     def __init__(self, folder: Path, *, threads: int | None = None, max_length: int | None = None,
-                 batch_tokens: int = 4096):
-        self._s = _Session(folder, threads)
+                 batch_tokens: int = 4096, runtime: str = "onnxruntime", dtype: str = "auto"):
+        self._s = _Session(folder, threads, runtime, dtype)
         self.prompt: str = self._s.meta.get("prompt") or ""
         self.num_labels = self._s.meta["num_labels"]
         self.max_length = max_length or self._s.meta["max_length"]

@@ -33,6 +33,10 @@ def precision_of(backend: str, dtype: str, device: str) -> str:
     from pipelines.models import precision_label
 
     if backend != "torch" and device == "cpu":
+        if backend.startswith("openvino"):  # its inference precision follows dtype and the CPU
+            from pipelines.models.onnx_runtime import openvino_precision
+
+            return f"cpu/{backend}/{openvino_precision(dtype)}"
         return f"cpu/{backend}"
     return precision_label(dtype, device)
 
