@@ -80,7 +80,8 @@ def main() -> None:
                               ndcg10_delta=round(results[label]["nDCG@10"] - base["nDCG@10"], 4))
         print(label, results[label], flush=True)
         del model
-    cpu = next((line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name")), "?")
+    with open("/proc/cpuinfo", encoding="ascii", errors="replace") as fh:
+        cpu = next((line.split(":", 1)[1].strip() for line in fh if line.startswith("model name")), "?")
     OUT.write_text(json.dumps({"cpu": cpu, "docs": len(texts), "queries": len(qids), "threads": threads,
                                "baseline": " ".join(variants[0]), "results": results}, indent=2) + "\n")
     for label, r in results.items():

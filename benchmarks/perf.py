@@ -48,7 +48,8 @@ MODEL = "all-MiniLM-L6-v2"
 # (label, embed.backend, embed.dtype): torch at float32 is the like-for-like comparison; auto adds bf16 autocast
 # on CPUs with AMX (and bf16/fp16 weights on GPU).
 BACKENDS = [("torch fp32", "torch", "float32"), ("torch auto", "torch", "auto"), ("onnx", "onnx", "auto"),
-            ("onnx-int8", "onnx-int8", "auto")]
+            ("onnx-int8", "onnx-int8", "auto"), ("openvino", "openvino", "auto"),
+            ("openvino-int8", "openvino-int8", "auto")]
 
 
 def main() -> None:
@@ -66,7 +67,7 @@ def main() -> None:
     ap.add_argument("--backends", default=",".join(b[0] for b in BACKENDS))
     ap.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     ap.add_argument("--quick", action="store_true", help="1,000 abstracts, 2,000 queries, 60 claims")
-    ap.add_argument("--skip", default="", help="comma list of sections to skip: embed,short,rerank")
+    ap.add_argument("--skip", default="", help="comma list of sections to skip: embed,short,rerank,pool")
     ap.add_argument("--out", default=str(ROOT / "benchmarks/results/perf.json"))
     args = ap.parse_args()
     if args.quick:
@@ -129,6 +130,9 @@ def _embedding(name: str, texts: list[str], rows: list[dict], args, work: Path, 
                                                 "per_second": round(len(texts) / plain_s, 2)}}
     print(f"plain encode (batch {best}): {len(texts) / plain_s:.1f}/s", flush=True)
 
+    if "pool" in args.skip.split(","):
+        del model
+        return _index_jobs(name, rows, args, work, address, backends, out, reference)
     workers = ["cuda:0"] * max(1, _gpus()) if device == "cuda" else ["cpu"] * (os.cpu_count() or 1)
     start = time.perf_counter()
     pool = model.start_multi_process_pool(workers)
@@ -145,7 +149,13 @@ def _embedding(name: str, texts: list[str], rows: list[dict], args, work: Path, 
     print(f"multi-process pool ({len(workers)} workers): {out['pool']['per_second']:.1f}/s "
           f"({out['pool']['per_second_with_start']:.1f}/s with its start)", flush=True)
     del model
+    return _index_jobs(name, rows, args, work, address, backends, out, reference)
 
+
+def _index_jobs(name: str, rows: list[dict], args, work: Path, address: str, backends, out: dict,
+                reference: np.ndarray) -> dict:
+    """batchrank's index job end to end, once per backend, against ``out``'s plain baseline."""
+    texts, device = rows, args.device
     corpus = work / f"{name}-corpus.jsonl"
     with corpus.open("w", encoding="utf-8") as fh:
         fh.writelines(json.dumps(r) + "\n" for r in rows)
@@ -168,8 +178,8 @@ def _embedding(name: str, texts: list[str], rows: list[dict], args, work: Path, 
                    "pipeline_per_second": report.get("docs_per_second"), "rows": report["rows"],
                    "memory": run["memory"], "seconds_by_stage": report.get("seconds"),
                    "since_process_start": _firsts(report)}
+        figures["vectors_vs_plain"] = _compare_vectors(db, rows, reference)
         if name == "scifact":
-            figures["vectors_vs_plain"] = _compare_vectors(db, rows, reference)
             ev = _job("eval", config)["report"]
             figures["ndcg@10"] = next(v["metrics"]["ndcg@10"] for v in ev["variants"] if v["source"] == "vector")
         out["index_job"][label] = figures
