@@ -114,3 +114,22 @@ print("ok")
 """
     out = subprocess.run([sys.executable, "-c", code], check=False, capture_output=True, text=True, timeout=120)
     assert out.returncode == 0 and "ok" in out.stdout, out.stderr[-3000:]
+
+
+@pytest.mark.parametrize("side", ["right", "left"])
+def test_padding_token_ids_equals_the_tokenizers_own_padding(tiny_model, side):
+    """The ONNX and OpenVINO backends tokenise each text once and pad a batch from its ids: the same arrays as the
+    tokenizer's ``padding=True`` (pairs with their token type ids; either padding side)."""
+    from transformers import AutoTokenizer
+
+    from pipelines.models.batching import pad_batch
+
+    tok = AutoTokenizer.from_pretrained(tiny_model, padding_side=side)
+    queries, docs = ["cell protein", "a", "brain data in 2024"], ["a long text " * 9, "b", "gene model"]
+    want = tok(queries, docs, padding=True, truncation=True, max_length=16, return_tensors="np")
+    enc = tok(queries, docs, truncation=True, max_length=16, return_attention_mask=False)
+    rows = [{"input_ids": i, "token_type_ids": t} for i, t in zip(enc["input_ids"], enc["token_type_ids"])]
+    got = pad_batch(rows, tok.pad_token_id, left=side == "left")
+    assert set(got) == {"input_ids", "token_type_ids", "attention_mask"}
+    for name in got:
+        assert np.array_equal(got[name], want[name]), name

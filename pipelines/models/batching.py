@@ -12,7 +12,9 @@ ways: long texts make big, slow batches, short ones leave the device idle. ``Bat
 
 The model-specific parts are three callables: ``lengths(items)`` (token counts), ``prepare(items)`` (model
 inputs, e.g. ``SentenceTransformer.preprocess``) and ``forward(inputs)`` (a numpy array, one row per item), so
-the same runner serves the torch and ONNX backends, bi-encoders and cross-encoders.
+the same runner serves the torch and ONNX backends, bi-encoders and cross-encoders. Where the caller owns the
+tokenizer call (the ONNX and OpenVINO backends), ``tokenize(items)`` replaces ``lengths``: each text is tokenised
+once, and ``prepare`` pads a batch's token ids (``pad_batch``).
 
 Example::
 
@@ -63,12 +65,16 @@ def char_length(item: Any) -> int:
 class BatchRunner:
     """Runs a model over many items in token-budget batches; see the module docstring."""
 
-    def __init__(self, *, lengths: Callable[[list], Sequence[int]], prepare: Callable[[list], Any],
+    def __init__(self, *, lengths: Callable[[list], Sequence[int]] | None = None, prepare: Callable[[list], Any],
                  forward: Callable[[Any], np.ndarray], token_budget: int, max_rows: int = MAX_ROWS,
-                 chunk: int = CHUNK):
+                 chunk: int = CHUNK, tokenize: Callable[[list], tuple[Sequence[int], list]] | None = None):
+        """``tokenize`` (instead of ``lengths``): each chunk tokenised once, ``(lengths, tokenised items)``, and
+        ``prepare`` then gets a batch's tokenised items (to pad), not its texts: no text is tokenised twice."""
         if token_budget <= 0:
             raise ValueError(f"token_budget must be > 0 (got {token_budget})")
-        self.lengths, self.prepare, self.forward = lengths, prepare, forward
+        if (lengths is None) == (tokenize is None):
+            raise ValueError("give lengths (texts to prepare) or tokenize (tokenised items to prepare), one of them")
+        self.lengths, self.prepare, self.forward, self.tokenize = lengths, prepare, forward, tokenize
         self.token_budget, self.max_rows, self.chunk = token_budget, max_rows, chunk
         self.batches = self.padded_tokens = self.tokens = 0  # counters, for reports and benchmarks
 
@@ -108,15 +114,19 @@ class BatchRunner:
         try:
             for start in range(0, len(order), self.chunk):
                 part = order[start:start + self.chunk]
-                lengths = np.asarray(self.lengths([items[i] for i in part]), dtype=np.int64)
+                texts = [items[i] for i in part]
+                if self.tokenize is not None:
+                    counts, texts = self.tokenize(texts)  # the chunk's tokens, kept for its batches
+                else:
+                    counts = self.lengths(texts)
+                lengths = np.asarray(counts, dtype=np.int64)
                 for b in plan(lengths, self.token_budget, self.max_rows):
                     if stop.is_set():
                         return
-                    idx = part[b]
                     self.batches += 1
                     self.tokens += int(lengths[b].sum())
                     self.padded_tokens += int(lengths[b].max()) * len(b)
-                    ready.put((idx, self.prepare([items[i] for i in idx])))
+                    ready.put((part[b], self.prepare([texts[j] for j in b])))
             ready.put(None)
         except BaseException as exc:  # noqa: BLE001 - handed to the consumer, which raises it
             ready.put(exc)
@@ -132,6 +142,23 @@ def encode_output(runner: BatchRunner, texts, dim: int, convert_to_tensor: bool 
         import torch
 
         return torch.from_numpy(out)
+    return out
+
+
+def pad_batch(rows: list[dict[str, list[int]]], pad_id: int, left: bool = False) -> dict[str, np.ndarray]:
+    """Token ids of one batch (one dict of lists per row: ``input_ids``, and ``token_type_ids`` when the model reads
+    them) padded to its longest row as int64 arrays, with the ``attention_mask``: what the tokenizer's own
+    ``padding=True`` gives, without tokenising the texts again."""
+    width = max(len(r["input_ids"]) for r in rows)
+    names = [n for n in rows[0] if n != "attention_mask"]
+    out = {n: np.full((len(rows), width), pad_id if n == "input_ids" else 0, np.int64) for n in names}
+    out["attention_mask"] = np.zeros((len(rows), width), np.int64)
+    for k, row in enumerate(rows):
+        n = len(row["input_ids"])
+        cols = slice(width - n, width) if left else slice(0, n)
+        for name in names:
+            out[name][k, cols] = row[name]
+        out["attention_mask"][k, cols] = 1
     return out
 
 

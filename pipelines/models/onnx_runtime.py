@@ -75,20 +75,26 @@ class _Session:
         else:
             self.session = ort_session(folder / "model.onnx", threads)
 
-    def runner(self, length: int, token_budget: int, prepare, finish, pairs: bool):
-        from pipelines.models.batching import BatchRunner, token_counter
+    def runner(self, length: int, token_budget: int, finish, pairs: bool):
+        """The batch runner: each chunk of texts (or pairs) tokenised once, its batches padded from the ids."""
+        from pipelines.models.batching import BatchRunner, pad_batch
+
+        pad_id = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
+        left = getattr(self.tokenizer, "padding_side", "right") == "left"
+
+        def tokenize(items: list):
+            texts = ([a for a, _ in items], [b for _, b in items]) if pairs else (list(items),)
+            encoded = self.tokenizer(*texts, truncation=True, max_length=length, return_attention_mask=False,
+                                     return_token_type_ids="token_type_ids" in self.inputs)
+            names = [n for n in ("input_ids", "token_type_ids") if n in encoded]
+            rows = [dict(zip(names, values)) for values in zip(*(encoded[n] for n in names))]
+            return [len(r["input_ids"]) for r in rows], rows
 
         def forward(feeds):
             return finish(self.session.run(None, {n: feeds[n] for n in self.inputs})[0], feeds)
 
-        return BatchRunner(lengths=token_counter(self.tokenizer, length, pairs=pairs), prepare=prepare,
-                           forward=forward, token_budget=token_budget)
-
-    def feeds(self, *texts, max_length: int) -> dict[str, np.ndarray]:
-        """The graph's inputs for ``texts`` (one list, or two for pairs), and the attention mask for pooling."""
-        encoded = self.tokenizer(*texts, padding=True, truncation=True, max_length=max_length, return_tensors="np",
-                                 return_token_type_ids="token_type_ids" in self.inputs)
-        return {n: np.asarray(encoded[n], dtype=np.int64) for n in {*self.inputs, "attention_mask"}}
+        return BatchRunner(tokenize=tokenize, prepare=lambda rows: pad_batch(rows, pad_id, left), forward=forward,
+                           token_budget=token_budget)
 
 
 class OnnxBiEncoder:
@@ -104,13 +110,10 @@ class OnnxBiEncoder:
         self.normalize = bool(self._s.meta["normalize"])
         self.prompts: dict[str, str] = dict(self._s.meta.get("prompts") or {})
         self.default_prompt_name: str | None = self._s.meta.get("default_prompt_name")
-        self.runner = self._s.runner(self.max_seq_length, batch_tokens, self._tokenize, self._finish, pairs=False)
+        self.runner = self._s.runner(self.max_seq_length, batch_tokens, self._finish, pairs=False)
 
     def get_embedding_dimension(self) -> int:
         return int(self._s.meta["dim"])
-
-    def _tokenize(self, batch):
-        return self._s.feeds(batch, max_length=self.max_seq_length)
 
     def _finish(self, hidden, feeds):
         pooling = self._s.meta["pooling"]
@@ -157,10 +160,7 @@ class OnnxCrossEncoder:
         self.num_labels = self._s.meta["num_labels"]
         self.max_length = max_length or self._s.meta["max_length"]
         self.sigmoid = self._s.meta["activation"] == "Sigmoid"
-        self.runner = self._s.runner(self.max_length, batch_tokens, self._tokenize, self._finish, pairs=True)
-
-    def _tokenize(self, batch):
-        return self._s.feeds([p[0] for p in batch], [p[1] for p in batch], max_length=self.max_length)
+        self.runner = self._s.runner(self.max_length, batch_tokens, self._finish, pairs=True)
 
     def _finish(self, logits, _feeds):
         scores = logits[:, 0].astype(np.float32)
