@@ -463,13 +463,18 @@ def _table(result: dict) -> str:
     for name, e in result.get("embedding", {}).items():
         base = e["plain"]["per_second"]
         lines.append(f"| {name}: plain encode (batch {e['plain']['batch_size']}) | {e['texts']:,} | {base} | 1.00 | | |")
-        p = e["pool"]
-        lines.append(f"| {name}: multi-process pool ({p['workers']}) | {e['texts']:,} | {p['per_second']} "
-                     f"({p['per_second_with_start']} with start) | {p['per_second'] / base:.2f} | | |")
+        if p := e.get("pool"):  # --skip pool
+            lines.append(f"| {name}: multi-process pool ({p['workers']}) | {e['texts']:,} | {p['per_second']} "
+                         f"({p['per_second_with_start']} with start) | {p['per_second'] / base:.2f} | | |")
+        if pp := e.get("plain_passages"):
+            lines.append(f"| {name}: plain encode of the job's {pp['passages']:,} passages | {e['texts']:,} | "
+                         f"{pp['docs_per_second']} | {pp['docs_per_second'] / base:.2f} | | |")
         for label, f in e["index_job"].items():
             m = f["memory"]
+            same = f" ({f['ratio_same_work']:.2f} same work)" if f.get("ratio_same_work") else ""
             lines.append(f"| {name}: index job [{label}], end to end | {e['texts']:,} | {f['per_second']} | "
-                         f"{f['ratio']:.2f} | {m['driver_mib']} / {m['workers_mib']} MiB | {f.get('ndcg@10', '')} |")
+                         f"{f['ratio']:.2f}{same} | {m['driver_mib']} / {m['workers_mib']} MiB | "
+                         f"{f.get('ndcg@10', '')} |")
     r = result.get("rerank")
     if r:
         base = r["plain"]["per_second"]
