@@ -66,7 +66,7 @@ def stage(cfg, state, batches, store, staged=None, *, embedder=None, planned: di
     flushed = time.monotonic()
     state.run.mark("pipeline_started")
     with timer("pipeline"), Progress("index", unit="docs") as progress:
-        # embedded here: progress per block
+        # the actors' blocks gathered into sink calls (coalesce); blocks embedded here are taken one by one
         for batch in (coalesce(_arrivals(batches, state.run)) if embedder is None else batches):
             if embedder is not None:
                 with timer("embed_on_driver"):
