@@ -127,7 +127,8 @@ def load_bi_encoder(name: str, *, device: str = "auto", dtype: str = "auto", max
                                  batch_tokens=budget or default_budget(dev), dtype=dtype)
     from pipelines.models.st_import import sentence_transformers
 
-    model = sentence_transformers().SentenceTransformer(resolve_model(name), device=dev, trust_remote_code=trust_remote_code)
+    model = sentence_transformers().SentenceTransformer(resolve_model(name), device=dev,
+                                                        trust_remote_code=trust_remote_code)
     torch_dtype = pick_dtype(dtype, dev)
     if torch_dtype != next(model.parameters()).dtype:
         model = model.to(torch_dtype)
@@ -158,7 +159,8 @@ def load_cross_encoder(name: str, *, device: str = "auto", dtype: str = "auto", 
         return model
     from pipelines.models.st_import import sentence_transformers
 
-    model = sentence_transformers().CrossEncoder(resolve_model(name), device=dev, max_length=max_length, trust_remote_code=trust_remote_code)
+    model = sentence_transformers().CrossEncoder(resolve_model(name), device=dev, max_length=max_length,
+                                                 trust_remote_code=trust_remote_code)
     if model.num_labels != 1:
         raise ValueError(f"cross-encoder '{name}' has {model.num_labels} labels; reranking needs one relevance "
                          "score per pair (num_labels=1): use a reranker model, or train one with "

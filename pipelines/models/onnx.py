@@ -13,7 +13,8 @@ this stack runs transformers 5. So batchrank exports the model itself, once per 
 * ``openvino``: the same fp32 graph, compiled by OpenVINO's CPU plugin (bf16 inference where the CPU runs it
   natively and ``dtype`` allows it, else f32); ``openvino-int8``: NNCF's static int8 quantisation of that graph
   (``model_type=TRANSFORMER``: SmoothQuant, the attention's softmax kept in float), calibrated on
-  ``CALIBRATION_TEXTS`` (general English of every length the model reads), saved as OpenVINO IR in the export;
+  ``openvino_int8.calibration_texts()`` (general English of every length the model reads), saved as OpenVINO IR in
+  the export;
 * pooling (mean, CLS or max, from the model's Pooling module), normalisation and the cross-encoder's
   activation (sigmoid for one label, as ``CrossEncoder.predict``) stay in numpy, exactly as configured.
 
@@ -100,7 +101,7 @@ def export(name: str, kind: str, *, quantize: bool = False, trust_remote_code: b
 
     variant = variant or ("int8" if quantize else "fp32")
     resolved = resolve_model(name)
-    refuse = _refusal(name, kind, {"fp32": "onnx", "int8": "onnx-int8", "ov-int8": "openvino-int8"}[variant])
+    refuse = _refusal(name, kind, next(b for b, v in VARIANTS.items() if v == variant))
     exporter = _export_bi_encoder if kind == "bi-encoder" else _export_cross_encoder
 
     def fp32(work: Path) -> dict[str, Any]:
