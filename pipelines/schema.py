@@ -87,6 +87,8 @@ SCORED_AT = "scored_at"
 EMBED_INPUT = "_embed_input"
 SECONDS = "_seconds"  # per-row share of the stage time, summed by the sink for the report
 DELETED = "_deleted"  # a change feed's delete marker for its id (corpus.mode: changes)
+ID_KEY = "_id_key"  # the id's 64-bit hash (ids.id_hash), computed by the readers: the id state is keyed by it
+CONTENT_KEY = "_content_key"  # the content hash's 64-bit hash: what the id state compares with passages
 CAND_IDS = "_cand_ids"  # retrieve → score: the candidates of each query, best retrieval first
 CAND_TEXTS = "_cand_texts"
 CAND_SCORES = "_cand_scores"
@@ -134,6 +136,8 @@ def validated_schema(metadata: dict[str, str]) -> pa.Schema:
             pa.field(RAW, pa.string()),
             pa.field(DELETED, pa.bool_()),
             pa.field(SECONDS, pa.float64()),
+            pa.field(ID_KEY, pa.int64()),
+            pa.field(CONTENT_KEY, pa.int64()),
         ]
     )
 

@@ -8,10 +8,11 @@ from __future__ import annotations
 
 import random
 
+import numpy as np
 import pytest
 from conftest import build_tiny_bi_encoder, good_docs, write_jsonl
 
-from pipelines.index.ids import CHANGED, NEW, UNCHANGED, IdTable, LocalIds, ShardedIds, id_hash
+from pipelines.index.ids import CHANGED, NEW, NONE, UNCHANGED, IdTable, LocalIds, ShardedIds, id_hash
 from pipelines.index.job import run
 from pipelines.store import Store
 
@@ -43,14 +44,15 @@ def test_sharded_state_answers_as_the_in_process_one():
         position = 0
         for _ in range(12):
             n = rng.randint(0, 60)
-            ids = [rng.choice([None, f"k{rng.randrange(400)}", f"n{rng.randrange(80)}"]) for _ in range(n)]
-            hashes = [None if i is None else id_hash(i) for i in ids]
-            wheres = [None if i is None or rng.random() < 0.1 else position + j for j, i in enumerate(ids)]
-            contents = [None if w is None else id_hash(rng.choice(["h1", known.get(i, "x")])) for i, w in
-                        zip(ids, wheres)]
+            ids = [rng.choice([f"k{rng.randrange(400)}", f"n{rng.randrange(80)}"]) for _ in range(n)]
+            hashes = np.array([id_hash(i) for i in ids], np.int64)
+            wheres = np.array([NONE if rng.random() < 0.1 else position + j for j in range(n)], np.int64)
+            contents = np.array([id_hash(rng.choice(["h1", known.get(i, "x")])) for i in ids], np.int64)
             position += n
-            assert sharded.take(hashes, wheres, contents) == local.take(hashes, wheres, contents)
-            written = [h for h in hashes if h is not None and rng.random() < 0.5]
+            for compare in (contents, None):
+                got, want = sharded.take(hashes, wheres, compare), local.take(hashes, wheres, compare)
+                assert all(np.array_equal(a, b) for a, b in zip(got, want))
+            written = [h for h in hashes.tolist() if rng.random() < 0.5]
             local.mark_written(written)
             sharded.mark_written(written)
         probe = [id_hash(f"k{i}") for i in range(0, 400, 7)]
@@ -65,10 +67,11 @@ def test_sharded_state_answers_as_the_in_process_one():
 def test_take_keeps_the_first_row_of_an_id_and_compares_content():
     table = IdTable()
     table.load_known([id_hash("a"), id_hash("b")], [id_hash("ha"), id_hash("hb")], ["a", "b"])
-    first, status = table.take([id_hash(i) for i in ("a", "b", "c", "a")], [1, 2, 3, 4],
-                               [id_hash(h) for h in ("ha", "other", "hc", "ha")])
-    assert first == [1, 2, 3, 1]  # the second 'a' is a duplicate of row 1
-    assert status == [UNCHANGED, CHANGED, NEW, None]
+    first, status = table.take(np.array([id_hash(i) for i in ("a", "b", "c", "a", "b")]), np.array([1, 2, 3, 4, NONE]),
+                               np.array([id_hash(h) for h in ("ha", "other", "hc", "ha", "hb")]))
+    assert first.tolist() == [1, 2, 3, 1, NONE]  # the second 'a' is a duplicate of row 1; the last row quarantined
+    assert status.tolist() == [UNCHANGED, CHANGED, NEW, NONE, NONE]
+    assert table.take(np.array([id_hash("d")]), np.array([5]))[1].tolist() == [NONE]  # nothing to compare with
 
 
 def test_index_job_with_sharded_state_keeps_every_guarantee(tmp_path, make_config):

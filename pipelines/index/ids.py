@@ -24,7 +24,7 @@ Example::
 
     ids = id_state(cfg, cluster, small=small_run(cfg, store))
     ids.load_known(store)                           # what passages holds: {id hash: (content hash, id)}
-    first, status = ids.take(hashes, wheres, contents)
+    first, status = ids.take(hashes, wheres, contents)   # int64 arrays in; NONE (-1): no place, no status
     gone = ids.gone("seen")                         # the known ids the input did not hold
 """
 
@@ -34,9 +34,12 @@ import hashlib
 import logging
 from collections.abc import Iterable, Sequence
 
+import numpy as np
+
 log = logging.getLogger("batchrank.index")
 
 NEW, CHANGED, UNCHANGED = 0, 1, 2  # a unique good row against what passages holds
+NONE = -1  # no place (a quarantined row) or no status, in the id state's int64 / int8 arrays
 SMALL_RUN_BYTES = 16 << 20  # a corpus up to this size (and ...
 SMALL_RUN_ROWS = 100_000  # ... a passages table up to this many rows) is a small run: its state and table work stay
 # in the driver (actors and tasks cost seconds to start, and there is no memory to spare)
@@ -66,37 +69,36 @@ class IdTable:
         self.known.update(zip(hashes, zip(contents, ids)))
         return len(self.known)
 
-    def take(self, hashes: Sequence[int | None], wheres: Sequence[int | None],
-             contents: Sequence[int | None]) -> tuple[list[int | None], list[int | None]]:
-        """One batch of input rows, in input order. ``hashes``: the id's hash (None: a row without an id);
-        ``wheres``: the row's place, for a row that may be a duplicate (None: already quarantined);
-        ``contents``: the content hash's hash of a good row to compare with passages (None: no comparison).
-        Returns (where each row's id was first seen, NEW / CHANGED / UNCHANGED for a compared row that is its
-        id's first)."""
-        first, status = [], []
-        for h, where, content in zip(hashes, wheres, contents):
-            if h is None:
-                first.append(None)
-                status.append(None)
+    def take(self, hashes: np.ndarray, wheres: np.ndarray, contents: np.ndarray | None = None
+             ) -> tuple[np.ndarray, np.ndarray]:
+        """One batch of input rows that have an id, in input order (int64 arrays). ``hashes``: the id's hash;
+        ``wheres``: the row's place, for a row that may be a duplicate (``NONE``: already quarantined);
+        ``contents``: each row's content hash's hash, to compare with passages (None: no comparison).
+        Returns (where each row's id was first seen, ``NONE`` for a quarantined row; NEW / CHANGED / UNCHANGED for a
+        compared row that is its id's first, else ``NONE``)."""
+        hs, ws = np.asarray(hashes, np.int64).tolist(), np.asarray(wheres, np.int64).tolist()
+        cs = np.asarray(contents, np.int64).tolist() if contents is not None else None
+        if self.known:  # only a snapshot's deletions need it (known - seen): a first run keeps no seen set
+            self.seen.update(hs)
+        first, status = [NONE] * len(hs), [NONE] * len(hs)
+        setdefault, known = self.first.setdefault, self.known
+        for i, (h, where) in enumerate(zip(hs, ws)):
+            if where == NONE:
                 continue
-            if self.known:  # only a snapshot's deletions need it (known - seen): a first run keeps no seen set
-                self.seen.add(h)
-            at = self.first.setdefault(h, where) if where is not None else None
-            first.append(at)
-            if content is None or at != where:
-                status.append(None)
+            at = first[i] = setdefault(h, where)
+            if cs is None or at != where:
                 continue
-            had = self.known.get(h)
-            status.append(NEW if had is None else UNCHANGED if had[0] == content else CHANGED)
-        return first, status
+            had = known.get(h)
+            status[i] = NEW if had is None else UNCHANGED if had[0] == cs[i] else CHANGED
+        return np.array(first, np.int64), np.array(status, np.int8)
 
-    def mark_written(self, hashes: Sequence[int]) -> None:
+    def mark_written(self, hashes: Sequence[int] | np.ndarray) -> None:
         if self.track_written:
-            self.written.update(hashes)
+            self.written.update(np.asarray(hashes, np.int64).tolist())
 
-    def known_ids(self, hashes: Sequence[int]) -> list[bool]:
+    def known_ids(self, hashes: Sequence[int] | np.ndarray) -> list[bool]:
         """Whether passages holds each id (a change feed's deletions)."""
-        return [h in self.known for h in hashes]
+        return [h in self.known for h in np.asarray(hashes, np.int64).tolist()]
 
     def gone(self, by: str) -> list[str]:
         """Known ids the input did not hold (``by="seen"``: a snapshot's deletions) or the run did not write again
@@ -128,7 +130,7 @@ class LocalIds:
         ids = list(pairs)
         return self.table.load_known([id_hash(i) for i in ids], [id_hash(pairs[i]) for i in ids], ids)
 
-    def take(self, hashes, wheres, contents):
+    def take(self, hashes, wheres, contents=None):
         return self.table.take(hashes, wheres, contents)
 
     def mark_written(self, hashes) -> None:
@@ -164,19 +166,23 @@ class ShardedIds:
         self.shards, self.track_written = shards, track_written
         self.actors = [actor.remote(track_written) for _ in range(shards)]
 
-    def _split(self, hashes: Sequence[int | None]) -> list[list[int]]:
-        """Row positions per shard (rows without an id go nowhere)."""
-        parts: list[list[int]] = [[] for _ in range(self.shards)]
-        for i, h in enumerate(hashes):
-            if h is not None:
-                parts[h % self.shards].append(i)
-        return parts
+    def _split(self, hashes: Sequence[int] | np.ndarray) -> list[np.ndarray]:
+        """Row positions per shard (an id hash's shard: its value modulo the shards, never negative)."""
+        shard = np.asarray(hashes, np.int64) % self.shards
+        order = np.argsort(shard, kind="stable")
+        bounds = np.searchsorted(shard[order], np.arange(self.shards + 1))
+        return [order[a:b] for a, b in zip(bounds[:-1], bounds[1:])]
 
-    def _call(self, method: str, parts: list[list[int]], *columns: Sequence) -> list:
+    def _call(self, method: str, parts: list[np.ndarray], *columns) -> list:
+        """``method`` on every shard with its rows of each column (numpy arrays travel as buffers, lists as
+        lists); the answers, None for a shard without rows."""
         import ray
 
-        refs = [getattr(a, method).remote(*([col[i] for i in rows] for col in columns)) if rows else None
-                for a, rows in zip(self.actors, parts)]
+        def part(col, rows):
+            return col[rows] if isinstance(col, np.ndarray) else [col[i] for i in rows.tolist()]
+
+        refs = [getattr(a, method).remote(*(None if col is None else part(col, rows) for col in columns))
+                if len(rows) else None for a, rows in zip(self.actors, parts)]
         return [ray.get(r) if r is not None else None for r in refs]
 
     def load_known(self, store) -> int:
@@ -190,28 +196,29 @@ class ShardedIds:
                                                              runtime_env={"env_vars": worker_env()})
         return ray.get(task.remote(store.cfg, self.actors))
 
-    def take(self, hashes, wheres, contents):
+    def take(self, hashes, wheres, contents=None):
+        hashes, wheres = np.asarray(hashes, np.int64), np.asarray(wheres, np.int64)
+        contents = None if contents is None else np.asarray(contents, np.int64)
         parts = self._split(hashes)
-        first: list[int | None] = [None] * len(hashes)
-        status: list[int | None] = [None] * len(hashes)
+        first = np.full(len(hashes), NONE, np.int64)
+        status = np.full(len(hashes), NONE, np.int8)
         for rows, answer in zip(parts, self._call("take", parts, hashes, wheres, contents)):
-            if answer is None:
-                continue
-            for i, f, s in zip(rows, *answer):
-                first[i], status[i] = f, s
+            if answer is not None:
+                first[rows], status[rows] = answer
         return first, status
 
     def mark_written(self, hashes) -> None:
-        parts = self._split(hashes)
-        self._call("mark_written", parts, hashes)
+        hashes = np.asarray(hashes, np.int64)
+        self._call("mark_written", self._split(hashes), hashes)
 
     def known_ids(self, hashes) -> list[bool]:
+        hashes = np.asarray(hashes, np.int64)
         parts = self._split(hashes)
-        out = [False] * len(hashes)
+        out = np.zeros(len(hashes), bool)
         for rows, answer in zip(parts, self._call("known_ids", parts, hashes)):
-            for i, flag in zip(rows, answer or ()):
-                out[i] = flag
-        return out
+            if answer is not None:
+                out[rows] = answer
+        return out.tolist()
 
     def gone(self, by: str) -> list[str]:
         import ray
@@ -267,7 +274,7 @@ def _route_known(storage_cfg, actors: list) -> int:
     router.shards, router.actors = len(actors), actors
     pending: list = []
     for hashes, contents, ids in _known_batches(Store(storage_cfg)):
-        parts = router._split(hashes)
+        parts = [rows.tolist() for rows in router._split(hashes)]
         pending.extend(a.load_known.remote([hashes[i] for i in rows], [contents[i] for i in rows],
                                            [ids[i] for i in rows]) for a, rows in zip(actors, parts) if rows)
         if len(pending) > 4 * len(actors):  # a bounded number of batches in flight

@@ -23,13 +23,14 @@ from __future__ import annotations
 
 import time
 
+import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
 from pipelines import schema as S
 from pipelines.cluster.runtime import count_nodes
 from pipelines.faults import maybe_fail
-from pipelines.index.ids import CHANGED, UNCHANGED, LocalIds, id_hash
+from pipelines.index.ids import CHANGED, NONE, UNCHANGED, LocalIds, id_hash
 from pipelines.report import Progress, utcnow
 
 FLUSH_ROWS = 4096  # rows buffered on the driver before a staging append ...
@@ -146,7 +147,7 @@ class Sink:
         self.resumed.update(zip(ids, hashes))
         self._written(ids)
 
-    def _take_in(self, batch: pa.Table, compare: bool = False) -> tuple[pa.Table, pa.Table, pa.Table, list]:
+    def _take_in(self, batch: pa.Table, compare: bool = False) -> tuple[pa.Table, pa.Table, pa.Table, np.ndarray]:
         """Count a batch of input rows; return (good rows, delete markers, bad rows, each good row's NEW / CHANGED /
         UNCHANGED against passages when ``compare``), bad ones quarantined."""
         self.rows_read += batch.num_rows
@@ -167,24 +168,18 @@ class Sink:
                     self.unidentified += 1
                     self.unidentified_reasons[code] = self.unidentified_reasons.get(code, 0) + 1
         is_good = pc.and_(pc.invert(is_bad), pc.invert(marker))
-        good = batch.filter(is_good)
-        if compare:
-            status = [x for x, g in zip(status, is_good.to_pylist()) if g]
-        return good, markers, bad, status
+        return batch.filter(is_good), markers, bad, status[_mask(is_good)]
 
     def plan(self, batch: pa.Table) -> dict[str, str]:
         """First pass: {id: content hash} of the good rows that are new or changed (all of them when not
         ``compare``: a rebuild); the rest is counted."""
         good, _, _, status = self._take_in(batch, compare=self.compare)
-        todo = {}
-        for i, h, x in zip(good[S.ID].to_pylist(), good[S.CONTENT_HASH].to_pylist(), status):
-            if x == UNCHANGED and self.compare:
-                self.rows_unchanged += 1
-            else:
-                todo[i] = h
-                if x == CHANGED and self.compare:
-                    self.changed.add(i)
-        return todo
+        if self.compare:
+            self.changed.update(good[S.ID].filter(pa.array(status == CHANGED)).to_pylist())
+            unchanged = status == UNCHANGED
+            self.rows_unchanged += int(unchanged.sum())
+            good = good.filter(pa.array(~unchanged))
+        return dict(zip(good[S.ID].to_pylist(), good[S.CONTENT_HASH].to_pylist()))
 
     def split(self, batch: pa.Table) -> tuple[pa.Table, pa.Table]:
         """Single pass (a new table, or a rebuild): every good row was embedded."""
@@ -242,54 +237,60 @@ class Sink:
             self.pending_rows += n
             self.passages_written += n
             self.rows_written += good.num_rows
-            self._written(good[S.ID].to_pylist())
+            self._written(good[S.ID].to_pylist(), good[S.ID_KEY].to_numpy(zero_copy_only=False))
         return good
 
-    def _written(self, ids: list[str]) -> None:
+    def _written(self, ids: list[str], keys: np.ndarray | None = None) -> None:
         if self.keep_written:
             self.written_ids.update(ids)
         if self.ids.track_written:
-            self.ids.mark_written([id_hash(i) for i in ids])
+            self.ids.mark_written(keys if keys is not None else [id_hash(i) for i in ids])
 
-    def _check_ids(self, batch: pa.Table, compare: bool) -> tuple[pa.Table, list]:
+    def _check_ids(self, batch: pa.Table, compare: bool) -> tuple[pa.Table, np.ndarray]:
         """Mark the batch's duplicate ids (a later row of an id already seen) and, when ``compare``, each row's
-        NEW / CHANGED / UNCHANGED against passages: one call on the id state."""
-        ids = batch[S.ID].to_pylist()
-        codes = batch[S.REASON_CODE].to_pylist()
-        reasons = batch[S.REASON].to_pylist()
-        raws = batch[S.RAW].to_pylist()
-        sources, rows = batch[S.SOURCE].to_pylist(), batch[S.ROW].to_pylist()
-        deleted = batch[S.DELETED].to_pylist()
-        contents = batch[S.CONTENT_HASH].to_pylist()
-        start = self.rows_read - batch.num_rows  # position of the batch's first row in the input (already counted)
-        hashes = [None if i is None else id_hash(i) for i in ids]
-        wheres: list[int | None] = []
-        compared: list[int | None] = []
-        for i, doc_id in enumerate(ids):
-            if codes[i] is not None or doc_id is None:
-                wheres.append(None)
-                compared.append(None)
-                continue
-            src = self._source_index.get(sources[i])
-            if src is None:
-                src = self._source_index[sources[i]] = len(self.sources)
-                self.sources.append(sources[i])
-            # a row without a number (Parquet) gets a unique stand-in: flag bit 40, its position in the input
-            wheres.append(src << 41 | (int(rows[i]) if rows[i] is not None else 1 << 40 | start + i))
-            compared.append(id_hash(contents[i] or "") if compare and not deleted[i] else None)
-        firsts, status = self.ids.take(hashes, wheres, compared)
-        changed = False
-        for i, doc_id in enumerate(ids):
-            first, where = firsts[i], wheres[i]
-            if where is not None and first != where:
+        NEW / CHANGED / UNCHANGED (``NONE`` otherwise) against passages: one call on the id state, with the keys
+        the readers hashed (``_id_key``, ``_content_key``); no per-row Python here but for the duplicates."""
+        n = batch.num_rows
+        start = self.rows_read - n  # position of the batch's first row in the input (already counted)
+        keyed = np.flatnonzero(_mask(pc.is_valid(batch[S.ID_KEY])))  # rows with an id, good or bad
+        if not len(keyed):
+            return batch, np.full(n, NONE, np.int8)
+        rows = batch.take(pa.array(keyed, pa.int64())).select([S.ID_KEY, S.CONTENT_KEY, S.REASON_CODE, S.SOURCE,
+                                                                 S.ROW, S.DELETED])
+        good = _mask(pc.is_null(rows[S.REASON_CODE]))
+        # a row's place: its source's index << 41 | its row number; a row without a number (Parquet) gets a unique
+        # stand-in: flag bit 40, its position in the input
+        number = pc.fill_null(rows[S.ROW], -1).to_numpy(zero_copy_only=False)
+        number = np.where(number >= 0, number, 1 << 40 | (start + keyed))
+        wheres = np.where(good, self._source_numbers(rows[S.SOURCE]) << 41 | number, NONE)
+        contents = None
+        if compare:  # a delete marker has no content: compared as 0, its status unused (markers are not planned)
+            contents = pc.fill_null(rows[S.CONTENT_KEY], 0).to_numpy(zero_copy_only=False)
+        firsts, compared = self.ids.take(rows[S.ID_KEY].to_numpy(zero_copy_only=False), wheres, contents)
+        status = np.full(n, NONE, np.int8)
+        status[keyed] = compared
+        dup = np.flatnonzero((wheres != NONE) & (firsts != wheres))
+        if len(dup):
+            codes, reasons, raws = (batch[c].to_pylist() for c in (S.REASON_CODE, S.REASON, S.RAW))
+            ids = batch[S.ID].take(pa.array(keyed[dup], pa.int64())).to_pylist()
+            for k, doc_id, first in zip(keyed[dup].tolist(), ids, firsts[dup].tolist()):
                 at = self.sources[first >> 41] + ("" if first >> 40 & 1 else f":{first & ((1 << 40) - 1)}")
-                codes[i], reasons[i] = "duplicate_id", f"duplicate id '{doc_id}' (first seen at {at})"
-                raws[i] = _row_json(batch, i)
-                changed = True
-        if changed:
+                codes[k], reasons[k] = "duplicate_id", f"duplicate id '{doc_id}' (first seen at {at})"
+                raws[k] = _row_json(batch, k)
             for name, values in ((S.REASON_CODE, codes), (S.REASON, reasons), (S.RAW, raws)):
                 batch = batch.set_column(batch.schema.get_field_index(name), name, pa.array(values, pa.string()))
         return batch, status
+
+    def _source_numbers(self, sources: pa.ChunkedArray) -> np.ndarray:
+        """Each row's input file as its index in ``sources`` (numbered as first seen)."""
+        encoded = pc.dictionary_encode(sources.combine_chunks())
+        numbers = []
+        for name in encoded.dictionary.to_pylist():
+            if name not in self._source_index:
+                self._source_index[name] = len(self.sources)
+                self.sources.append(name)
+            numbers.append(self._source_index[name])
+        return np.array(numbers, np.int64)[encoded.indices.to_numpy(zero_copy_only=False)]
 
     def take_pending(self) -> pa.Table:
         out = pa.concat_tables(self._pending)
@@ -315,8 +316,6 @@ def to_passages(docs: pa.Table) -> pa.Table:
     """Embedded documents (one row each, ``vector`` a list with one vector per passage, ``_spans_start`` /
     ``_spans_end`` their offsets) → one row per passage: ``passage_id`` = ``<id>#<n>``, ``passage`` = n, the offsets,
     ``text`` the passage's own text; the other columns repeat the document's."""
-    import numpy as np
-
     vectors = docs[S.VECTOR].combine_chunks()
     parents = pc.list_parent_indices(vectors).to_numpy(zero_copy_only=False)
     lengths = pc.list_value_length(vectors).to_numpy(zero_copy_only=False)
@@ -334,6 +333,11 @@ def to_passages(docs: pa.Table) -> pa.Table:
                          (S.PASSAGE_ID, pa.array([f"{i}#{n}" for i, n in zip(ids, numbers)], pa.string()))):
         rows = rows.add_column(at, name, values)
     return rows.append_column(S.VECTOR, pc.list_flatten(vectors))
+
+
+def _mask(values) -> np.ndarray:
+    """A boolean Arrow column or array as a numpy mask."""
+    return values.to_numpy(zero_copy_only=False).astype(bool, copy=False)
 
 
 def _row_json(batch: pa.Table, i: int) -> str:

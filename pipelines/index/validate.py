@@ -22,6 +22,7 @@ from typing import Any
 import pyarrow as pa
 
 from pipelines import schema as S
+from pipelines.index.ids import id_hash
 
 RAW_LIMIT = 4096  # characters of a bad row kept in quarantine
 
@@ -213,12 +214,15 @@ def _raw_id(rec: Any, spec: RowSpec) -> str | None:
     return None
 
 
+_COMPUTED = (S.SECONDS, S.ID_KEY, S.CONTENT_KEY)
+
+
 def validate_records(
     records: Iterable[tuple[int | None, Any]], spec: RowSpec, *, source: str, coerce: bool = False
 ) -> pa.Table:
     """Validate ``(row_number, record)`` pairs into one Arrow table of validated columns."""
     out_schema = S.validated_schema(spec.metadata)
-    cols: dict[str, list] = {f.name: [] for f in out_schema}
+    cols: dict[str, list] = {f.name: [] for f in out_schema if f.name not in _COMPUTED}
     for row_no, rec in records:
         try:
             try:
@@ -236,5 +240,8 @@ def validate_records(
         row[S.ROW] = row_no
         for name in cols:
             cols[name].append(row.get(name))
-    cols[S.SECONDS] = [0.0] * len(cols[S.ID])
+    cols[S.SECONDS] = [0.0] * len(cols[S.ID])  # the columns filled after the rows (_COMPUTED)
+    # the id state's keys, hashed here in the (parallel) readers rather than on the driver, which checks every row
+    cols[S.ID_KEY] = [None if i is None else id_hash(i) for i in cols[S.ID]]
+    cols[S.CONTENT_KEY] = [None if h is None else id_hash(h) for h in cols[S.CONTENT_HASH]]
     return pa.table(cols, schema=out_schema)
