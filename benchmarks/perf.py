@@ -67,7 +67,7 @@ def main() -> None:
     ap.add_argument("--backends", default=",".join(b[0] for b in BACKENDS))
     ap.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     ap.add_argument("--quick", action="store_true", help="1,000 abstracts, 2,000 queries, 60 claims")
-    ap.add_argument("--skip", default="", help="comma list of sections to skip: embed,short,rerank,pool")
+    ap.add_argument("--skip", default="", help="comma list of sections to skip: embed,scifact,short,rerank,pool")
     ap.add_argument("--out", default=str(ROOT / "benchmarks/results/perf.json"))
     args = ap.parse_args()
     if args.quick:
@@ -91,7 +91,8 @@ def main() -> None:
                     "command": " ".join([Path(sys.executable).name, *sys.argv])}
     try:
         docs = _read_jsonl(Path(args.scifact) / "corpus.jsonl")[: args.docs]
-        sets = {"scifact": ([f"{d.get('title', '')} {d['text']}".strip() for d in docs], docs)}
+        sets = {} if "scifact" in skip else {
+            "scifact": ([f"{d.get('title', '')} {d['text']}".strip() for d in docs], docs)}
         if "short" not in skip:
             queries = _read_jsonl(Path(args.msmarco) / "queries.jsonl")[: args.queries]
             # each query --repeat times under distinct ids (a corpus of short passages that amortises start-up as a

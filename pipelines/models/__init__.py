@@ -206,13 +206,14 @@ class _TokenBatched:
     batch tokenised while the model runs, bf16 autocast on CPUs with AMX when ``autocast`` says so."""
 
     def __init__(self, model, *, token_budget: int, autocast=None, pairs: bool):
-        from pipelines.models.batching import BatchRunner, token_counter
+        from pipelines.models.batching import BatchRunner, default_max_rows, token_counter
 
         self.model, self.autocast = model, autocast
         self.device = model.device
         length = getattr(model, "max_seq_length", None) or getattr(model, "max_length", None)
         self.runner = BatchRunner(lengths=token_counter(model.tokenizer, length, pairs=pairs),
-                                  prepare=self._prepare, forward=self._forward, token_budget=token_budget)
+                                  prepare=self._prepare, forward=self._forward, token_budget=token_budget,
+                                  max_rows=default_max_rows(str(model.device)))
 
     def _prepare(self, items: list):
         from sentence_transformers.util import batch_to_device

@@ -79,7 +79,7 @@ class _Session:
 
     def runner(self, length: int, token_budget: int, finish, pairs: bool):
         """The batch runner: each chunk of texts (or pairs) tokenised once, its batches padded from the ids."""
-        from pipelines.models.batching import BatchRunner, pad_batch
+        from pipelines.models.batching import CPU_MAX_ROWS, BatchRunner, pad_batch
 
         pad_id = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
         left = getattr(self.tokenizer, "padding_side", "right") == "left"
@@ -96,7 +96,7 @@ class _Session:
             return finish(self.session.run(None, {n: feeds[n] for n in self.inputs})[0], feeds)
 
         return BatchRunner(tokenize=tokenize, prepare=lambda rows: pad_batch(rows, pad_id, left), forward=forward,
-                           token_budget=token_budget)
+                           token_budget=token_budget, max_rows=CPU_MAX_ROWS)  # these sessions run on the CPU
 
 
 class OnnxBiEncoder:
