@@ -82,3 +82,26 @@ def test_uri_globs_expand_with_glob_semantics(tmp_path):
     assert expand_paths(f"{base}/**/*.jsonl") == [f"{base}/a.jsonl", f"{base}/b.jsonl", f"{base}/sub/d.jsonl"]
     with pytest.raises(FileNotFoundError, match="matched no files"):
         expand_paths(f"{base}/*.parquet")
+
+
+def test_cpu_calls_hold_more_rows_of_short_texts(tmp_path):
+    """A CPU embedding call is sized by the corpus's first rows: 256 abstracts, up to 2,048 short texts (a call of 256
+    short texts sorts into too few batches of like length); rows_per_call as set, and GPUs, keep their own sizes."""
+    import json
+
+    from pipelines.config import parse_config
+    from pipelines.index.corpus import mean_input_chars
+
+    def config(rows, **embed):
+        path = tmp_path / f"c{len(rows[0]['text'])}.jsonl"
+        path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+        return parse_config({"storage": {"uri": str(tmp_path / "db")}, "corpus": {"path": str(path)},
+                             "embed": {"model": "x", **embed}})
+
+    short = config([{"_id": f"q{i}", "text": f"what is query {i}"} for i in range(2000)])
+    long = config([{"_id": f"d{i}", "title": "A title", "text": "word " * 300} for i in range(50)])
+    chars = mean_input_chars(short)
+    assert 15 <= chars <= 20  # the embedding input: 'what is query N' (no title)
+    assert short.embed.call_rows(0, chars) == 2048 and long.embed.call_rows(0, mean_input_chars(long)) == 256
+    assert short.embed.call_rows(1, chars) == 4096 and short.embed.call_rows(0, None) == 256
+    assert config([{"_id": "a", "text": "x"}], rows_per_call=100).embed.call_rows(0, chars) == 100

@@ -26,6 +26,7 @@ from itertools import islice
 from typing import Any
 
 import pyarrow as pa
+import pyarrow.compute as pc
 
 from pipelines import files
 from pipelines import schema as S
@@ -157,6 +158,26 @@ def read_local(cfg, *, max_bytes: int | None = None) -> Iterator[pa.Table] | Non
     return _read_files([f for f, _ in found], fmt, spec, cfg.corpus.rows_per_block, options)
 
 
+def mean_input_chars(cfg, rows: int = 1024) -> float | None:
+    """Mean characters of the embedding input over the corpus's first ``rows`` good rows, read here (None: none
+    readable here, e.g. a Lance corpus or a folder on an object store): what sizes a CPU embedding call."""
+    blocks = read_local(cfg)
+    if blocks is None:
+        return None
+    chars = n = 0
+    try:
+        for block in blocks:
+            lengths = pc.utf8_length(block[S.EMBED_INPUT]).drop_null()
+            chars, n = chars + (pc.sum(lengths).as_py() or 0), n + len(lengths)
+            if n >= rows:
+                break
+    except (OSError, pa.ArrowException, UnicodeDecodeError, ValueError):
+        return None  # the run itself reports an unreadable corpus, row by row or file by file
+    finally:
+        blocks.close()
+    return chars / n if n else None
+
+
 def corpus_size(cfg) -> int | None:
     """Bytes of the corpus's input files (None: a Lance dataset, or a folder on an object store)."""
     options = cfg.storage.storage_options
@@ -210,8 +231,6 @@ def _local_files(paths: list[str], fmt: str, options=None) -> list[tuple[str, in
 def corpus_fingerprint(cfg) -> str | None:
     """``Store.content_fingerprint`` of the table the index job would build from ``cfg.corpus`` (read here,
     without Ray): first row of each id wins, bad rows left out. None for inputs not read here (Lance)."""
-    import pyarrow.compute as pc
-
     local = read_local(cfg)
     if local is None:
         return None

@@ -105,6 +105,7 @@ class _RunState:
         self.build_ann = None  # the ANN training as a Ray task on a worker (table_work.py); None: in the upkeep's
         self.commit = None  # the commit as a Ray task on a worker (table_work.py); None: on the driver
         self.upkeep = None  # the upkeep as a Ray task on a worker (table_work.py); None: on the driver
+        self.mean_chars: float | None = None  # of the corpus's first rows: sizes a CPU embedding call
 
 
 def _index(cfg, state: _RunState) -> None:
@@ -137,7 +138,7 @@ def _start(cfg, state: _RunState, store):
     import ray.data
 
     from pipelines.cluster.runtime import check_gpus, check_not_in_job_package, init_ray
-    from pipelines.index.corpus import expand_paths, read_local
+    from pipelines.index.corpus import expand_paths, mean_input_chars, read_local
     from pipelines.models.prompts import check_passages
 
     e, name, report = cfg.embed, cfg.storage.passages_table, state.report
@@ -189,6 +190,7 @@ def _start(cfg, state: _RunState, store):
         state.plan_first = bool(known) or read_local(cfg, max_bytes=FIRST_PLAN_BYTES) is not None
         staged = resume(cfg, state, store)
         state.sink.keep_written = state.plan_first
+        state.mean_chars = mean_input_chars(cfg) if cfg.embed.rows_per_call is None else None
     log.info("run %s: indexing %s into %s/%s (%s)", state.run_id, redact_uri(str(cfg.corpus.path)),
              redact_uri(cfg.storage.uri), name, report["mode"])
     return staged
@@ -260,7 +262,7 @@ def _planned_batches(cfg, state: _RunState, todo: dict[str, str], local: bool, k
     if kept is not None:  # what the plan kept (resume_planned may have taken some since), in blocks of one call
         rows = pa.concat_tables(kept) if kept else None
         rows = keep_planned(rows, todo) if rows is not None else None
-        step = cfg.embed.call_rows()  # blocks; the actor pool gathers them into its calls (call_rows(gpus))
+        step = cfg.embed.call_rows(0, state.mean_chars)  # blocks; the actor pool gathers them into its calls
         blocks = [rows.slice(i, step) for i in range(0, rows.num_rows, step)] if rows is not None else []
         if local or not blocks:
             return iter(blocks)
@@ -313,7 +315,8 @@ def _embed_with_actors(cfg, ds, state: _RunState):
 
     e = cfg.embed
     cpus, gpus = pool_resources(state.cluster, {"embed": e.pool})["embed"]
-    state.report["cluster"].update(actors=e.actors, cpus_per_actor=cpus, gpus_per_actor=gpus)
+    rows = e.call_rows(gpus, state.mean_chars)
+    state.report["cluster"].update(actors=e.actors, cpus_per_actor=cpus, gpus_per_actor=gpus, rows_per_call=rows)
     return ds.map_batches(
         Embedder,
         fn_constructor_kwargs=Embedder.config_kwargs(cfg, device=actor_device(e.device, gpus),
@@ -323,7 +326,7 @@ def _embed_with_actors(cfg, ds, state: _RunState):
         compute=ray.data.ActorPoolStrategy(size=e.actors, max_tasks_in_flight_per_actor=1),
         num_cpus=cpus,
         num_gpus=gpus,
-        batch_size=e.call_rows(gpus),
+        batch_size=rows,
         batch_format="pyarrow",
         **actor_options(),
     )

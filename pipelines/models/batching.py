@@ -5,7 +5,8 @@ ways: long texts make big, slow batches, short ones leave the device idle. ``Bat
 
 1. sorts everything it is given by length (characters: free), longest first, so that neighbours pad little;
 2. in a producer thread, counts each chunk's real token lengths, cuts it into batches of at most
-   ``token_budget`` padded tokens (and ``max_rows`` rows), and prepares each batch's model inputs;
+   ``token_budget`` padded tokens (and ``max_rows`` rows: 64 on a CPU), ending a batch early where a row is more
+   than ``PAD_SLACK`` shorter than its longest, and prepares each batch's model inputs;
 3. runs the model on batch i while the producer prepares batch i+1 (a bounded queue: the model never waits
    for the tokenizer, and memory stays at a couple of batches);
 4. returns the rows in the caller's order.
