@@ -15,7 +15,7 @@ Reads top to bottom::
     ShardedIds      the same calls, each batch split by id hash over the shard actors
     small_run       a corpus and table small enough that the run's state and table work stay in the driver
     id_state        which of the two a run uses (``corpus.id_shards``)
-    id_hash         an id's 64-bit hash (blake2b): the state is keyed by it, never by the id itself
+    id_hash         an id's 64-bit hash (blake2b, keys.py): the state is keyed by it, never by the id itself
 
 Hash keys: two ids colliding on 64 bits (p ~ 3e-4 at 100M ids, 3e-8 at 1M) would make the later one a duplicate
 of the earlier; the state keeps each known id's text, so deletions name real ids.
@@ -30,11 +30,13 @@ Example::
 
 from __future__ import annotations
 
-import hashlib
+import itertools
 import logging
 from collections.abc import Iterable, Sequence
 
 import numpy as np
+
+from pipelines.index.keys import id_hash
 
 log = logging.getLogger("batchrank.index")
 
@@ -46,12 +48,6 @@ SMALL_RUN_ROWS = 100_000  # ... a passages table up to this many rows) is a smal
 KNOWN_SCAN_ROWS = 8_192  # rows per batch when passages' ids are read into the state (bigger batches left the driver
 # with more retained heap: +76 MiB after streaming 100k ids in batches of 65,536)
 MAX_SHARDS = 64
-
-
-def id_hash(doc_id: str) -> int:
-    """An id's 64-bit key (signed, so that numpy and Arrow take it as int64)."""
-    return int.from_bytes(hashlib.blake2b(doc_id.encode("utf-8", "surrogatepass"), digest_size=8).digest(),
-                          "little", signed=True)
 
 
 class IdTable:
@@ -171,7 +167,7 @@ class ShardedIds:
         shard = np.asarray(hashes, np.int64) % self.shards
         order = np.argsort(shard, kind="stable")
         bounds = np.searchsorted(shard[order], np.arange(self.shards + 1))
-        return [order[a:b] for a, b in zip(bounds[:-1], bounds[1:])]
+        return [order[a:b] for a, b in itertools.pairwise(bounds)]
 
     def _call(self, method: str, parts: list[np.ndarray], *columns) -> list:
         """``method`` on every shard with its rows of each column (numpy arrays travel as buffers, lists as

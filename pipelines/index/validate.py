@@ -22,7 +22,7 @@ from typing import Any
 import pyarrow as pa
 
 from pipelines import schema as S
-from pipelines.index.ids import id_hash
+from pipelines.index.keys import id_hash
 
 RAW_LIMIT = 4096  # characters of a bad row kept in quarantine
 
