@@ -5,8 +5,7 @@ ways: long texts make big, slow batches, short ones leave the device idle. ``Bat
 
 1. sorts everything it is given by length (characters: free), longest first, so that neighbours pad little;
 2. in a producer thread, counts each chunk's real token lengths, cuts it into batches of at most
-   ``token_budget`` padded tokens (and ``max_rows`` rows: 64 on a CPU), ending a batch early where a row is more
-   than ``PAD_SLACK`` shorter than its longest, and prepares each batch's model inputs;
+   ``token_budget`` padded tokens (and ``max_rows`` rows: 64 on a CPU), and prepares each batch's model inputs;
 3. runs the model on batch i while the producer prepares batch i+1 (a bounded queue: the model never waits
    for the tokenizer, and memory stays at a couple of batches);
 4. returns the rows in the caller's order.
@@ -38,11 +37,6 @@ CPU_TOKENS = 4096
 GPU_TOKENS = 65536
 MAX_ROWS = 1024
 CPU_MAX_ROWS = 64
-# A batch ends where a row is this much shorter than the batch's longest (once it has MIN_ROWS rows): packing rows
-# by the budget alone padded a 256-row call of short texts (MS MARCO queries) to ~1.5x their tokens, and the call
-# ran at 0.65x plain ``encode`` (whose batches come from one global sort); see docs/benchmarks.md
-PAD_SLACK = 0.2
-MIN_ROWS = 8
 CHUNK = 1024  # rows whose lengths are counted together (one tokenizer call)
 
 
@@ -56,20 +50,14 @@ def default_max_rows(device: str) -> int:
     return MAX_ROWS if str(device).startswith("cuda") else CPU_MAX_ROWS
 
 
-def plan(lengths: np.ndarray, token_budget: int, max_rows: int = MAX_ROWS, slack: float = PAD_SLACK,
-         min_rows: int = MIN_ROWS) -> list[np.ndarray]:
-    """Batches (index arrays, longest first) of at most ``token_budget`` padded tokens and ``max_rows`` rows; a
-    batch also ends where a row is more than ``slack`` shorter than its longest (its padding would be waste),
-    once it holds ``min_rows`` rows. A single row longer than the budget is a batch of its own."""
+def plan(lengths: np.ndarray, token_budget: int, max_rows: int = MAX_ROWS) -> list[np.ndarray]:
+    """Batches (index arrays, longest first) of at most ``token_budget`` padded tokens and ``max_rows`` rows;
+    a single row longer than the budget is a batch of its own."""
     order = np.argsort(-np.asarray(lengths), kind="stable")
-    ordered = np.asarray(lengths)[order]
     batches, start, n = [], 0, len(order)
     while start < n:
-        longest = max(int(ordered[start]), 1)
+        longest = max(int(lengths[order[start]]), 1)
         rows = max(1, min(max_rows, token_budget // longest))
-        # rows whose length is within the slack of the longest (lengths descend: a binary search)
-        close = int(np.searchsorted(-ordered[start:start + rows], -longest * (1 - slack), side="right"))
-        rows = min(rows, max(close, min_rows))
         batches.append(order[start:start + rows])
         start += rows
     return batches
