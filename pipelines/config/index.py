@@ -9,8 +9,8 @@ from pydantic import Field, field_validator, model_validator
 
 from pipelines.config.base import ModelStage, _Section
 
-# characters of input per CPU embedding call, for short texts: 256 short texts made too few batches of like length,
-# and a 1,024-row call of MS MARCO queries embedded 1.06x (torch) to 1.26x (openvino-int8) faster than 256 rows
+# characters of input per CPU embedding call, for short texts: a 1,024-row call of MS MARCO queries embedded 1.30x
+# (torch) and 1.31x (openvino-int8) faster than 256 rows, one thread (docs/benchmarks.md, Batching short texts)
 CALL_CHARS = 64 * 1024
 
 CorpusFormat = Literal["auto", "jsonl", "parquet", "csv", "lance"]
