@@ -169,15 +169,12 @@ class ShardedIds:
         bounds = np.searchsorted(shard[order], np.arange(self.shards + 1))
         return [order[a:b] for a, b in itertools.pairwise(bounds)]
 
-    def _call(self, method: str, parts: list[np.ndarray], *columns) -> list:
-        """``method`` on every shard with its rows of each column (numpy arrays travel as buffers, lists as
-        lists); the answers, None for a shard without rows."""
+    def _call(self, method: str, parts: list[np.ndarray], *columns: np.ndarray | None) -> list:
+        """``method`` on every shard with its rows of each int64 column (None stays None); the answers, None for a
+        shard without rows."""
         import ray
 
-        def part(col, rows):
-            return col[rows] if isinstance(col, np.ndarray) else [col[i] for i in rows.tolist()]
-
-        refs = [getattr(a, method).remote(*(None if col is None else part(col, rows) for col in columns))
+        refs = [getattr(a, method).remote(*(None if col is None else col[rows] for col in columns))
                 if len(rows) else None for a, rows in zip(self.actors, parts)]
         return [ray.get(r) if r is not None else None for r in refs]
 

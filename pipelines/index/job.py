@@ -190,7 +190,9 @@ def _start(cfg, state: _RunState, store):
         state.plan_first = bool(known) or read_local(cfg, max_bytes=FIRST_PLAN_BYTES) is not None
         staged = resume(cfg, state, store)
         state.sink.keep_written = state.plan_first
-        state.mean_chars = mean_input_chars(cfg) if cfg.embed.rows_per_call is None else None
+        # a CPU call's size, from the corpus's first rows (not read when set, or for GPU actors: 4,096 rows)
+        sized = cfg.embed.rows_per_call is None and not cfg.embed.gpus_per_actor
+        state.mean_chars = mean_input_chars(cfg) if sized else None
     log.info("run %s: indexing %s into %s/%s (%s)", state.run_id, redact_uri(str(cfg.corpus.path)),
              redact_uri(cfg.storage.uri), name, report["mode"])
     return staged
