@@ -205,7 +205,7 @@ def _plan_and_embed(cfg, state: _RunState, store, staged):
 
     sink, report = state.sink, state.report
     with state.timer("plan"), Progress("compare", unit="docs") as progress:
-        todo, kept = _plan(cfg, sink, progress, state.small)
+        todo, kept = _plan(cfg, sink, progress, state)
     resume_planned(state, staged, todo)
     deletes = deletions(cfg, state) if state.known and not state.rebuild else []
     report["plan"] = {"embed": len(todo), "unchanged": sink.rows_unchanged, "delete": len(deletes)}
@@ -224,19 +224,19 @@ def _plan_and_embed(cfg, state: _RunState, store, staged):
     return staged, deletes
 
 
-def _plan(cfg, sink: Sink, progress, small: bool) -> tuple[dict[str, str], list | None]:
+def _plan(cfg, sink: Sink, progress, state: _RunState) -> tuple[dict[str, str], list | None]:
     """First pass: compare every corpus row with ``passages`` by id and content hash, embedding nothing; count and
     quarantine. Returns ({id: content hash} of the new and changed documents, their rows while they fit in
-    ``KEEP_PLANNED_BYTES``, else None: the embedding then reads the corpus a second time). A ``small`` run's corpus
-    (of at most ``LOCAL_READ_BYTES``) is read right here (read tasks would cost more than the reading), a larger one
-    by Ray."""
+    ``KEEP_PLANNED_BYTES``, else None: the embedding then reads the corpus a second time). A small run's corpus
+    (``state.small``: at most ``LOCAL_READ_BYTES``) is read right here (read tasks would cost more than the
+    reading), a larger one by Ray."""
     from pipelines.index.corpus import read_local
 
     # a small run reads here; a large one in Ray read tasks (its parsing and checking off the driver: read here, a
     # 1M-document night's driver grew ~70 MiB more)
-    batches = read_local(cfg, max_bytes=LOCAL_READ_BYTES) if small else None
+    batches = read_local(cfg, max_bytes=LOCAL_READ_BYTES) if state.small else None
     if batches is None:
-        batches = _read(cfg, plan=True).iter_batches(batch_format="pyarrow", batch_size=None, prefetch_batches=1)
+        batches = state.cluster.stream(_read(cfg, plan=True))
     todo: dict[str, str] = {}
     kept: list | None = []
     size = 0
@@ -270,15 +270,13 @@ def _planned_batches(cfg, state: _RunState, todo: dict[str, str], local: bool, k
             return iter(blocks)
         import ray.data
 
-        return _embed_with_actors(cfg, ray.data.from_arrow(blocks), state).iter_batches(
-            batch_format="pyarrow", batch_size=None, prefetch_batches=1)
+        return state.cluster.stream(_embed_with_actors(cfg, ray.data.from_arrow(blocks), state))
     batches = read_local(cfg, max_bytes=LOCAL_READ_BYTES) if local else None
     if batches is not None:  # a small delta of a small corpus: no Ray at all
         return (keep_planned(b, todo) for b in batches)
     ds = _read(cfg).map_batches(keep_planned, fn_kwargs={"todo": todo}, batch_format="pyarrow", batch_size=None,
                                 num_cpus=READ_CPUS)
-    return (ds if local else _embed_with_actors(cfg, ds, state)).iter_batches(
-        batch_format="pyarrow", batch_size=None, prefetch_batches=1)
+    return state.cluster.stream(ds if local else _embed_with_actors(cfg, ds, state))
 
 
 def _stream_all(cfg, state: _RunState, store, staged):
@@ -288,8 +286,7 @@ def _stream_all(cfg, state: _RunState, store, staged):
         ds = ds.map_batches(skip_resumed, fn_kwargs={"done": state.sink.done}, batch_format="pyarrow",
                             batch_size=None, num_cpus=READ_CPUS)
     ds = _embed_with_actors(cfg, ds, state)
-    staged = stage(cfg, state, ds.iter_batches(batch_format="pyarrow", batch_size=None, prefetch_batches=1),
-                   store, staged)
+    staged = stage(cfg, state, state.cluster.stream(ds), store, staged)
     drop_stale_resumed(state, staged)
     return staged
 

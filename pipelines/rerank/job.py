@@ -68,6 +68,7 @@ class _RunState:
     log: Any = None  # the QueryLog once read
     leases: list[tuple[str, str | None]] = field(default_factory=list)  # (table, lease tag) pinned for the readers
     cache_version: int | None = None
+    cluster: Any = None  # runtime.Cluster, once Ray is up
     resources: dict[str, tuple[float, float]] = field(default_factory=dict)  # CPUs and GPUs per actor of each pool
 
     def lease(self, store, table: str, version: int) -> None:
@@ -186,6 +187,7 @@ def _identify(cfg, state: _RunState, cluster, fusion_weight: float | None) -> No
     from pipelines.cluster.runtime import actor_device, pool_resources
 
     rt, rr, sink = cfg.retrieve, cfg.rerank, state.sink
+    state.cluster = cluster
     state.resources = pool_resources(cluster, {"retrieve": rt.pool, "rerank": rr.pool})
     (r_cpus, r_gpus), (s_cpus, s_gpus) = state.resources["retrieve"], state.resources["rerank"]
     with state.run.timer("startup"):  # hashes the model's weights: the cache key must change when they do
@@ -265,21 +267,25 @@ def _stream(cfg, state: _RunState, selected: pa.Table, fusion_weight, *, local: 
     # pair cache the work per query varies from nothing (all cached) to every candidate (a new query).
     per_call = rr.call_queries(s_gpus)
     rows = max(1, min(rt.queries_per_call, per_call, math.ceil(selected.num_rows / (16 * rr.actors))))
-    blocks = [selected.slice(i, rows) for i in range(0, selected.num_rows, rows)]
+    # Each scoring actor's first block is one query, so that the first scored pairs reach the driver after one
+    # query's candidates rather than a whole call's. Each block is one call of each stage (batch_size None: no
+    # stage gathers blocks), so these slices are the calls.
+    head = min(rr.actors, selected.num_rows) if rows > 1 else 0
+    blocks = [selected.slice(i, 1) for i in range(head)]
+    blocks += [selected.slice(i, rows) for i in range(head, selected.num_rows, rows)]
     if local:
         retrieve, score = Retriever(**retriever), Scorer(**{**scorer, "preload": False})
         return (score(retrieve(b)) for b in blocks)
     options = actor_options()
-    return (
+    return state.cluster.stream(
         ray.data.from_arrow(blocks)
         .map_batches(Retriever, fn_constructor_kwargs=retriever,
                      compute=ray.data.ActorPoolStrategy(size=rt.actors, max_tasks_in_flight_per_actor=2),
-                     num_cpus=r_cpus, num_gpus=r_gpus, batch_size=rows, batch_format="pyarrow", **options)
+                     num_cpus=r_cpus, num_gpus=r_gpus, batch_size=None, batch_format="pyarrow", **options)
         .map_batches(Scorer, fn_constructor_kwargs=scorer,
                      compute=ray.data.ActorPoolStrategy(size=rr.actors, max_tasks_in_flight_per_actor=2),
-                     num_cpus=s_cpus, num_gpus=s_gpus, batch_size=per_call, batch_format="pyarrow",
-                     **options)
-    ).iter_batches(batch_format="pyarrow", batch_size=None, prefetch_batches=2)
+                     num_cpus=s_cpus, num_gpus=s_gpus, batch_size=None, batch_format="pyarrow",
+                     **options))
 
 
 def _publish(cfg, store, staged, qlog, state: _RunState) -> None:
