@@ -448,9 +448,10 @@ def _gpus() -> int:
 
 
 def _machine(gpu: bool) -> dict:
+    from benchmarks.common import cpu_model
     from pipelines.models.batching import cpu_supports_bf16
 
-    out = {"cpus": os.cpu_count(), "cpu_bf16": cpu_supports_bf16()}
+    out = {"cpu": cpu_model(), "cpus": os.cpu_count(), "cpu_bf16": cpu_supports_bf16()}
     if gpu:
         import torch
 

@@ -67,7 +67,8 @@ class CorpusConfig(_Section):
     title_field: str | None = "title"
     metadata_fields: dict[str, MetadataType] = Field(default_factory=dict)
     max_text_chars: int = Field(100_000, gt=0)
-    rows_per_block: int = Field(128, gt=0)
+    rows_per_block: int = Field(128, gt=0, description="rows per block read from the corpus, at least (a first run "
+                                                       "reads blocks of one embedding call, if larger)")
     mode: Literal["snapshot", "changes"] = Field(
         "snapshot", description="snapshot: the corpus is the whole collection, and passages whose id is absent "
                                 "are deleted; changes: a change feed of new, changed and deleted documents")

@@ -281,7 +281,8 @@ def _planned_batches(cfg, state: _RunState, todo: dict[str, str], local: bool, k
 
 def _stream_all(cfg, state: _RunState, store, staged):
     """A first run of a corpus too large to plan, or a model change: read → embed on the actor pool → stage."""
-    ds = _read(cfg)
+    # blocks of one call (not of 128 rows, gathered into calls): Ray Data keeps state per block in the driver
+    ds = _read(cfg, rows=_pool(cfg, state)[2])
     if state.sink.done:  # what a killed run staged is not embedded again (the sink counts it as written)
         ds = ds.map_batches(skip_resumed, fn_kwargs={"done": state.sink.done}, batch_format="pyarrow",
                             batch_size=None, num_cpus=READ_CPUS)
@@ -291,13 +292,13 @@ def _stream_all(cfg, state: _RunState, store, staged):
     return staged
 
 
-def _read(cfg, plan: bool = False):
-    """The corpus as a Ray Dataset of validated rows. ``plan``: for the plan (no model), in blocks of CHECK_ROWS
-    rows: the small blocks that keep embedding actors fed cost the plan ~4x its time in per-block overhead."""
+def _read(cfg, plan: bool = False, rows: int = 0):
+    """The corpus as a Ray Dataset of validated rows, in blocks of ``max(corpus.rows_per_block, rows)`` rows; of
+    CHECK_ROWS for the ``plan`` (no model: small blocks cost the plan ~4x its time in per-block overhead)."""
     from pipelines.index.corpus import read_corpus
     from pipelines.index.validate import RowSpec
 
-    rows = max(cfg.corpus.rows_per_block, CHECK_ROWS) if plan else None
+    rows = max(cfg.corpus.rows_per_block, CHECK_ROWS if plan else rows)
     ds = read_corpus(cfg.corpus, RowSpec.from_config(cfg), read_cpus=PLAN_READ_CPUS if plan else READ_CPUS,
                      storage_options=cfg.storage.storage_options, rows=rows)
     if plan:
@@ -305,16 +306,22 @@ def _read(cfg, plan: bool = False):
     return ds
 
 
+def _pool(cfg, state: _RunState) -> tuple[float, float, int]:
+    """The embedding actors' CPUs and GPUs each, and the rows of one call."""
+    from pipelines.cluster.runtime import pool_resources
+
+    cpus, gpus = pool_resources(state.cluster, {"embed": cfg.embed.pool})["embed"]
+    return cpus, gpus, cfg.embed.call_rows(gpus, state.mean_chars)
+
+
 def _embed_with_actors(cfg, ds, state: _RunState):
     """The embedding actor pool (one model per actor; GPUs when configured)."""
     import ray.data
 
-    from pipelines.cluster.runtime import actor_device, actor_options, pool_resources
+    from pipelines.cluster.runtime import actor_device, actor_options
     from pipelines.index.embed import Embedder
 
-    e = cfg.embed
-    cpus, gpus = pool_resources(state.cluster, {"embed": e.pool})["embed"]
-    rows = e.call_rows(gpus, state.mean_chars)
+    e, (cpus, gpus, rows) = cfg.embed, _pool(cfg, state)
     state.report["cluster"].update(actors=e.actors, cpus_per_actor=cpus, gpus_per_actor=gpus, rows_per_call=rows)
     return ds.map_batches(
         Embedder,
