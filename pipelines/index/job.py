@@ -71,7 +71,6 @@ PLAN_BLOCK_BYTES = 16 << 20  # the plan's blocks (CHECK_ROWS rows each): no acto
 PLAN_READ_CPUS = 1.0
 
 
-
 def run(cfg, *, run_id: str | None = None, save: bool = True) -> dict[str, Any]:
     """Index the configured corpus; return the run report (also written as JSON unless ``save`` is False: the
     nightly job writes one report for all its stages).
@@ -98,7 +97,7 @@ class _RunState:
         self.known = 0  # documents passages held when the run started
         self.small = True  # a small corpus and table (ids.small_run): its state and table work stay in the driver
         self.updated = 0  # documents of passages written again (changed, or re-embedded by a rebuild)
-        self.cluster = None
+        self.cluster = self.pool = None  # runtime.Cluster; the embedding pool's (CPUs, GPUs, rows per call)
         self.rebuild = False  # the model changed: every document is embedded again, then one overwrite
         self.plan_first = False  # compare with passages before embedding (or a corpus small enough to)
         self.preload: Preload | None = None  # the model loading on the driver, for a small delta
@@ -281,8 +280,7 @@ def _planned_batches(cfg, state: _RunState, todo: dict[str, str], local: bool, k
 
 def _stream_all(cfg, state: _RunState, store, staged):
     """A first run of a corpus too large to plan, or a model change: read → embed on the actor pool → stage."""
-    # blocks of one call (not of 128 rows, gathered into calls): Ray Data keeps state per block in the driver
-    ds = _read(cfg, rows=_pool(cfg, state)[2])
+    ds = _read(cfg, rows=_pool(cfg, state)[2])  # blocks of one call: Ray Data keeps state per block in the driver
     if state.sink.done:  # what a killed run staged is not embedded again (the sink counts it as written)
         ds = ds.map_batches(skip_resumed, fn_kwargs={"done": state.sink.done}, batch_format="pyarrow",
                             batch_size=None, num_cpus=READ_CPUS)
@@ -307,11 +305,13 @@ def _read(cfg, plan: bool = False, rows: int = 0):
 
 
 def _pool(cfg, state: _RunState) -> tuple[float, float, int]:
-    """The embedding actors' CPUs and GPUs each, and the rows of one call."""
+    """The embedding actors' CPUs and GPUs each, and the rows of one call; sized once per run."""
     from pipelines.cluster.runtime import pool_resources
 
-    cpus, gpus = pool_resources(state.cluster, {"embed": cfg.embed.pool})["embed"]
-    return cpus, gpus, cfg.embed.call_rows(gpus, state.mean_chars)
+    if state.pool is None:
+        cpus, gpus = pool_resources(state.cluster, {"embed": cfg.embed.pool})["embed"]
+        state.pool = cpus, gpus, cfg.embed.call_rows(gpus, state.mean_chars)
+    return state.pool
 
 
 def _embed_with_actors(cfg, ds, state: _RunState):
