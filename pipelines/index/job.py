@@ -204,7 +204,7 @@ def _plan_and_embed(cfg, state: _RunState, store, staged):
 
     sink, report = state.sink, state.report
     with state.timer("plan"), Progress("compare", unit="docs") as progress:
-        todo, kept = _plan(cfg, sink, progress, state)
+        todo, kept = _plan(cfg, state, progress)
     resume_planned(state, staged, todo)
     deletes = deletions(cfg, state) if state.known and not state.rebuild else []
     report["plan"] = {"embed": len(todo), "unchanged": sink.rows_unchanged, "delete": len(deletes)}
@@ -223,7 +223,7 @@ def _plan_and_embed(cfg, state: _RunState, store, staged):
     return staged, deletes
 
 
-def _plan(cfg, sink: Sink, progress, state: _RunState) -> tuple[dict[str, str], list | None]:
+def _plan(cfg, state: _RunState, progress) -> tuple[dict[str, str], list | None]:
     """First pass: compare every corpus row with ``passages`` by id and content hash, embedding nothing; count and
     quarantine. Returns ({id: content hash} of the new and changed documents, their rows while they fit in
     ``KEEP_PLANNED_BYTES``, else None: the embedding then reads the corpus a second time). A small run's corpus
@@ -240,7 +240,7 @@ def _plan(cfg, sink: Sink, progress, state: _RunState) -> tuple[dict[str, str], 
     kept: list | None = []
     size = 0
     for batch in coalesce(batches):
-        planned = sink.plan(batch)
+        planned = state.sink.plan(batch)
         todo.update(planned)
         if planned and kept is not None:
             rows = keep_planned(batch, planned)
