@@ -144,3 +144,48 @@ def test_index_job_records_the_backend_and_refuses_mixed_vectors(tmp_path, make_
     torch_cfg = make_config(tmp_path / "docs.jsonl")
     with pytest.raises(StoreError, match="onnx-int8"):  # queries embedded by torch would not match these vectors
         store.passages_for_queries(torch_cfg.embed.identity)
+
+
+def test_a_cached_export_loads_without_torch(tiny_model, spread_cross_encoder, tmp_path_factory):
+    """An ONNX / OpenVINO actor with a cached export imports no torch (~1.3 s), no NNCF (~2 s, torch under it) and no
+    transformers config module (which imports torch): its tokenizer is loaded as the generic fast tokenizer, which
+    the export checked tokenises as ``AutoTokenizer`` does. Each kind is loaded in a fresh process."""
+    import json
+    import os
+    import subprocess
+    import sys
+
+    pytest.importorskip("openvino")
+    pytest.importorskip("nncf")
+    for model, kind, loader in ((tiny_model, "bi-encoder", "load_bi_encoder"),
+                                (spread_cross_encoder, "cross-encoder", "load_cross_encoder")):
+        for variant in ("int8", "ov-int8"):
+            folder = onnx_backend.export(model, kind, variant=variant)
+            assert json.loads((folder / "meta.json").read_text())["tokenizer"] == "fast"
+        code = (f"import sys; from pipelines.models import {loader} as load\n"
+                f"m = load({model!r}, device='cpu', backend='openvino-int8', threads=1)\n"
+                "tok = m._s.tokenizer\n"
+                "out = m.encode(['cell protein']) if hasattr(m, 'encode') else m.predict([('cell', 'protein')])\n"
+                "print(sorted(n for n in ('torch', 'nncf', 'sentence_transformers', "
+                "'transformers.configuration_utils') if n in sys.modules), type(tok).__name__, len(out))")
+        root = Path(__file__).resolve().parents[1]
+        done = subprocess.run([sys.executable, "-c", code], cwd=root, capture_output=True, text=True, timeout=300,
+                              env={**os.environ, "PYTHONPATH": str(root)})
+        assert done.returncode == 0, done.stderr[-2000:]
+        assert done.stdout.split()[-3:] == ["[]", "TokenizersBackend", "1"], (kind, done.stdout, done.stderr[-800:])
+
+
+def test_an_export_whose_generic_tokenizer_differs_loads_it_with_autotokenizer(tiny_model, tmp_path):
+    """The generic fast tokenizer is used only where it gives what AutoTokenizer gives: an export whose tokenizer
+    it cannot load (no tokenizer.json: a vocabulary only) is marked ``auto``, and its sessions load AutoTokenizer."""
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(tiny_model)
+    tok.save_pretrained(str(tmp_path))
+    check = (["cell protein", "brain"],)
+    kwargs = {"padding": True, "truncation": True, "max_length": 16}
+    got = tok(*check, return_tensors="np", **kwargs, return_token_type_ids=True)
+    inputs = ["input_ids", "attention_mask", "token_type_ids"]
+    assert onnx_backend._same_without_torch(tmp_path, check, inputs, kwargs, got)
+    (tmp_path / "tokenizer.json").unlink()  # the vocabulary only: the generic fast tokenizer cannot load it
+    assert not onnx_backend._same_without_torch(tmp_path, check, inputs, kwargs, got)

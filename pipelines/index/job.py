@@ -45,7 +45,8 @@ from pipelines.index.resume import (
     resume_planned,
     skip_resumed,
 )
-from pipelines.index.sink import CHECK_ROWS, FLUSH_ROWS, FLUSH_SECONDS, Sink, coalesce, stage
+from pipelines.index.sink import FLUSH_ROWS, FLUSH_SECONDS, Sink, coalesce, stage
+from pipelines.index.stream import BLOCK_BYTES, embed_actors, pool, read
 from pipelines.index.summary import finish_report, summary
 from pipelines.index.table_work import builder, committer, upkeeper
 from pipelines.report import Progress, redact_uri
@@ -58,17 +59,10 @@ FIRST_PLAN_BYTES = 1 << 20  # a first run plans (and may embed on the driver) on
 # The plan keeps the new and changed rows it finds up to this size (the delta's, not the corpus's), so that their
 # embedding needs no second read of the corpus (at 1M short documents, reading and checking them took ~25 s)
 KEEP_PLANNED_BYTES = 64 << 20
-# Small blocks (Ray Data's default is 128 MiB) keep every embedding actor fed, progress live and
-# driver memory flat; a block of 64 rows with 384-d vectors is about 100 KiB.
-BLOCK_BYTES = 256 * 1024
 # Blocks in flight (read, waiting for an actor, embedded, waiting for the driver) are capped: reading is faster
 # than embedding, and without a cap the backlog grew with the corpus (108 MiB of object store at 250k short
 # documents, 394 MiB at 1M; benchmarks/memory_stream.py).
 PIPELINE_OBJECT_STORE_BYTES = 128 << 20
-PLAN_BLOCK_BYTES = 16 << 20  # the plan's blocks (CHECK_ROWS rows each): no actor to feed evenly
-# The plan's read tasks each take a whole CPU: nothing else runs beside them, and with 0.1 CPU each every file was
-# parsed at once, the first (which the ordered stream waits for) at a tenth of a core
-PLAN_READ_CPUS = 1.0
 
 
 def run(cfg, *, run_id: str | None = None, save: bool = True) -> dict[str, Any]:
@@ -158,12 +152,14 @@ def _start(cfg, state: _RunState, store):
         # Ray before LanceDB loads: Ray forks processes, LanceDB's runtime dislikes forks
         cluster = state.cluster = init_ray(cfg.ray)
         state.run.mark("ray_up")
-        report["passages_split"] = passages_split.result() or {
-            "checked": "by the embedding actors (model files not readable on the driver)"}
         state.build_ann = builder(cfg, cluster)  # where an ANN training runs; refused here, before any work
         check_gpus(cluster, {"embed": e.pool})  # GPUs this machine lacks: refused here too
         change = rebuild_change(cfg, store)  # another model, chunking or document prompt: every document again
         rebuild = state.rebuild = change is not None
+        # awaited here, before any actor starts: loading the tokenizer imports torch (~1.3 s of CPU), which opening
+        # passages above overlaps
+        report["passages_split"] = passages_split.result() or {
+            "checked": "by the embedding actors (model files not readable on the driver)"}
         # what passages holds, by id hash, in the id state (actors for a large corpus): never all in the driver
         small = state.small = small_run(cfg, store)  # state, reading and table work stay in the driver
         state.ids = state.sink.ids = id_state(cfg, cluster, small=small, track_written=rebuild)
@@ -235,7 +231,7 @@ def _plan(cfg, state: _RunState, progress) -> tuple[dict[str, str], list | None]
     # 1M-document night's driver grew ~70 MiB more)
     batches = read_local(cfg, max_bytes=LOCAL_READ_BYTES) if state.small else None
     if batches is None:
-        batches = state.cluster.stream(_read(cfg, plan=True))
+        batches = state.cluster.stream(read(cfg, plan=True))
     todo: dict[str, str] = {}
     kept: list | None = []
     size = 0
@@ -269,73 +265,25 @@ def _planned_batches(cfg, state: _RunState, todo: dict[str, str], local: bool, k
             return iter(blocks)
         import ray.data
 
-        return state.cluster.stream(_embed_with_actors(cfg, ray.data.from_arrow(blocks), state))
+        return state.cluster.stream(embed_actors(cfg, ray.data.from_arrow(blocks), state))
     batches = read_local(cfg, max_bytes=LOCAL_READ_BYTES) if local else None
     if batches is not None:  # a small delta of a small corpus: no Ray at all
         return (keep_planned(b, todo) for b in batches)
-    ds = _read(cfg).map_batches(keep_planned, fn_kwargs={"todo": todo}, batch_format="pyarrow", batch_size=None,
+    ds = read(cfg).map_batches(keep_planned, fn_kwargs={"todo": todo}, batch_format="pyarrow", batch_size=None,
                                 num_cpus=READ_CPUS)
-    return state.cluster.stream(ds if local else _embed_with_actors(cfg, ds, state))
+    return state.cluster.stream(ds if local else embed_actors(cfg, ds, state))
 
 
 def _stream_all(cfg, state: _RunState, store, staged):
     """A first run of a corpus too large to plan, or a model change: read → embed on the actor pool → stage."""
-    ds = _read(cfg, rows=_pool(cfg, state)[2])  # blocks of one call: Ray Data keeps state per block in the driver
+    ds = read(cfg, rows=pool(cfg, state)[2])  # blocks of one call: Ray Data keeps state per block in the driver
     if state.sink.done:  # what a killed run staged is not embedded again (the sink counts it as written)
         ds = ds.map_batches(skip_resumed, fn_kwargs={"done": state.sink.done}, batch_format="pyarrow",
                             batch_size=None, num_cpus=READ_CPUS)
-    ds = _embed_with_actors(cfg, ds, state)
+    ds = embed_actors(cfg, ds, state)
     staged = stage(cfg, state, state.cluster.stream(ds), store, staged)
     drop_stale_resumed(state, staged)
     return staged
-
-
-def _read(cfg, plan: bool = False, rows: int = 0):
-    """The corpus as a Ray Dataset of validated rows, in blocks of ``max(corpus.rows_per_block, rows)`` rows; of
-    CHECK_ROWS for the ``plan`` (no model: small blocks cost the plan ~4x its time in per-block overhead)."""
-    from pipelines.index.corpus import read_corpus
-    from pipelines.index.validate import RowSpec
-
-    rows = max(cfg.corpus.rows_per_block, CHECK_ROWS if plan else rows)
-    ds = read_corpus(cfg.corpus, RowSpec.from_config(cfg), read_cpus=PLAN_READ_CPUS if plan else READ_CPUS,
-                     storage_options=cfg.storage.storage_options, rows=rows)
-    if plan:
-        ds.context.target_max_block_size = PLAN_BLOCK_BYTES
-    return ds
-
-
-def _pool(cfg, state: _RunState) -> tuple[float, float, int]:
-    """The embedding actors' CPUs and GPUs each, and the rows of one call; sized once per run."""
-    from pipelines.cluster.runtime import pool_resources
-
-    if state.pool is None:
-        cpus, gpus = pool_resources(state.cluster, {"embed": cfg.embed.pool})["embed"]
-        state.pool = cpus, gpus, cfg.embed.call_rows(gpus, state.mean_chars)
-    return state.pool
-
-
-def _embed_with_actors(cfg, ds, state: _RunState):
-    """The embedding actor pool (one model per actor; GPUs when configured)."""
-    import ray.data
-
-    from pipelines.cluster.runtime import actor_device, actor_options
-    from pipelines.index.embed import Embedder
-
-    e, (cpus, gpus, rows) = cfg.embed, _pool(cfg, state)
-    state.report["cluster"].update(actors=e.actors, cpus_per_actor=cpus, gpus_per_actor=gpus, rows_per_call=rows)
-    return ds.map_batches(
-        Embedder,
-        fn_constructor_kwargs=Embedder.config_kwargs(cfg, device=actor_device(e.device, gpus),
-                                                     num_threads=e.cpus_per_actor),
-        # One task in flight per actor: a killed driver's actors finish at most one task each, wasted, and with
-        # preserve_order no finished block waits behind a second task (measured: same speed as two; 2k SciFact).
-        compute=ray.data.ActorPoolStrategy(size=e.actors, max_tasks_in_flight_per_actor=1),
-        num_cpus=cpus,
-        num_gpus=gpus,
-        batch_size=rows,
-        batch_format="pyarrow",
-        **actor_options(),
-    )
 
 
 def _commit(cfg, state: _RunState, store, staged, deletes: list[str]) -> int | None:

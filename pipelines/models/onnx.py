@@ -42,6 +42,7 @@ ONNX Runtime runs the current one (it releases the GIL), so the model does not w
 from __future__ import annotations
 
 import hashlib
+import importlib.util
 import json
 import logging
 import os
@@ -53,14 +54,19 @@ from typing import Any
 
 import numpy as np
 
-from pipelines.models.onnx_runtime import OnnxBiEncoder, OnnxCrossEncoder, ort_session  # the runtime side
+from pipelines.models.onnx_runtime import (  # the runtime side
+    OnnxBiEncoder,
+    OnnxCrossEncoder,
+    light_tokenizer,
+    ort_session,
+)
 
 log = logging.getLogger(__name__)
 BACKENDS = ("torch", "onnx", "onnx-int8", "openvino", "openvino-int8")
 # each backend's export: the fp32 graph, ONNX Runtime's dynamic int8, NNCF's static int8 for OpenVINO
 VARIANTS = {"onnx": "fp32", "onnx-int8": "int8", "openvino": "fp32", "openvino-int8": "ov-int8"}
 OPSET = 17
-FORMAT = 3  # the export's files and meta; bump on any change so that older cached exports are made again
+FORMAT = 4  # the export's files and meta; bump on any change so that older cached exports are made again
 MODEL_INPUTS = ("input_ids", "attention_mask", "token_type_ids")
 CHECK_TOKENS = 256  # the export check's longest input, whatever the model's own limit
 
@@ -193,9 +199,10 @@ CHECK_PAIRS = (["What binds the Cell protein?", "brain", "a"], [_LONG, "The Brai
 
 
 def _export_checked(model, tok, sample: tuple, check: tuple, work: Path, output: str, refuse,
-                    max_length: int | None) -> list[str]:
+                    max_length: int | None) -> dict[str, Any]:
     """Export ``model`` traced on ``tok(*sample)`` to ``work``/model.onnx with ``tok`` beside it, and check it; the
-    graph's input names. ``BackendError`` (from ``refuse``) when it does not export, or the export's tokenizer or
+    meta of the graph's input names (``inputs``) and of how a session loads the tokenizer (``tokenizer``, see
+    ``light_tokenizer``). ``BackendError`` (from ``refuse``) when it does not export, or the export's tokenizer or
     graph give other inputs or outputs than the model's own on ``tok(*check)``."""
     import inspect
 
@@ -222,6 +229,7 @@ def _export_checked(model, tok, sample: tuple, check: tuple, work: Path, output:
                                                    return_token_type_ids="token_type_ids" in inputs)
     if any(n in want and not np.array_equal(got[n], want[n].numpy()) for n in {*inputs, "attention_mask"}):
         raise refuse(f"the tokenizer saved with its export ({type(tok).__name__}) tokenises otherwise than the model's")
+    loader = "fast" if _same_without_torch(work, check, inputs, kwargs, got) else "auto"
     with torch.inference_mode():  # eval again: the exporter puts back the mode it found (train, fresh from loading)
         ref = getattr(model.eval()(**{n: want[n] for n in names if n in want}), output).float().numpy()
     try:
@@ -234,8 +242,29 @@ def _export_checked(model, tok, sample: tuple, check: tuple, work: Path, output:
     if not err <= 1e-3 * max(1.0, float(np.abs(ref[real]).max())):  # fp32 rounding is ~1e-6
         raise refuse(f"its ONNX graph ({arch}) gives other outputs than torch (max difference {err:.3g}) on inputs of "
                      "another shape than the traced sample")
-    return inputs
+    return {"inputs": inputs, "tokenizer": loader}
 
+
+def _same_without_torch(work: Path, check: tuple, inputs: list[str], kwargs: dict, got) -> bool:
+    """Whether the export's tokenizer, loaded as the generic fast tokenizer (``light_tokenizer``: no torch), gives
+    what ``AutoTokenizer`` gives (``got``) on the check texts, their character offsets (the chunker's) and its
+    special tokens and padding alike."""
+    from transformers import AutoTokenizer
+
+    try:
+        light, auto = light_tokenizer(work), AutoTokenizer.from_pretrained(str(work))
+        mine = light(*check, return_tensors="np", **kwargs, return_token_type_ids="token_type_ids" in inputs)
+        if any(not np.array_equal(mine[n], got[n]) for n in {*inputs, "attention_mask"}):
+            return False
+        plain = {"add_special_tokens": False, "return_offsets_mapping": True, "truncation": False, "verbose": False}
+        if len(check) == 1 and light(*check, **plain)["offset_mapping"] != auto(*check, **plain)["offset_mapping"]:
+            return False
+        same = ("pad_token_id", "padding_side", "truncation_side", "is_fast")
+        return (all(getattr(light, a, None) == getattr(auto, a, None) for a in same)
+                and light.num_special_tokens_to_add(pair=False) == auto.num_special_tokens_to_add(pair=False))
+    except Exception as exc:  # noqa: BLE001 - e.g. no tokenizer.json: sessions load it with AutoTokenizer
+        log.debug("the export's tokenizer does not load as a generic fast tokenizer: %s", exc)
+        return False
 
 
 def _export_bi_encoder(resolved: str, work: Path, trust_remote_code: bool, refuse) -> dict[str, Any]:
@@ -253,9 +282,9 @@ def _export_bi_encoder(resolved: str, work: Path, trust_remote_code: bool, refus
     if not getattr(modules[1], "include_prompt", True):
         raise refuse("its Pooling leaves prompt tokens out (include_prompt=False), and the ONNX graph would pool "
                      "them with the text")
-    inputs = _export_checked(modules[0].auto_model, st.tokenizer, (["a sample", "another sample text"],), CHECK_TEXTS,
-                             work, "last_hidden_state", refuse, st.max_seq_length)
-    return {"kind": "bi-encoder", "inputs": inputs, "pooling": pooling, "normalize": len(modules) > 2,
+    checked = _export_checked(modules[0].auto_model, st.tokenizer, (["a sample", "another sample text"],),
+                              CHECK_TEXTS, work, "last_hidden_state", refuse, st.max_seq_length)
+    return {"kind": "bi-encoder", **checked, "pooling": pooling, "normalize": len(modules) > 2,
             "max_seq_length": st.max_seq_length, "dim": st.get_embedding_dimension(), "prompts": dict(st.prompts),
             "default_prompt_name": st.default_prompt_name}
 
@@ -271,10 +300,10 @@ def _export_cross_encoder(resolved: str, work: Path, trust_remote_code: bool, re
     activation = type(ce.activation_fn).__name__
     if activation not in ("Sigmoid", "Identity"):
         raise refuse(f"the ONNX backend applies a Sigmoid or Identity activation, not {activation}")
-    inputs = _export_checked(ce.model, ce.tokenizer, (["a query", "q"], ["a document", "another document text"]),
-                             CHECK_PAIRS, work, "logits", refuse, ce.max_seq_length)
+    checked = _export_checked(ce.model, ce.tokenizer, (["a query", "q"], ["a document", "another document text"]),
+                              CHECK_PAIRS, work, "logits", refuse, ce.max_seq_length)
     name = getattr(ce, "default_prompt_name", None)  # CrossEncoder.predict prepends it to the query
-    return {"kind": "cross-encoder", "inputs": inputs, "activation": activation, "num_labels": ce.num_labels,
+    return {"kind": "cross-encoder", **checked, "activation": activation, "num_labels": ce.num_labels,
             "max_length": ce.max_seq_length, "prompt": (getattr(ce, "prompts", None) or {}).get(name) if name else None}
 
 
@@ -316,8 +345,9 @@ def load(name: str, kind: str, backend: str, *, threads: int | None = None, trus
     if runtime == "openvino":
         try:
             import openvino  # noqa: F401
-            if backend == "openvino-int8":
-                import nncf  # noqa: F401
+            # found, not imported: NNCF (2 s, and torch under it) is only needed to make the int8 export
+            if backend == "openvino-int8" and importlib.util.find_spec("nncf") is None:
+                raise ImportError("nncf")
         except ImportError:
             raise BackendError(f"backend {backend} needs openvino (and nncf for int8): pip install "
                                "'batchrank[openvino]' (or use backend: torch)") from None
