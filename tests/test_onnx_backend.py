@@ -189,3 +189,33 @@ def test_an_export_whose_generic_tokenizer_differs_loads_it_with_autotokenizer(t
     assert onnx_backend._same_without_torch(tmp_path, check, inputs, kwargs, got)
     (tmp_path / "tokenizer.json").unlink()  # the vocabulary only: the generic fast tokenizer cannot load it
     assert not onnx_backend._same_without_torch(tmp_path, check, inputs, kwargs, got)
+
+
+def test_the_drivers_passage_check_reads_a_cached_exports_tokenizer_without_torch(tiny_model, tmp_path):
+    """With an ONNX or OpenVINO backend whose export is cached, the index job's driver checks the passage split with
+    the export's tokenizer (no torch: ~1.3 s of its start-up) and finds what AutoTokenizer's check finds."""
+    import json
+    import os
+    import subprocess
+    import sys
+
+    from pipelines.config import parse_config
+    from pipelines.models.prompts import check_passages
+
+    def config(backend):
+        return {"storage": {"uri": str(tmp_path / "db")}, "corpus": {"path": str(tmp_path / "c.jsonl")},
+                "embed": {"model": tiny_model, "backend": backend, "document_prompt": "passage: "},
+                "chunk": {"overlap": 4}}
+
+    onnx_backend.export(tiny_model, "bi-encoder", variant="fp32")
+    expected = check_passages(parse_config(config("torch")))
+    code = ("import json, sys; from pipelines.config import parse_config; "
+            "from pipelines.models.prompts import check_passages\n"
+            f"out = check_passages(parse_config(json.loads({json.dumps(json.dumps(config('onnx')))})))\n"
+            "print(json.dumps({'split': out, 'torch': 'torch' in sys.modules}))")
+    root = Path(__file__).resolve().parents[1]
+    done = subprocess.run([sys.executable, "-c", code], cwd=root, capture_output=True, text=True, timeout=300,
+                          env={**os.environ, "PYTHONPATH": str(root)})
+    assert done.returncode == 0, done.stderr[-2000:]
+    got = json.loads(done.stdout.strip().splitlines()[-1])
+    assert got == {"split": expected, "torch": False}, (got, expected)

@@ -127,9 +127,24 @@ def export(name: str, kind: str, *, quantize: bool = False, trust_remote_code: b
     return _cached(name, kind, resolved, variant, fp32 if variant == "fp32" else int8)
 
 
+def cached_export(name: str, kind: str, backend: str) -> Path | None:
+    """The cached export folder ``backend`` would load for model ``name``, or None when it is not made yet (nothing
+    is exported here, and neither torch nor the exporters are imported)."""
+    from pipelines.models.names import resolve_model
+
+    if backend not in VARIANTS:
+        return None
+    target = _target(name, kind, resolve_model(name), VARIANTS[backend])
+    return target if (target / "meta.json").is_file() else None
+
+
+def _target(name: str, kind: str, resolved: str, variant: str) -> Path:
+    return cache_root() / f"{Path(str(name)).name}-{kind}-{variant}-{_fingerprint(resolved, kind, variant)}"
+
+
 def _cached(name: str, kind: str, resolved: str, variant: str, make) -> Path:
     """The cache folder of one export, made by ``make(work_folder) -> meta`` when missing, atomically."""
-    target = cache_root() / f"{Path(str(name)).name}-{kind}-{variant}-{_fingerprint(resolved, kind, variant)}"
+    target = _target(name, kind, resolved, variant)
     if (target / "meta.json").is_file():
         return target
     target.parent.mkdir(parents=True, exist_ok=True)

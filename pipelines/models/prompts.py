@@ -76,10 +76,12 @@ def query_prompt(model, embed_cfg) -> str:
     return resolve_prompt(embed_cfg.query_prompt, model, "query", key="embed.query_prompt", name=embed_cfg.model)
 
 
-def model_files(name: str) -> tuple[Any, int | None, dict[str, str], str | None] | None:
+def model_files(name: str, backend: str = "torch") -> tuple[Any, int | None, dict[str, str], str | None] | None:
     """(fast tokenizer, max_seq_length, prompts, default prompt name) of a sentence-transformers model from its files
     (a local folder, a packaged model, or the hub cache), without loading its weights; None when they cannot be
-    read here (the embedding actors then check the same as they load the model)."""
+    read here (the embedding actors then check the same as they load the model). With an ONNX or OpenVINO
+    ``backend`` whose export is cached, the tokenizer is the export's, loaded without torch as its actors load it
+    (checked at export to tokenise as AutoTokenizer does); else AutoTokenizer's, which imports torch (~1.3 s)."""
     from pipelines.models.names import resolve_model
 
     path = resolve_model(name)
@@ -88,15 +90,37 @@ def model_files(name: str) -> tuple[Any, int | None, dict[str, str], str | None]
             from huggingface_hub import snapshot_download
 
             path = snapshot_download(path, local_files_only=True)
-        from transformers import AutoTokenizer
+        tokenizer = _export_tokenizer(name, backend)
+        if tokenizer is None:
+            from transformers import AutoTokenizer
 
-        tokenizer = AutoTokenizer.from_pretrained(path)
+            tokenizer = AutoTokenizer.from_pretrained(path)
     except Exception as exc:  # noqa: BLE001 - not readable here: the actors load the model and check it
         log.debug("model files of %s not readable on the driver: %s", name, exc)
         return None
     st = _json(os.path.join(path, "sentence_bert_config.json"))
     cfg = _json(os.path.join(path, "config_sentence_transformers.json"))
     return tokenizer, st.get("max_seq_length"), dict(cfg.get("prompts") or {}), cfg.get("default_prompt_name")
+
+
+def _export_tokenizer(name: str, backend: str):
+    """The tokenizer of ``name``'s cached ``backend`` export, where its check found it tokenises as AutoTokenizer
+    does; None otherwise (the torch backend, no export yet, onnxruntime not installed)."""
+    if backend == "torch":
+        return None
+    try:
+        from pipelines.models.onnx import cached_export
+        from pipelines.models.onnx_runtime import light_tokenizer
+    except ImportError:
+        return None
+    try:
+        folder = cached_export(name, "bi-encoder", backend)
+        if folder is None or _json(os.path.join(folder, "meta.json")).get("tokenizer") != "fast":
+            return None
+        return light_tokenizer(folder)
+    except Exception as exc:  # noqa: BLE001 - e.g. the runtime's package missing: AutoTokenizer then
+        log.debug("no export tokenizer for %s (%s): %s", name, backend, exc)
+        return None
 
 
 def _json(path: str) -> dict:
@@ -122,7 +146,7 @@ def check_passages(cfg) -> dict[str, Any] | None:
     from pipelines.index.chunk import Chunker
 
     e = cfg.embed
-    found = model_files(e.model)
+    found = model_files(e.model, e.backend)
     if found is None:
         return None
     tokenizer, length, prompts, default = found
