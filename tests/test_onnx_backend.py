@@ -186,9 +186,9 @@ def test_an_export_whose_generic_tokenizer_differs_loads_it_with_autotokenizer(t
     kwargs = {"padding": True, "truncation": True, "max_length": 16}
     got = tok(*check, return_tensors="np", **kwargs, return_token_type_ids=True)
     inputs = ["input_ids", "attention_mask", "token_type_ids"]
-    assert onnx_backend._same_without_torch(tmp_path, check, inputs, kwargs, got)
+    assert onnx_backend._same_without_torch(tmp_path, tok, check, inputs, kwargs, got)
     (tmp_path / "tokenizer.json").unlink()  # the vocabulary only: the generic fast tokenizer cannot load it
-    assert not onnx_backend._same_without_torch(tmp_path, check, inputs, kwargs, got)
+    assert not onnx_backend._same_without_torch(tmp_path, tok, check, inputs, kwargs, got)
 
 
 def test_the_drivers_passage_check_reads_a_cached_exports_tokenizer_without_torch(tiny_model, tmp_path):

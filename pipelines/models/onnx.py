@@ -240,11 +240,11 @@ def _export_checked(model, tok, sample: tuple, check: tuple, work: Path, output:
     length = min(max_length or CHECK_TOKENS, CHECK_TOKENS)
     kwargs = dict(padding=True, truncation=True, max_length=length)
     want = tok(*check, return_tensors="pt", **kwargs)  # as the model's own tokenizer gives them
-    got = AutoTokenizer.from_pretrained(str(work))(*check, return_tensors="np", **kwargs,
-                                                   return_token_type_ids="token_type_ids" in inputs)
+    saved = AutoTokenizer.from_pretrained(str(work))
+    got = saved(*check, return_tensors="np", **kwargs, return_token_type_ids="token_type_ids" in inputs)
     if any(n in want and not np.array_equal(got[n], want[n].numpy()) for n in {*inputs, "attention_mask"}):
         raise refuse(f"the tokenizer saved with its export ({type(tok).__name__}) tokenises otherwise than the model's")
-    loader = "fast" if _same_without_torch(work, check, inputs, kwargs, got) else "auto"
+    loader = "fast" if _same_without_torch(work, saved, check, inputs, kwargs, got) else "auto"
     with torch.inference_mode():  # eval again: the exporter puts back the mode it found (train, fresh from loading)
         ref = getattr(model.eval()(**{n: want[n] for n in names if n in want}), output).float().numpy()
     try:
@@ -260,14 +260,12 @@ def _export_checked(model, tok, sample: tuple, check: tuple, work: Path, output:
     return {"inputs": inputs, "tokenizer": loader}
 
 
-def _same_without_torch(work: Path, check: tuple, inputs: list[str], kwargs: dict, got) -> bool:
+def _same_without_torch(work: Path, auto, check: tuple, inputs: list[str], kwargs: dict, got) -> bool:
     """Whether the export's tokenizer, loaded as the generic fast tokenizer (``light_tokenizer``: no torch), gives
-    what ``AutoTokenizer`` gives (``got``) on the check texts, their character offsets (the chunker's) and its
-    special tokens and padding alike."""
-    from transformers import AutoTokenizer
-
+    what ``AutoTokenizer`` (``auto``) gives (``got``) on the check texts, their character offsets (the chunker's)
+    and its special tokens and padding alike."""
     try:
-        light, auto = light_tokenizer(work), AutoTokenizer.from_pretrained(str(work))
+        light = light_tokenizer(work)
         mine = light(*check, return_tensors="np", **kwargs, return_token_type_ids="token_type_ids" in inputs)
         if any(not np.array_equal(mine[n], got[n]) for n in {*inputs, "attention_mask"}):
             return False
