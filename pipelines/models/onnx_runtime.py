@@ -71,18 +71,23 @@ def light_tokenizer(folder: Path):
     return PreTrainedTokenizerFast.from_pretrained(str(folder))
 
 
+def export_tokenizer(folder: Path, meta: dict):
+    """The tokenizer of an export as its sessions load it: the generic fast one where the export found it tokenises
+    as ``AutoTokenizer`` does (``meta["tokenizer"]`` ``fast``: no torch), else ``AutoTokenizer``'s."""
+    if meta.get("tokenizer") == "fast":
+        return light_tokenizer(folder)
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(str(folder))
+
+
 class _Session:
     """A session (ONNX Runtime, or OpenVINO for ``runtime`` ``openvino``), its tokenizer and metadata."""
 
     def __init__(self, folder: Path, threads: int | None, runtime: str = "onnxruntime", dtype: str = "auto"):
         self.meta = json.loads((folder / "meta.json").read_text())
         self.inputs: list[str] = list(self.meta["inputs"])
-        if self.meta.get("tokenizer") == "fast":  # checked at export to tokenise as AutoTokenizer does
-            self.tokenizer = light_tokenizer(folder)
-        else:
-            from transformers import AutoTokenizer
-
-            self.tokenizer = AutoTokenizer.from_pretrained(str(folder))
+        self.tokenizer = export_tokenizer(folder, self.meta)
         if runtime == "openvino":  # an int8 export holds its NNCF model; OpenVINO reads the ONNX graph otherwise
             self.session = OvSession(folder / self.meta.get("openvino_model", "model.onnx"), threads,
                                      openvino_precision(dtype))

@@ -104,21 +104,17 @@ def model_files(name: str, backend: str = "torch") -> tuple[Any, int | None, dic
 
 
 def _export_tokenizer(name: str, backend: str):
-    """The tokenizer of ``name``'s cached ``backend`` export, where its check found it tokenises as AutoTokenizer
-    does; None otherwise (the torch backend, no export yet, onnxruntime not installed)."""
+    """The tokenizer of ``name``'s cached ``backend`` export, as its actors load it (checked at export to tokenise as
+    the model's AutoTokenizer does); None for the torch backend or when there is no export yet."""
     if backend == "torch":
         return None
     try:
         from pipelines.models.onnx import cached_export
-        from pipelines.models.onnx_runtime import light_tokenizer
-    except ImportError:
-        return None
-    try:
+        from pipelines.models.onnx_runtime import export_tokenizer
+
         folder = cached_export(name, "bi-encoder", backend)
-        if folder is None or _json(os.path.join(folder, "meta.json")).get("tokenizer") != "fast":
-            return None
-        return light_tokenizer(folder)
-    except Exception as exc:  # noqa: BLE001 - e.g. the runtime's package missing: AutoTokenizer then
+        return None if folder is None else export_tokenizer(folder, _json(os.path.join(folder, "meta.json")))
+    except Exception as exc:  # noqa: BLE001 - e.g. onnxruntime not installed: AutoTokenizer then
         log.debug("no export tokenizer for %s (%s): %s", name, backend, exc)
         return None
 
